@@ -1,0 +1,69 @@
+// The LSTM gate and cell math, forward and backward, for one hidden unit.
+// This header is the single source of truth for the elementwise math: the CPU
+// kernels instantiate it with scalars and with at::vec::Vectorized, the CUDA
+// kernels with scalars on the device. Gate order is i, f, g, o (as nn.LSTM).
+//
+// T is the math type: at::opmath_type<scalar_t> (float for half/bfloat16).
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <cmath>
+
+#if !defined(__CUDACC__)
+#include <ATen/cpu/vec/vec.h>
+#endif
+
+namespace fused_lstm {
+
+// Activation primitives: overloads for scalars (host and device) and, on the
+// host, for at::vec::Vectorized so the same cell functions vectorise.
+C10_HOST_DEVICE inline float act_exp(float x) { return ::expf(x); }
+C10_HOST_DEVICE inline double act_exp(double x) { return ::exp(x); }
+C10_HOST_DEVICE inline float act_tanh(float x) { return ::tanhf(x); }
+C10_HOST_DEVICE inline double act_tanh(double x) { return ::tanh(x); }
+
+#if !defined(__CUDACC__)
+template <typename S>
+inline at::vec::Vectorized<S> act_exp(const at::vec::Vectorized<S>& x) { return x.exp(); }
+template <typename S>
+inline at::vec::Vectorized<S> act_tanh(const at::vec::Vectorized<S>& x) { return x.tanh(); }
+#endif
+
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T act_sigmoid(const T& x) {
+  return T(1) / (T(1) + act_exp(T(0) - x));
+}
+
+// Forward for one unit.
+//   in:  i, f, g, o pre-activations (x W_ih^T + h W_hh^T + b), c_prev
+//   out: i, f, g, o activated (kept for backward), c, h = o * tanh(c)
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void cell_forward(
+    T& i, T& f, T& g, T& o, const T& c_prev, T& c, T& h) {
+  i = act_sigmoid(i);
+  f = act_sigmoid(f);
+  g = act_tanh(g);
+  o = act_sigmoid(o);
+  c = f * c_prev + i * g;
+  h = o * act_tanh(c);
+}
+
+// Backward for one unit, from the activated gates saved by cell_forward.
+//   in:  i, f, g, o (activated), c_prev, c, dh = dL/dh, dc = dL/dc from step t+1
+//   out: di, df, dg, do_ = dL/d(pre-activation), dc_prev = dL/dc_prev
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void cell_backward(
+    const T& i, const T& f, const T& g, const T& o,
+    const T& c_prev, const T& c, const T& dh, const T& dc,
+    T& di, T& df, T& dg, T& do_, T& dc_prev) {
+  const T one(1);
+  const T tanh_c = act_tanh(c);
+  const T dc_total = dc + dh * o * (one - tanh_c * tanh_c);
+  do_ = dh * tanh_c * o * (one - o);
+  di = dc_total * g * i * (one - i);
+  df = dc_total * c_prev * f * (one - f);
+  dg = dc_total * i * (one - g * g);
+  dc_prev = dc_total * f;
+}
+
+}  // namespace fused_lstm

@@ -1,0 +1,98 @@
+#include "blas.h"
+
+#include <dlfcn.h>
+
+#include <climits>
+
+namespace fused_lstm::cpu {
+namespace {
+
+// Fortran BLAS, LP64: column-major, every argument by pointer.
+template <typename T>
+using fortran_gemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*,
+                                 const T*, const T*, const int*, const T*, const int*,
+                                 const T*, T*, const int*);
+
+void* find_blas_symbol(const char* name) {
+  // libtorch_cpu is already loaded (we link against it); RTLD_NOLOAD just finds it.
+  if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) {
+    if (void* sym = dlsym(lib, name)) return sym;
+  }
+  return dlsym(RTLD_DEFAULT, name);
+}
+
+template <typename T>
+fortran_gemm_fn<T> blas_gemm() {
+  if constexpr (std::is_same_v<T, float>) {
+    static auto fn = reinterpret_cast<fortran_gemm_fn<float>>(find_blas_symbol("sgemm_"));
+    return fn;
+  } else if constexpr (std::is_same_v<T, double>) {
+    static auto fn = reinterpret_cast<fortran_gemm_fn<double>>(find_blas_symbol("dgemm_"));
+    return fn;
+  } else {
+    return nullptr;
+  }
+}
+
+template <typename scalar_t>
+void gemm_aten(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+               const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
+               at::opmath_type<scalar_t> beta, scalar_t* C, int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    // The stored matrix is [rows, cols] (or its transpose when trans), row stride ld.
+    auto t = trans ? at::from_blob(const_cast<scalar_t*>(p), {cols, rows}, {ld, 1}, opts).t()
+                   : at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, opts);
+    return t;
+  };
+  auto a = view(A, M, K, lda, trans_a);
+  auto b = view(B, K, N, ldb, trans_b);
+  auto c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  at::addmm_out(c, c, a, b, beta, 1);
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+          const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
+          at::opmath_type<scalar_t> beta, scalar_t* C, int64_t ldc) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (M == 0 || N == 0) return;
+  if (K == 0) {  // C = beta * C; beta == 0 must not propagate NaN from C
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = 0; n < N; ++n) {
+        scalar_t& c = C[m * ldc + n];
+        c = beta == opmath_t(0) ? scalar_t(0) : scalar_t(beta * opmath_t(c));
+      }
+    }
+    return;
+  }
+  const auto fn = blas_gemm<scalar_t>();
+  const bool fits_int = std::max({M, N, K, lda, ldb, ldc}) <= INT_MAX;
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    if (fn != nullptr && fits_int) {
+      // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
+      const char ta = trans_b ? 'T' : 'N';
+      const char tb = trans_a ? 'T' : 'N';
+      const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+      const int ld_a = static_cast<int>(ldb), ld_b = static_cast<int>(lda),
+                ld_c = static_cast<int>(ldc);
+      const scalar_t alpha = 1;
+      fn(&ta, &tb, &m, &n, &k, &alpha, B, &ld_a, A, &ld_b, &beta, C, &ld_c);
+      return;
+    }
+  }
+  gemm_aten<scalar_t>(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
+}
+
+#define FUSED_LSTM_INSTANTIATE_GEMM(scalar_t)                                          \
+  template void gemm<scalar_t>(bool, bool, int64_t, int64_t, int64_t, const scalar_t*, \
+                               int64_t, const scalar_t*, int64_t,                      \
+                               at::opmath_type<scalar_t>, scalar_t*, int64_t);
+FUSED_LSTM_INSTANTIATE_GEMM(float)
+FUSED_LSTM_INSTANTIATE_GEMM(double)
+FUSED_LSTM_INSTANTIATE_GEMM(at::Half)
+FUSED_LSTM_INSTANTIATE_GEMM(at::BFloat16)
+
+}  // namespace fused_lstm::cpu

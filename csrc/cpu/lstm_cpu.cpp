@@ -1,0 +1,313 @@
+// CPU kernels for the fused LSTM layer (TORCH_LIBRARY_IMPL CPU).
+// Mirrors cuda/lstm_cuda.cu: input GEMM over all steps, then per step one
+// recurrent GEMM into the gate buffer and one fused elementwise pass.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "../cell_math.h"
+#include "../lstm.h"
+#include "blas.h"
+
+namespace fused_lstm::cpu {
+namespace {
+
+using at::vec::Vectorized;
+
+// Loads and stores for one lane group: Vectorized for float/double, one
+// element in opmath for half/bfloat16. `n` is the number of valid lanes.
+template <typename S>
+Vectorized<S> load(Vectorized<S>, const S* p, int64_t n) {
+  return n == Vectorized<S>::size() ? Vectorized<S>::loadu(p) : Vectorized<S>::loadu(p, n);
+}
+template <typename S>
+void store(const Vectorized<S>& v, S* p, int64_t n) {
+  n == Vectorized<S>::size() ? v.store(p) : v.store(p, n);
+}
+template <typename S>
+at::opmath_type<S> load(at::opmath_type<S>, const S* p, int64_t) {
+  return static_cast<at::opmath_type<S>>(*p);
+}
+template <typename S>
+void store(at::opmath_type<S> v, S* p, int64_t) {
+  *p = static_cast<S>(v);
+}
+
+template <typename S>
+constexpr bool kVectorized = std::is_same_v<S, float> || std::is_same_v<S, double>;
+
+// Calls body(T{}, k, n) over the hidden units [0, H) of one row, T the lane type.
+template <typename scalar_t, typename Body>
+C10_ALWAYS_INLINE void for_each_unit(int64_t H, const Body& body) {
+  if constexpr (kVectorized<scalar_t>) {
+    using Vec = Vectorized<scalar_t>;
+    constexpr int64_t width = Vec::size();
+    int64_t k = 0;
+    for (; k + width <= H; k += width) body(Vec{}, k, width);
+    if (k < H) body(Vec{}, k, H - k);
+  } else {
+    for (int64_t k = 0; k < H; ++k) body(at::opmath_type<scalar_t>{}, k, 1);
+  }
+}
+
+// Runs fn(row_begin, row_end) over rows, threaded only when the work is large.
+template <typename Fn>
+void parallel_rows(int64_t rows, int64_t H, const Fn& fn) {
+  constexpr int64_t kUnitsPerTask = 16384;
+  const int64_t grain = std::max<int64_t>(1, kUnitsPerTask / std::max<int64_t>(H, 1));
+  at::parallel_for(0, rows, grain, fn);
+}
+
+// Fused forward elementwise pass for one step.
+//   gates: [b, 4H] pre-activations in, activated out;  c_state: [b, H] c_prev in, c out
+//   cells: [b, H] c out;  h_out: [b, H] h out;  h_state: [b, H] h out too, or null
+template <typename scalar_t>
+void cell_forward_step(int64_t b, int64_t H, scalar_t* gates, scalar_t* c_state,
+                       scalar_t* cells, scalar_t* h_out, scalar_t* h_state) {
+  parallel_rows(b, H, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      scalar_t* g = gates + r * 4 * H;
+      scalar_t* c_row = c_state + r * H;
+      for_each_unit<scalar_t>(H, [&](auto lane, int64_t k, int64_t n) {
+        using T = decltype(lane);
+        T i = load(lane, g + k, n), f = load(lane, g + H + k, n);
+        T gg = load(lane, g + 2 * H + k, n), o = load(lane, g + 3 * H + k, n);
+        T c_prev = load(lane, c_row + k, n);
+        T c, h;
+        cell_forward(i, f, gg, o, c_prev, c, h);
+        store(i, g + k, n);
+        store(f, g + H + k, n);
+        store(gg, g + 2 * H + k, n);
+        store(o, g + 3 * H + k, n);
+        store(c, c_row + k, n);
+        store(c, cells + r * H + k, n);
+        store(h, h_out + r * H + k, n);
+        if (h_state != nullptr) store(h, h_state + r * H + k, n);
+      });
+    }
+  });
+}
+
+// Fused backward elementwise pass for one step.
+//   gates: [b, 4H] activated;  cells: [b, H] c;  c_prev rows: [0, prev_batch) from
+//   c_prev_step, the rest from c0;  dh: [b, H] (+ dh_extra [b, H] when not null)
+//   dc: [b, H] dL/dc in, dL/dc_prev out;  dgates: [b, 4H] out
+template <typename scalar_t>
+void cell_backward_step(int64_t b, int64_t H, const scalar_t* gates, const scalar_t* cells,
+                        const scalar_t* c_prev_step, int64_t prev_batch, const scalar_t* c0,
+                        const scalar_t* dh, const scalar_t* dh_extra, scalar_t* dc,
+                        scalar_t* dgates) {
+  parallel_rows(b, H, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* g = gates + r * 4 * H;
+      const scalar_t* c_prev_row = r < prev_batch ? c_prev_step + r * H : c0 + r * H;
+      scalar_t* dg_row = dgates + r * 4 * H;
+      for_each_unit<scalar_t>(H, [&](auto lane, int64_t k, int64_t n) {
+        using T = decltype(lane);
+        const T i = load(lane, g + k, n), f = load(lane, g + H + k, n);
+        const T gg = load(lane, g + 2 * H + k, n), o = load(lane, g + 3 * H + k, n);
+        const T c_prev = load(lane, c_prev_row + k, n);
+        const T c = load(lane, cells + r * H + k, n);
+        T dh_unit = load(lane, dh + r * H + k, n);
+        if (dh_extra != nullptr) dh_unit = dh_unit + load(lane, dh_extra + r * H + k, n);
+        const T dc_unit = load(lane, dc + r * H + k, n);
+        T di, df, dg, do_, dc_prev;
+        cell_backward(i, f, gg, o, c_prev, c, dh_unit, dc_unit, di, df, dg, do_, dc_prev);
+        store(di, dg_row + k, n);
+        store(df, dg_row + H + k, n);
+        store(dg, dg_row + 2 * H + k, n);
+        store(do_, dg_row + 3 * H + k, n);
+        store(dc_prev, dc + r * H + k, n);
+      });
+    }
+  });
+}
+
+template <typename scalar_t>
+void copy_rows(scalar_t* dst, const scalar_t* src, int64_t rows, int64_t cols) {
+  if (rows > 0) std::memcpy(dst, src, sizeof(scalar_t) * rows * cols);
+}
+
+// The state each step starts from, stacked over steps: rows [0, prev_batch) of
+// step n come from `per_step` at the step run before it, the rest from `init`.
+//   per_step: [N, C], init: [B, C] -> out: [N, C]
+template <typename scalar_t>
+void gather_prev_state(const std::vector<Step>& steps, const scalar_t* per_step,
+                       const scalar_t* init, int64_t C, scalar_t* out) {
+  for (const Step& s : steps) {
+    copy_rows(out + s.offset * C, per_step + s.prev_offset * C, s.prev_batch, C);
+    copy_rows(out + (s.offset + s.prev_batch) * C, init + s.prev_batch * C,
+              s.batch - s.prev_batch, C);
+  }
+}
+
+template <typename scalar_t>
+const scalar_t* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<scalar_t>() : nullptr;
+}
+
+}  // namespace
+
+ForwardResult lstm_layer_forward_cpu(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, bool reverse) {
+  const LayerSizes s = check_forward_args(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const auto [N, T, B, I, H, P, has_proj] = s;
+  const auto steps = make_schedule(batch_sizes, reverse);
+
+  const at::Tensor x = input.contiguous();
+  const at::Tensor w_ih_c = w_ih.contiguous(), w_hh_c = w_hh.contiguous();
+  const std::optional<at::Tensor> w_hr_c =
+      has_proj ? std::optional<at::Tensor>(w_hr->contiguous()) : std::nullopt;
+  const auto opts = input.options();
+  at::Tensor gates = at::empty({N, 4 * H}, opts);    // [N, 4H]
+  at::Tensor output = at::empty({N, P}, opts);       // [N, P]
+  at::Tensor cells = at::empty({N, H}, opts);        // [N, H]
+  at::Tensor hiddens = at::empty({has_proj ? N : 0, H}, opts);
+  if (!has_proj) hiddens = hiddens.view({0});
+  at::Tensor h_n = h0.contiguous().clone();  // [B, P], the running h state
+  at::Tensor c_n = c0.contiguous().clone();  // [B, H], the running c state
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "lstm_layer_forward_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    scalar_t* gate_buffer = gates.data_ptr<scalar_t>();
+    scalar_t* h_state = h_n.data_ptr<scalar_t>();
+    scalar_t* c_state = c_n.data_ptr<scalar_t>();
+    const scalar_t* w_hh_p = w_hh_c.data_ptr<scalar_t>();
+
+    // Input GEMM over all steps, bias folded in: gates = x W_ih^T + (b_ih + b_hh).
+    opmath_t beta = 0;
+    if (b_ih.has_value()) {
+      const at::Tensor bias = (*b_ih + *b_hh).contiguous();
+      const scalar_t* bias_p = bias.data_ptr<scalar_t>();
+      for (int64_t n = 0; n < N; ++n) std::memcpy(gate_buffer + n * 4 * H, bias_p, sizeof(scalar_t) * 4 * H);
+      beta = 1;
+    }
+    gemm<scalar_t>(false, true, N, 4 * H, I, x.data_ptr<scalar_t>(), I,
+                   w_ih_c.data_ptr<scalar_t>(), I, beta, gate_buffer, 4 * H);
+
+    scalar_t* out_p = output.data_ptr<scalar_t>();
+    scalar_t* cells_p = cells.data_ptr<scalar_t>();
+    scalar_t* hiddens_p = has_proj ? hiddens.data_ptr<scalar_t>() : nullptr;
+    for (const Step& step : steps) {
+      const int64_t b = step.batch;
+      scalar_t* g = gate_buffer + step.offset * 4 * H;
+      // Recurrent GEMM: gates[t] += h_state[:b] W_hh^T
+      gemm<scalar_t>(false, true, b, 4 * H, P, h_state, P, w_hh_p, P, 1, g, 4 * H);
+      if (!has_proj) {
+        cell_forward_step<scalar_t>(b, H, g, c_state, cells_p + step.offset * H,
+                                    out_p + step.offset * H, h_state);
+      } else {
+        scalar_t* h_t = hiddens_p + step.offset * H;
+        cell_forward_step<scalar_t>(b, H, g, c_state, cells_p + step.offset * H, h_t, nullptr);
+        // Projection: r_t = h_t W_hr^T, which is both the output and the next h.
+        scalar_t* r_t = out_p + step.offset * P;
+        gemm<scalar_t>(false, true, b, P, H, h_t, H, w_hr_c->data_ptr<scalar_t>(), H, 0, r_t, P);
+        copy_rows(h_state, r_t, b, P);
+      }
+    }
+  });
+  return {output, h_n, c_n, gates, cells, hiddens};
+}
+
+BackwardResult lstm_layer_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
+    const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input) {
+  const LayerSizes s = check_backward_args(grad_output, grad_h_n, grad_c_n, input, batch_sizes,
+                                           h0, c0, w_ih, w_hh, w_hr, output, gates, cells,
+                                           hiddens);
+  const auto [N, T, B, I, H, P, has_proj] = s;
+  const auto steps = make_schedule(batch_sizes, reverse);
+
+  const at::Tensor x = input.contiguous(), h0_c = h0.contiguous(), c0_c = c0.contiguous();
+  const at::Tensor w_ih_c = w_ih.contiguous(), w_hh_c = w_hh.contiguous();
+  const at::Tensor grad_out_c = grad_output.contiguous(), output_c = output.contiguous();
+  const at::Tensor gates_c = gates.contiguous(), cells_c = cells.contiguous();
+  const auto opts = input.options();
+  at::Tensor grad_gates = at::empty({N, 4 * H}, opts);  // [N, 4H] dL/d(pre-activation)
+  at::Tensor grad_h = grad_h_n.contiguous().clone();    // [B, P] running dL/dh
+  at::Tensor grad_c = grad_c_n.contiguous().clone();    // [B, H] running dL/dc
+  at::Tensor h_prev = at::empty({N, P}, opts);          // [N, P] h each step started from
+  at::Tensor grad_r = has_proj ? at::empty({N, P}, opts) : at::Tensor();  // [N, P] dL/dr
+  at::Tensor grad_hidden = has_proj ? at::empty({B, H}, opts) : at::Tensor();  // [B, H]
+  at::Tensor grad_input = at::empty({need_grad_input ? N : 0, I}, opts);
+  at::Tensor grad_w_ih = at::empty({4 * H, I}, opts);
+  at::Tensor grad_w_hh = at::empty({4 * H, P}, opts);
+  at::Tensor grad_w_hr = has_proj ? at::empty({P, H}, opts) : at::empty({0}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "lstm_layer_backward_cpu", [&] {
+    scalar_t* dgates = grad_gates.data_ptr<scalar_t>();
+    scalar_t* dh = grad_h.data_ptr<scalar_t>();
+    scalar_t* dc = grad_c.data_ptr<scalar_t>();
+    const scalar_t* go = grad_out_c.data_ptr<scalar_t>();
+    const scalar_t* gates_p = gates_c.data_ptr<scalar_t>();
+    const scalar_t* cells_p = cells_c.data_ptr<scalar_t>();
+    const scalar_t* w_hh_p = w_hh_c.data_ptr<scalar_t>();
+    const scalar_t* c0_p = c0_c.data_ptr<scalar_t>();
+    const at::Tensor w_hr_c = has_proj ? w_hr->contiguous() : at::Tensor();
+
+    for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+      const Step& step = *it;
+      const int64_t b = step.batch;
+      const scalar_t* go_t = go + step.offset * P;
+      const scalar_t* dh_hidden;  // [b, H] dL/dh_t before the projection
+      const scalar_t* dh_extra;
+      if (has_proj) {
+        // dL/dr_t = running dh + grad_output[t]; back through r_t = h_t W_hr^T.
+        scalar_t* dr = grad_r.data_ptr<scalar_t>() + step.offset * P;
+        for (int64_t e = 0; e < b * P; ++e) dr[e] = dh[e] + go_t[e];
+        gemm<scalar_t>(false, false, b, H, P, dr, P, w_hr_c.data_ptr<scalar_t>(), H, 0,
+                       grad_hidden.data_ptr<scalar_t>(), H);
+        dh_hidden = grad_hidden.data_ptr<scalar_t>();
+        dh_extra = nullptr;
+      } else {
+        dh_hidden = dh;
+        dh_extra = go_t;
+      }
+      cell_backward_step<scalar_t>(b, H, gates_p + step.offset * 4 * H, cells_p + step.offset * H,
+                                   cells_p + step.prev_offset * H, step.prev_batch, c0_p,
+                                   dh_hidden, dh_extra, dc, dgates + step.offset * 4 * H);
+      // dL/dh_prev = dgates[t] W_hh
+      gemm<scalar_t>(false, false, b, P, 4 * H, dgates + step.offset * 4 * H, 4 * H, w_hh_p, P,
+                     0, dh, P);
+    }
+
+    // Weight gradients over all steps at once.
+    gather_prev_state<scalar_t>(steps, output_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(),
+                                P, h_prev.data_ptr<scalar_t>());
+    if (need_grad_input) {
+      gemm<scalar_t>(false, false, N, I, 4 * H, dgates, 4 * H, w_ih_c.data_ptr<scalar_t>(), I, 0,
+                     grad_input.data_ptr<scalar_t>(), I);
+    }
+    gemm<scalar_t>(true, false, 4 * H, I, N, dgates, 4 * H, x.data_ptr<scalar_t>(), I, 0,
+                   grad_w_ih.data_ptr<scalar_t>(), I);
+    gemm<scalar_t>(true, false, 4 * H, P, N, dgates, 4 * H, h_prev.data_ptr<scalar_t>(), P, 0,
+                   grad_w_hh.data_ptr<scalar_t>(), P);
+    if (has_proj) {
+      const at::Tensor hiddens_c = hiddens.contiguous();
+      gemm<scalar_t>(true, false, P, H, N, grad_r.data_ptr<scalar_t>(), P,
+                     hiddens_c.data_ptr<scalar_t>(), H, 0, grad_w_hr.data_ptr<scalar_t>(), H);
+    }
+  });
+  at::Tensor grad_bias = grad_gates.sum(0);
+  if (!need_grad_input) grad_input = grad_input.view({0});
+  return {grad_input, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+}
+
+TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
+  m.impl("lstm_layer_forward", &lstm_layer_forward_cpu);
+  m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
+}
+
+}  // namespace fused_lstm::cpu

@@ -1,0 +1,68 @@
+// Declarations shared by the op schemas (ops.cpp) and the backends
+// (cpu/lstm_cpu.cpp, cuda/lstm_cuda.cu).
+//
+// One op call runs one LSTM layer in one direction over a packed sequence:
+//   input:       [N, I]  rows of all timesteps, time-major; N = sum(batch_sizes)
+//   batch_sizes: [T]     int64 on the CPU, non-increasing (dense input: all B)
+//   h0: [B, P], c0: [B, H]; P = proj_size if w_hr is given, else H
+//   w_ih: [4H, I], w_hh: [4H, P], b_ih, b_hh: [4H], w_hr: [P, H]; gates i, f, g, o
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+namespace fused_lstm {
+
+// Sizes of one layer call, read off the validated arguments.
+struct LayerSizes {
+  int64_t N;  // rows over all timesteps
+  int64_t T;  // timesteps
+  int64_t B;  // batch (rows of the first step)
+  int64_t I;  // input features
+  int64_t H;  // hidden size
+  int64_t P;  // size of h: proj_size, or H without projection
+  bool has_proj;
+};
+
+// One timestep, in the order the forward pass runs them.
+struct Step {
+  int64_t batch;        // rows active at this step
+  int64_t offset;       // first row of this step in the [N, .] tensors
+  int64_t prev_offset;  // first row of the step run before it (unused at the first)
+  int64_t prev_batch;   // rows [0, prev_batch) carry state from that step; the rest start from h0/c0
+};
+
+// Forward order: t = 0..T-1, or T-1..0 when reverse. The batch can only shrink
+// going forward in time, so in reverse it grows and new rows start from h0/c0.
+std::vector<Step> make_schedule(const at::Tensor& batch_sizes, bool reverse);
+
+LayerSizes check_forward_args(
+    const at::Tensor& input, const at::Tensor& batch_sizes,
+    const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr);
+
+LayerSizes check_backward_args(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& batch_sizes,
+    const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+    const at::Tensor& hiddens);
+
+// (output [N, P], h_n [B, P], c_n [B, H],
+//  gates [N, 4H] activated i, f, g, o, cells [N, H] c_t, hiddens [N, H] h_t before
+//  the projection, or [0] without one)
+using ForwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// (grad_input [N, I] or [0] when not needed, grad_h0 [B, P], grad_c0 [B, H],
+//  grad_w_ih [4H, I], grad_w_hh [4H, P], grad_bias [4H] (for b_ih and b_hh alike),
+//  grad_w_hr [P, H] or [0])
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor, at::Tensor>;
+
+}  // namespace fused_lstm

@@ -1,0 +1,175 @@
+// The op schemas, declared once, and the argument checks every backend shares.
+// Kernels register beside these: cpu/lstm_cpu.cpp (CPU), cuda/lstm_cuda.cu (CUDA).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "lstm.h"
+
+// Importing fused_lstm._C loads this library, which registers the ops.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace fused_lstm {
+
+TORCH_LIBRARY(fused_lstm, m) {
+  m.def(
+      "lstm_layer_forward(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, "
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor hiddens)");
+  m.def(
+      "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
+      "Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? w_hr, Tensor output, Tensor gates, Tensor cells, Tensor hiddens, bool reverse, "
+      "bool need_grad_input) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
+      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
+}
+
+namespace {
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, "fused_lstm: expected ", name, " of shape ", expected,
+              ", got ", t.sizes());
+}
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "fused_lstm: expected ", name,
+              " to have dtype ", input.scalar_type(), " (the input's), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "fused_lstm: expected ", name, " on device ",
+              input.device(), " (the input's), got ", t.device());
+}
+
+// batch_sizes: [T] int64 on the CPU, non-negative, non-increasing, summing to N.
+// (Zeros only arise from a dense batch of 0, which nn.LSTM accepts.)
+void check_batch_sizes(const at::Tensor& batch_sizes, int64_t N) {
+  TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong &&
+                  batch_sizes.dim() == 1,
+              "fused_lstm: expected batch_sizes to be a 1-D int64 CPU tensor, got a ",
+              batch_sizes.dim(), "-D ", batch_sizes.scalar_type(), " tensor on ",
+              batch_sizes.device());
+  TORCH_CHECK(batch_sizes.numel() > 0, "fused_lstm: expected at least one timestep, got 0");
+  const auto sizes = batch_sizes.contiguous();
+  const int64_t* bs = sizes.data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t t = 0; t < sizes.numel(); ++t) {
+    TORCH_CHECK(bs[t] >= 0, "fused_lstm: expected non-negative batch_sizes, got ", bs[t],
+                " at step ", t);
+    TORCH_CHECK(t == 0 || bs[t] <= bs[t - 1],
+                "fused_lstm: expected non-increasing batch_sizes, got ", bs[t - 1], " then ",
+                bs[t], " at step ", t);
+    total += bs[t];
+  }
+  TORCH_CHECK(total == N, "fused_lstm: batch_sizes sum to ", total, " but input has ", N,
+              " rows");
+}
+
+}  // namespace
+
+LayerSizes check_forward_args(
+    const at::Tensor& input, const at::Tensor& batch_sizes,
+    const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr) {
+  TORCH_CHECK(input.dim() == 2, "fused_lstm: expected input of shape [N, input_size], got ",
+              input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "fused_lstm: expected a floating-point input, got ", input.scalar_type());
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0 && w_ih.size(0) > 0,
+              "fused_lstm: expected w_ih of shape [4 * hidden_size, input_size], got ",
+              w_ih.sizes());
+  LayerSizes s;
+  s.N = input.size(0);
+  s.I = input.size(1);
+  s.H = w_ih.size(0) / 4;
+  s.has_proj = w_hr.has_value();
+  if (s.has_proj) {
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(0) > 0 && w_hr->size(0) < s.H,
+                "fused_lstm: expected w_hr of shape [proj_size, hidden_size] with "
+                "0 < proj_size < hidden_size, got ", w_hr->sizes());
+  }
+  s.P = s.has_proj ? w_hr->size(0) : s.H;
+  check_batch_sizes(batch_sizes, s.N);
+  s.T = batch_sizes.size(0);
+  s.B = batch_sizes.contiguous().data_ptr<int64_t>()[0];
+
+  check_shape(w_ih, "w_ih", {4 * s.H, s.I});
+  check_shape(w_hh, "w_hh", {4 * s.H, s.P});
+  check_shape(h0, "h0", {s.B, s.P});
+  check_shape(c0, "c0", {s.B, s.H});
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
+              "fused_lstm: expected both b_ih and b_hh, or neither");
+  if (b_ih.has_value()) {
+    check_shape(*b_ih, "b_ih", {4 * s.H});
+    check_shape(*b_hh, "b_hh", {4 * s.H});
+    check_like(*b_ih, "b_ih", input);
+    check_like(*b_hh, "b_hh", input);
+  }
+  if (s.has_proj) {
+    check_shape(*w_hr, "w_hr", {s.P, s.H});
+    check_like(*w_hr, "w_hr", input);
+  }
+  check_like(h0, "h0", input);
+  check_like(c0, "c0", input);
+  check_like(w_ih, "w_ih", input);
+  check_like(w_hh, "w_hh", input);
+  return s;
+}
+
+LayerSizes check_backward_args(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& batch_sizes,
+    const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+    const at::Tensor& hiddens) {
+  // b_ih/b_hh do not enter the backward math; the forward checks cover the rest.
+  const LayerSizes s = check_forward_args(input, batch_sizes, h0, c0, w_ih, w_hh,
+                                          std::nullopt, std::nullopt, w_hr);
+  check_shape(grad_output, "grad_output", {s.N, s.P});
+  check_shape(grad_h_n, "grad_h_n", {s.B, s.P});
+  check_shape(grad_c_n, "grad_c_n", {s.B, s.H});
+  check_shape(output, "output", {s.N, s.P});
+  check_shape(gates, "gates", {s.N, 4 * s.H});
+  check_shape(cells, "cells", {s.N, s.H});
+  if (s.has_proj) {
+    check_shape(hiddens, "hiddens", {s.N, s.H});
+  } else {
+    check_shape(hiddens, "hiddens", {0});
+  }
+  for (const auto& [t, name] : {std::pair{&grad_output, "grad_output"},
+                                 {&grad_h_n, "grad_h_n"}, {&grad_c_n, "grad_c_n"},
+                                 {&output, "output"}, {&gates, "gates"}, {&cells, "cells"},
+                                 {&hiddens, "hiddens"}}) {
+    check_like(*t, name, input);
+  }
+  return s;
+}
+
+std::vector<Step> make_schedule(const at::Tensor& batch_sizes, bool reverse) {
+  const auto sizes = batch_sizes.contiguous();
+  const int64_t* bs = sizes.data_ptr<int64_t>();
+  const int64_t T = sizes.numel();
+  std::vector<int64_t> offsets(T);
+  int64_t offset = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    offsets[t] = offset;
+    offset += bs[t];
+  }
+  std::vector<Step> steps;
+  steps.reserve(T);
+  for (int64_t n = 0; n < T; ++n) {
+    const int64_t t = reverse ? T - 1 - n : n;
+    Step step{bs[t], offsets[t], 0, 0};
+    if (n > 0) {
+      const int64_t prev_t = reverse ? t + 1 : t - 1;
+      step.prev_offset = offsets[prev_t];
+      step.prev_batch = std::min(bs[t], bs[prev_t]);
+    }
+    steps.push_back(step);
+  }
+  return steps;
+}
+
+}  // namespace fused_lstm

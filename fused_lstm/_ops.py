@@ -1,0 +1,73 @@
+"""Loads the compiled ops and registers, for each, its fake (shape-only)
+implementation and its autograd formula. Schemas live in csrc/ops.cpp."""
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers torch.ops.fused_lstm)
+
+ops = torch.ops.fused_lstm
+
+
+def _sizes(input, w_ih, w_hr):
+    # (N, H, P): rows over all steps, hidden size, size of h
+    hidden = w_ih.shape[0] // 4
+    return input.shape[0], hidden, (w_hr.shape[0] if w_hr is not None else hidden)
+
+
+@torch.library.register_fake("fused_lstm::lstm_layer_forward")
+def _lstm_layer_forward_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    N, H, P = _sizes(input, w_ih, w_hr)
+    B = h0.shape[0]
+    hiddens = input.new_empty((N, H)) if w_hr is not None else input.new_empty((0,))
+    return (input.new_empty((N, P)), input.new_empty((B, P)), input.new_empty((B, H)),
+            input.new_empty((N, 4 * H)), input.new_empty((N, H)), hiddens)
+
+
+@torch.library.register_fake("fused_lstm::lstm_layer_backward")
+def _lstm_layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0,
+                              w_ih, w_hh, w_hr, output, gates, cells, hiddens, reverse,
+                              need_grad_input):
+    N, H, P = _sizes(input, w_ih, w_hr)
+    grad_input = input.new_empty(input.shape) if need_grad_input else input.new_empty((0,))
+    grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else input.new_empty((0,))
+    return (grad_input, h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+            w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
+            input.new_empty((4 * H,)), grad_w_hr)
+
+
+def _forward_setup_context(ctx, inputs, output):
+    input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse = inputs
+    out, _, _, gates, cells, hiddens = output
+    # Only what backward reads: no forward GEMM is recomputed.
+    ctx.save_for_backward(input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cells,
+                          hiddens)
+    ctx.reverse = reverse
+    ctx.has_bias = b_ih is not None
+    ctx.mark_non_differentiable(gates, cells, hiddens)
+
+
+def _forward_backward(ctx, grad_output, grad_h_n, grad_c_n, *_unused):
+    input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, hiddens = ctx.saved_tensors
+    need_grad_input = ctx.needs_input_grad[0]
+    (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias,
+     grad_w_hr) = ops.lstm_layer_backward(
+        grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out,
+        gates, cells, hiddens, ctx.reverse, need_grad_input)
+    grad_b = grad_bias if ctx.has_bias else None
+    return (grad_input if need_grad_input else None, None, grad_h0, grad_c0, grad_w_ih,
+            grad_w_hh, grad_b, grad_b, grad_w_hr if w_hr is not None else None, None)
+
+
+def _backward_setup_context(ctx, inputs, output):
+    pass
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "fused_lstm: double backward is not supported (the LSTM backward is not itself "
+        "differentiable); use torch.nn.LSTM where second derivatives are needed")
+
+
+torch.library.register_autograd("fused_lstm::lstm_layer_forward", _forward_backward,
+                                setup_context=_forward_setup_context)
+torch.library.register_autograd("fused_lstm::lstm_layer_backward", _no_double_backward,
+                                setup_context=_backward_setup_context)

@@ -1,0 +1,129 @@
+"""Functional API: one LSTM layer in one direction (`lstm_layer`), and the
+stack of layers and directions that `fused_lstm.LSTM` runs (`lstm`).
+
+Shapes: T steps, B batch, I input size, H hidden size, P = proj_size or H.
+Gate order in every weight is i, f, g, o, as in torch.nn.LSTM.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._ops import ops
+
+__all__ = ["lstm_layer", "lstm", "lstm_cell"]
+
+
+def _dense_batch_sizes(T: int, B: int) -> Tensor:
+    return torch.full((T,), B, dtype=torch.long)
+
+
+def lstm_layer(
+    input: Tensor,
+    hx: Tuple[Tensor, Tensor],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+    w_hr: Optional[Tensor] = None,
+    *,
+    batch_sizes: Optional[Tensor] = None,
+    reverse: bool = False,
+) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """Runs one LSTM layer in one direction with the fused kernels.
+
+    Args:
+        input: ``[T, B, I]`` time-major, or the ``data`` of a PackedSequence,
+            ``[N, I]``, when ``batch_sizes`` is given.
+        hx: ``(h0 [B, P], c0 [B, H])``.
+        w_ih: ``[4H, I]``; w_hh: ``[4H, P]``; b_ih, b_hh: ``[4H]`` or None;
+            w_hr: ``[P, H]`` projection, or None.
+        batch_sizes: ``[T]`` int64 CPU tensor of a PackedSequence (sorted by
+            length), or None for dense input.
+        reverse: run from the last step to the first (the reverse direction of
+            a bidirectional LSTM).
+
+    Returns:
+        ``output`` (``[T, B, P]``, or ``[N, P]`` when packed) and ``(h_n [B, P], c_n [B, H])``.
+        Differentiable with respect to input, hx and every weight.
+    """
+    h0, c0 = hx
+    if batch_sizes is None:
+        if input.dim() != 3:
+            raise ValueError(f"lstm_layer: expected input of shape [T, B, I], got {list(input.shape)}")
+        T, B = input.shape[:2]
+        data, sizes = input.reshape(T * B, input.shape[2]), _dense_batch_sizes(T, B)
+    else:
+        data, sizes = input, batch_sizes
+    output, h_n, c_n, *_ = ops.lstm_layer_forward(data, sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                  w_hr, reverse)
+    if batch_sizes is None:
+        output = output.view(T, B, output.shape[-1])
+    return output, (h_n, c_n)
+
+
+def lstm_cell(
+    input: Tensor,
+    hx: Tuple[Tensor, Tensor],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """One LSTM step: ``input [B, I]``, ``hx = (h [B, H], c [B, H])`` -> ``(h', c')``.
+    The same op as a layer, run for a single timestep."""
+    _, (h, c) = lstm_layer(input.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh)
+    return h, c
+
+
+def lstm(
+    input: Tensor,
+    hx: Tuple[Tensor, Tensor],
+    weights: Sequence[Tensor],
+    *,
+    num_layers: int,
+    has_biases: bool = True,
+    has_proj: bool = False,
+    bidirectional: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+    batch_sizes: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """A stacked, optionally bidirectional LSTM over time-major input.
+
+    Args:
+        input: ``[T, B, I]``, or PackedSequence ``data [N, I]`` with ``batch_sizes``.
+        hx: ``(h0 [L*D, B, P], c0 [L*D, B, H])``, D = 2 if bidirectional else 1.
+        weights: the flat list in ``nn.LSTM._flat_weights`` order: for each layer,
+            for each direction, ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``.
+        dropout: applied to each layer's output except the last, in training only.
+
+    Returns:
+        ``output`` (``[T, B, D*P]`` or ``[N, D*P]``) and ``(h_n [L*D, B, P], c_n [L*D, B, H])``.
+    """
+    directions = 2 if bidirectional else 1
+    per_layer = 2 + (2 if has_biases else 0) + (1 if has_proj else 0)
+    if len(weights) != num_layers * directions * per_layer:
+        raise ValueError(f"lstm: expected {num_layers * directions * per_layer} weights, got {len(weights)}")
+    h0, c0 = hx
+    h_n: List[Tensor] = []
+    c_n: List[Tensor] = []
+    layer_input = input
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            w = list(weights[k * per_layer:(k + 1) * per_layer])
+            w_ih, w_hh = w[0], w[1]
+            b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+            w_hr = w[-1] if has_proj else None
+            out, (h, c) = lstm_layer(layer_input, (h0[k], c0[k]), w_ih, w_hh, b_ih, b_hh, w_hr,
+                                     batch_sizes=batch_sizes, reverse=direction == 1)
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, p=dropout, training=True)
+    return layer_input, (torch.stack(h_n), torch.stack(c_n))

@@ -1,0 +1,137 @@
+"""Drop-in modules. They subclass torch.nn.LSTM / nn.LSTMCell, so the
+constructor, parameters (names, shapes, order, initialisation), state_dict,
+extra_repr and argument checks are nn's own; forward runs the fused ops."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import functional
+
+__all__ = ["LSTM", "LSTMCell"]
+
+
+def _check_devices(input: Tensor, hx: Tuple[Tensor, Tensor], params) -> None:
+    # The same checks and messages as torch.nn.LSTM's native path.
+    for h in hx:
+        if h.device != input.device:
+            raise RuntimeError(
+                "Input and hidden tensors are not at the same device, found input tensor at "
+                f"{input.device} and hidden tensor at {h.device}")
+    for p in params:
+        if p.device != input.device:
+            raise RuntimeError(
+                "Input and parameter tensors are not at the same device, found input tensor at "
+                f"{input.device} and parameter tensor at {p.device}")
+
+
+class LSTM(nn.LSTM):
+    r"""Drop-in replacement for :class:`torch.nn.LSTM` running fused kernels.
+
+    Same constructor (``input_size, hidden_size, num_layers=1, bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
+    device=None, dtype=None``), parameters and ``state_dict`` as nn.LSTM, so
+    checkpoints load both ways. ``forward(input, hx=None)`` takes
+    ``(L, N, H_in)`` (``(N, L, H_in)`` with ``batch_first``), unbatched
+    ``(L, H_in)`` or a PackedSequence, and returns ``output, (h_n, c_n)`` with
+    nn.LSTM's shapes. Each layer and direction is one fused op call: one input
+    GEMM over all timesteps, then a native time loop of one recurrent GEMM and
+    one fused elementwise pass per step.
+    """
+
+    def flatten_parameters(self) -> None:
+        """No-op: the fused kernels read the parameters where they are."""
+
+    def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
+        self._update_flat_weights()
+        directions = 2 if self.bidirectional else 1
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        packed = isinstance(input, PackedSequence)
+        batch_sizes = sorted_indices = unsorted_indices = None
+        is_batched = True
+        if packed:
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            batch = int(batch_sizes[0])
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(0 if self.batch_first else 1)
+            batch = input.size(0 if self.batch_first else 1)
+        if hx is None:
+            shape = (self.num_layers * directions, batch)
+            hx = (input.new_zeros(shape + (real_hidden,)), input.new_zeros(shape + (self.hidden_size,)))
+        else:
+            if not packed:
+                want = 3 if is_batched else 2
+                if hx[0].dim() != want or hx[1].dim() != want:
+                    kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                    raise RuntimeError(
+                        f"For {kind} input, hx and cx should also be {want}-D but got "
+                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                if not is_batched:
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        self.check_forward_args(input, hx, batch_sizes)
+        hx = self.permute_hidden(hx, sorted_indices)
+        _check_devices(input, hx, self._flat_weights)
+
+        if not packed:
+            if input.size(1 if self.batch_first else 0) == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+            if self.batch_first:
+                input = input.transpose(0, 1)
+        output, (h_n, c_n) = functional.lstm(
+            input, hx, self._flat_weights, num_layers=self.num_layers, has_biases=self.bias,
+            has_proj=self.proj_size > 0, bidirectional=self.bidirectional,
+            dropout=self.dropout, training=self.training, batch_sizes=batch_sizes)
+
+        if packed:
+            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+        else:
+            if self.batch_first:
+                output = output.transpose(0, 1)
+            if not is_batched:
+                output = output.squeeze(0 if self.batch_first else 1)
+                h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return output, self.permute_hidden((h_n, c_n), unsorted_indices)
+
+
+class LSTMCell(nn.LSTMCell):
+    r"""Drop-in replacement for :class:`torch.nn.LSTMCell` running the fused op.
+
+    Same constructor (``input_size, hidden_size, bias=True, device=None,
+    dtype=None``) and parameters. ``forward(input, hx=None)`` takes ``(N, H_in)``
+    or unbatched ``(H_in)``, with ``hx = (h, c)`` or None, and returns ``(h', c')``.
+    """
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = input.new_zeros(input.size(0), self.hidden_size)
+            hx = (zeros, zeros)
+        elif not is_batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        # The same checks and messages as torch's lstm_cell.
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        for idx, h in enumerate(hx):
+            if input.size(0) != h.size(0):
+                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{idx} batch size {h.size(0)}")
+            if h.size(1) != self.hidden_size:
+                raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {h.size(1)}, expected {self.hidden_size}")
+        params = [self.weight_ih, self.weight_hh] + ([self.bias_ih, self.bias_hh] if self.bias else [])
+        _check_devices(input, hx, params)
+        h, c = functional.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        if not is_batched:
+            h, c = h.squeeze(0), c.squeeze(0)
+        return h, c

@@ -1,0 +1,50 @@
+"""Build fused_lstm's C++ (and, when available, CUDA) extension: fused_lstm._C.
+
+CUDA kernels are built when torch has CUDA and nvcc is found, or when
+FORCE_CUDA=1 (a build machine without a GPU). Otherwise the build is CPU-only.
+DEBUG=1 builds without optimisation and with debug symbols.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEBUG = os.environ.get("DEBUG", "0") == "1"
+FORCE_CUDA = os.environ.get("FORCE_CUDA", "0") == "1"
+WITH_CUDA = FORCE_CUDA or (torch.cuda.is_available() and CUDA_HOME is not None)
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def extension():
+    cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3"]
+    srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+    define_macros = []
+    if not WITH_CUDA:
+        return CppExtension("fused_lstm._C", srcs, extra_compile_args={"cxx": cxx_flags},
+                            define_macros=define_macros)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+    nvcc_flags = ["-O0", "-g", "-lineinfo"] if DEBUG else ["-O3", "-lineinfo"]
+    nvcc_flags += ["--use_fast_math"] if os.environ.get("FUSED_LSTM_FAST_MATH") == "1" else []
+    define_macros.append(("FUSED_LSTM_WITH_CUDA", None))
+    return CUDAExtension("fused_lstm._C", srcs + sources("csrc/cuda/*.cu"),
+                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                         define_macros=define_macros)
+
+
+setup(
+    name="fused_lstm",
+    version="0.1.0",
+    description="Fused LSTM kernels for PyTorch: a drop-in torch.nn.LSTM / LSTMCell",
+    packages=find_packages(include=["fused_lstm", "fused_lstm.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    install_requires=["torch"],
+)
