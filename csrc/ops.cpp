@@ -98,6 +98,10 @@ LayerSizes check_forward_args(
   check_shape(w_hh, "w_hh", {4 * s.H, s.P});
   check_shape(h0, "h0", {s.B, s.P});
   check_shape(c0, "c0", {s.B, s.H});
+  check_like(w_ih, "w_ih", input);
+  check_like(w_hh, "w_hh", input);
+  check_like(h0, "h0", input);
+  check_like(c0, "c0", input);
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
               "fused_lstm: expected both b_ih and b_hh, or neither");
   if (b_ih.has_value()) {
@@ -110,10 +114,6 @@ LayerSizes check_forward_args(
     check_shape(*w_hr, "w_hr", {s.P, s.H});
     check_like(*w_hr, "w_hr", input);
   }
-  check_like(h0, "h0", input);
-  check_like(c0, "c0", input);
-  check_like(w_ih, "w_ih", input);
-  check_like(w_hh, "w_hh", input);
   return s;
 }
 

@@ -1,0 +1,77 @@
+"""fused_lstm.LSTMCell against torch.nn.LSTMCell with the same weights."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import fused_lstm
+from testing import assert_close, random_like_weights
+
+CASES = list(itertools.product([torch.float64, torch.float32], [True, False], [True, False],
+                               [True, False], [1, 4]))
+
+
+@pytest.mark.parametrize("dtype,batched,give_hx,bias,batch", CASES,
+                         ids=[f"{str(d)[6:]}-{'b' if b else 'unb'}-{'hx' if h else 'nohx'}-"
+                              f"{'bias' if bi else 'nobias'}-B{n}" for d, b, h, bi, n in CASES])
+def test_cell_matches_nn(dtype, batched, give_hx, bias, batch):
+    gen = torch.Generator().manual_seed(batch + 10 * bias + 100 * give_hx)
+    ref = nn.LSTMCell(7, 9, bias=bias, dtype=dtype)
+    random_like_weights(ref, 5)
+    ours = fused_lstm.LSTMCell(7, 9, bias=bias, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    lead = (batch,) if batched else ()
+    x = torch.randn(lead + (7,), generator=gen, dtype=torch.float64).to(dtype)
+    hx = tuple(torch.randn(lead + (9,), generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+
+    def run(module):
+        x_ = x.clone().requires_grad_()
+        hx_ = tuple(h.clone().requires_grad_() for h in hx) if give_hx else None
+        h, c = module(x_, hx_)
+        loss = (h * torch.linspace(-1, 2, h.numel(), dtype=dtype).view(h.shape)).sum() + (c * c).sum()
+        leaves = [x_] + (list(hx_) if give_hx else []) + list(module.parameters())
+        return (h, c) + torch.autograd.grad(loss, leaves)
+
+    for a, e in zip(run(ours), run(ref)):
+        assert a.shape == e.shape
+        assert_close(a, e)
+
+
+def test_cell_sequence_matches_lstm_layer():
+    # Stepping the cell over a sequence gives the one-layer LSTM's results.
+    cell = fused_lstm.LSTMCell(5, 6, dtype=torch.float64)
+    lstm = fused_lstm.LSTM(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        for name in ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]:
+            getattr(lstm, name + "_l0").copy_(getattr(cell, name))
+    x = torch.randn(4, 2, 5, dtype=torch.float64)
+    h = c = torch.zeros(2, 6, dtype=torch.float64)
+    outs = []
+    for t in range(4):
+        h, c = cell(x[t], (h, c))
+        outs.append(h)
+    out, (h_n, c_n) = lstm(x)
+    assert_close(torch.stack(outs), out)
+    assert_close(h, h_n[0])
+    assert_close(c, c_n[0])
+
+
+@pytest.mark.parametrize("args,error,match", [
+    (lambda: (torch.randn(2, 3, 7),), ValueError, "LSTMCell: Expected input to be 1D or 2D, got 3D"),
+    (lambda: (torch.randn(2, 5),), RuntimeError, "input has inconsistent input_size: got 5 expected 7"),
+    (lambda: (torch.randn(2, 7), (torch.randn(3, 9), torch.randn(2, 9))), RuntimeError,
+     "Input batch size 2 doesn't match hidden0 batch size 3"),
+    (lambda: (torch.randn(2, 7), (torch.randn(2, 9), torch.randn(2, 8))), RuntimeError,
+     "hidden1 has inconsistent hidden_size: got 8, expected 9"),
+    (lambda: (torch.randn(2, 7), (torch.randn(1, 2, 9), torch.randn(2, 9))), ValueError,
+     r"LSTMCell: Expected hx\[0\] to be 1D or 2D, got 3D"),
+    (lambda: (torch.randn(2, 7, dtype=torch.float64),), RuntimeError,
+     "expected w_ih to have dtype Double"),
+    (lambda: (torch.randn(2, 7), (torch.randn(2, 9, device="meta"), torch.randn(2, 9))), RuntimeError,
+     "Input and hidden tensors are not at the same device"),
+])
+def test_cell_errors(args, error, match):
+    cell = fused_lstm.LSTMCell(7, 9)
+    with pytest.raises(error, match=match):
+        cell(*args())

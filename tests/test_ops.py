@@ -1,0 +1,139 @@
+"""The custom ops called directly: gradcheck, opcheck (schema, fake
+implementation, autograd registration), torch.compile tracing, and the
+TORCH_CHECK errors for bad arguments."""
+import itertools
+
+import pytest
+import torch
+
+import fused_lstm
+from fused_lstm import functional as F
+from fused_lstm._ops import ops
+
+I, H, P = 3, 4, 2
+
+
+def layer_args(dtype=torch.float64, packed=False, bias=True, proj=False, reverse=False, seed=0,
+               requires_grad=True):
+    """Arguments of lstm_layer_forward for a small random case."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+    batch_sizes = torch.tensor([3, 3, 2, 1] if packed else [3, 3, 3], dtype=torch.long)
+    p = P if proj else H
+    return dict(
+        input=rnd(int(batch_sizes.sum()), I), batch_sizes=batch_sizes,
+        h0=rnd(3, p), c0=rnd(3, H), w_ih=rnd(4 * H, I), w_hh=rnd(4 * H, p),
+        b_ih=rnd(4 * H) if bias else None, b_hh=rnd(4 * H) if bias else None,
+        w_hr=rnd(p, H) if proj else None, reverse=reverse)
+
+
+VARIANTS = list(itertools.product([False, True], [False, True], [False, True], [False, True]))
+VARIANT_IDS = [f"{'packed' if a else 'dense'}-{'bias' if b else 'nobias'}-{'proj' if c else 'noproj'}-"
+               f"{'rev' if d else 'fwd'}" for a, b, c, d in VARIANTS]
+
+
+@pytest.mark.parametrize("packed,bias,proj,reverse", VARIANTS, ids=VARIANT_IDS)
+def test_gradcheck_layer_op(packed, bias, proj, reverse):
+    args = layer_args(packed=packed, bias=bias, proj=proj, reverse=reverse)
+    names = [n for n, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def fn(*tensors):
+        kw = dict(args, **dict(zip(names, tensors)))
+        out, h_n, c_n, *_ = ops.lstm_layer_forward(**kw)
+        return out, h_n, c_n
+
+    assert torch.autograd.gradcheck(fn, [args[n] for n in names])
+
+
+def test_gradcheck_cell():
+    g = torch.Generator().manual_seed(1)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+    cell = lambda x, h, c, *weights: F.lstm_cell(x, (h, c), *weights)
+    assert torch.autograd.gradcheck(cell, (rnd(2, I), rnd(2, H), rnd(2, H), rnd(4 * H, I),
+                                           rnd(4 * H, H), rnd(4 * H), rnd(4 * H)))
+
+
+@pytest.mark.parametrize("packed,bias,proj,reverse", VARIANTS, ids=VARIANT_IDS)
+def test_opcheck_forward(packed, bias, proj, reverse):
+    args = layer_args(dtype=torch.float32, packed=packed, bias=bias, proj=proj, reverse=reverse)
+    torch.library.opcheck(ops.lstm_layer_forward, tuple(args.values()))
+
+
+@pytest.mark.parametrize("proj,need_grad_input", [(False, True), (True, False)])
+def test_opcheck_backward(proj, need_grad_input):
+    args = layer_args(dtype=torch.float32, packed=True, proj=proj, requires_grad=False)
+    out, h_n, c_n, gates, cells, hiddens = ops.lstm_layer_forward(**args)
+    bwd = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), args["input"],
+           args["batch_sizes"], args["h0"], args["c0"], args["w_ih"], args["w_hh"], args["w_hr"],
+           out, gates, cells, hiddens, args["reverse"], need_grad_input)
+    torch.library.opcheck(ops.lstm_layer_backward, bwd,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_backward_does_not_overwrite_saved_tensors():
+    # Backward twice (retain_graph) gives the same gradients: the saved workspace is read-only.
+    args = layer_args()
+    out, h_n, c_n, *_ = ops.lstm_layer_forward(**args)
+    loss = out.sum() + h_n.sum() + c_n.sum()
+    g1 = torch.autograd.grad(loss, [args["w_hh"], args["input"]], retain_graph=True)
+    g2 = torch.autograd.grad(loss, [args["w_hh"], args["input"]])
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_torch_compile_traces_the_module():
+    m = fused_lstm.LSTM(5, 6, num_layers=2, batch_first=True)
+    x = torch.randn(3, 4, 5)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=False)
+    expected = m(x)
+    got = compiled(x)
+    torch.testing.assert_close(got[0], expected[0])
+    got[0].sum().backward()
+    assert m.weight_ih_l0.grad is not None and m.weight_ih_l0.grad.abs().sum() > 0
+
+
+def _bad(**overrides):
+    args = layer_args(packed=True, proj=True, requires_grad=False)
+    args.update(overrides)
+    return args
+
+
+OP_ERRORS = [
+    ("input dims", dict(input=torch.randn(9, 3, 1, dtype=torch.float64)), "expected input of shape \\[N, input_size\\]"),
+    ("int input", dict(input=torch.ones(9, 3, dtype=torch.long)), "expected a floating-point input"),
+    ("w_ih rows", dict(w_ih=torch.randn(15, 3, dtype=torch.float64)), "expected w_ih of shape \\[4 \\* hidden_size"),
+    ("w_ih cols", dict(w_ih=torch.randn(16, 2, dtype=torch.float64)), "expected w_ih of shape \\[16, 3\\], got \\[16, 2\\]"),
+    ("w_hh", dict(w_hh=torch.randn(16, 4, dtype=torch.float64)), "expected w_hh of shape \\[16, 2\\]"),
+    ("h0", dict(h0=torch.randn(2, 2, dtype=torch.float64)), "expected h0 of shape \\[3, 2\\], got \\[2, 2\\]"),
+    ("c0", dict(c0=torch.randn(3, 2, dtype=torch.float64)), "expected c0 of shape \\[3, 4\\]"),
+    ("bias", dict(b_ih=torch.randn(15, dtype=torch.float64)), "expected b_ih of shape \\[16\\]"),
+    ("one bias", dict(b_hh=None), "expected both b_ih and b_hh, or neither"),
+    ("w_hr size", dict(w_hr=torch.randn(4, 4, dtype=torch.float64)), "0 < proj_size < hidden_size"),
+    ("dtype", dict(h0=torch.randn(3, 2)), "expected h0 to have dtype Double \\(the input's\\), got Float"),
+    ("batch_sizes dtype", dict(batch_sizes=torch.tensor([3, 3, 2, 1], dtype=torch.int32)), "1-D int64 CPU tensor"),
+    ("batch_sizes empty", dict(batch_sizes=torch.tensor([], dtype=torch.long)), "at least one timestep"),
+    ("batch_sizes increasing", dict(batch_sizes=torch.tensor([2, 3, 3, 1])), "non-increasing batch_sizes, got 2 then 3"),
+    ("batch_sizes negative", dict(batch_sizes=torch.tensor([3, 3, 2, -1])), "non-negative batch_sizes"),
+    ("batch_sizes sum", dict(batch_sizes=torch.tensor([3, 3, 2])), "batch_sizes sum to 8 but input has 9 rows"),
+]
+
+
+@pytest.mark.parametrize("overrides,match", [e[1:] for e in OP_ERRORS], ids=[e[0] for e in OP_ERRORS])
+def test_forward_op_errors(overrides, match):
+    with pytest.raises(RuntimeError, match=match):
+        ops.lstm_layer_forward(**_bad(**overrides))
+
+
+def test_backward_op_errors():
+    args = layer_args(packed=True, requires_grad=False)
+    out, h_n, c_n, gates, cells, hiddens = ops.lstm_layer_forward(**args)
+    base = [torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), args["input"],
+            args["batch_sizes"], args["h0"], args["c0"], args["w_ih"], args["w_hh"], None,
+            out, gates, cells, hiddens, False, True]
+    for index, bad, match in [(0, out[:-1], "expected grad_output of shape \\[9, 4\\]"),
+                              (11, gates[:, :4], "expected gates of shape \\[9, 16\\]"),
+                              (13, torch.randn(9, 4, dtype=torch.float64), "expected hiddens of shape \\[0\\]"),
+                              (2, c_n.float(), "expected grad_c_n to have dtype Double")]:
+        args_bad = list(base)
+        args_bad[index] = bad
+        with pytest.raises(RuntimeError, match=match):
+            ops.lstm_layer_backward(*args_bad)
