@@ -7,7 +7,7 @@ DEBUG=1 builds without optimisation and with debug symbols.
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 import torch
 
@@ -42,7 +42,10 @@ setup(
     name="fused_lstm",
     version="0.1.0",
     description="Fused LSTM kernels for PyTorch: a drop-in torch.nn.LSTM / LSTMCell",
-    packages=find_packages(include=["fused_lstm", "fused_lstm.*"]),
+    # benchmarks/ installs as fused_lstm.bench, so `python -m fused_lstm.benchmark` runs anywhere.
+    packages=["fused_lstm", "fused_lstm.bench"],
+    package_dir={"fused_lstm.bench": "benchmarks"},
+    entry_points={"console_scripts": ["fused-lstm-benchmark = fused_lstm.benchmark:main"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",

@@ -1,0 +1,57 @@
+"""The benchmark runs on tiny sizes and writes well-formed JSON and PNG.
+No test here asserts a speed."""
+import importlib.metadata
+import json
+import math
+
+import pytest
+
+pytest.importorskip("matplotlib", reason="the benchmark's chart needs matplotlib")
+
+from fused_lstm.bench import runner  # noqa: E402
+
+
+def test_benchmark_tiny_cases_write_json_and_png(tmp_path, capsys):
+    runner.main(["--cases", "tiny,tiny-packed", "--min-run-time", "0.05", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "vs onednn" in printed and "tiny-packed" in printed
+
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["machine"]["threads"] >= 1 and result["machine"]["torch"]
+    assert result["matmul_peak_gflops"]["float32"] > 0
+    records = result["results"]
+    assert [(r["case"], r["mode"]) for r in records] == [
+        ("tiny", "forward"), ("tiny", "train"), ("tiny-packed", "forward"), ("tiny-packed", "train")]
+    for r in records:
+        assert set(r["median_s"]) == {"fused", "nn-onednn", "nn-native"}
+        assert all(t > 0 and math.isfinite(t) for t in r["median_s"].values())
+        for base, s in r["speedup"].items():
+            assert s == pytest.approx(r["median_s"]["nn-" + base] / r["median_s"]["fused"])
+        assert r["flops"] > 0 and r["gflops"]["fused"] > 0
+        if r["mode"] == "train":
+            assert set(r["peak_memory_bytes"]) == set(r["median_s"])
+    assert records[2]["shape"]["rows"] < 4 * 3  # packed: fewer rows than T * B
+
+    png = (tmp_path / "speedup.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    import matplotlib.image
+    image = matplotlib.image.imread(str(tmp_path / "speedup.png"))
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_unknown_case_is_rejected(tmp_path):
+    with pytest.raises(SystemExit, match="unknown case"):
+        runner.main(["--cases", "nope", "--out", str(tmp_path)])
+
+
+def test_console_script_is_installed():
+    scripts = importlib.metadata.entry_points(group="console_scripts")
+    assert any(e.name == "fused-lstm-benchmark" and e.value == "fused_lstm.benchmark:main" for e in scripts)
+
+
+def test_flop_count():
+    from fused_lstm.bench.suites import CASES_BY_NAME, lstm_flops
+    case = CASES_BY_NAME["fastrnns"]
+    rows = case.seq_len * case.batch
+    assert lstm_flops(case, rows, "forward") == 2 * rows * 4 * 512 * (512 + 512)
+    assert lstm_flops(case, rows, "train") == 3 * lstm_flops(case, rows, "forward")
