@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/cell_kernels.h"
 #include "lstm.h"
 
 // Importing fused_lstm._C loads this library, which registers the ops.
@@ -24,6 +25,9 @@ TORCH_LIBRARY(fused_lstm, m) {
       "Tensor? w_hr, Tensor output, Tensor gates, Tensor cells, Tensor hiddens, bool reverse, "
       "bool need_grad_input) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
       "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
+  // Which build of the CPU cell kernels runs: "default", "avx2", "avx512", or
+  // "" for the best this CPU supports. Returns the one now in use.
+  m.def("set_cpu_capability(str capability) -> str", &cpu::set_cpu_capability);
 }
 
 namespace {

@@ -137,3 +137,14 @@ def test_backward_op_errors():
         args_bad[index] = bad
         with pytest.raises(RuntimeError, match=match):
             ops.lstm_layer_backward(*args_bad)
+
+
+def test_cpu_capability_switch():
+    from conftest import CPU_CAPABILITIES
+    assert "default" in CPU_CAPABILITIES
+    for capability in CPU_CAPABILITIES:
+        assert ops.set_cpu_capability(capability) == capability
+    with pytest.raises(RuntimeError, match="unknown CPU capability 'sse9'"):
+        ops.set_cpu_capability("sse9")
+    best = ops.set_cpu_capability("")
+    assert best == CPU_CAPABILITIES[-1]

@@ -1,131 +1,19 @@
 // CPU kernels for the fused LSTM layer (TORCH_LIBRARY_IMPL CPU).
 // Mirrors cuda/lstm_cuda.cu: input GEMM over all steps, then per step one
-// recurrent GEMM into the gate buffer and one fused elementwise pass.
+// recurrent GEMM into the gate buffer and one fused elementwise pass (the
+// cell kernels, built per CPU capability: cell_kernels.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <cstring>
 
-#include "../cell_math.h"
 #include "../lstm.h"
 #include "blas.h"
+#include "cell_kernels.h"
 
 namespace fused_lstm::cpu {
 namespace {
-
-using at::vec::Vectorized;
-
-// Loads and stores for one lane group: Vectorized for float/double, one
-// element in opmath for half/bfloat16. `n` is the number of valid lanes.
-template <typename S>
-Vectorized<S> load(Vectorized<S>, const S* p, int64_t n) {
-  return n == Vectorized<S>::size() ? Vectorized<S>::loadu(p) : Vectorized<S>::loadu(p, n);
-}
-template <typename S>
-void store(const Vectorized<S>& v, S* p, int64_t n) {
-  n == Vectorized<S>::size() ? v.store(p) : v.store(p, n);
-}
-template <typename S>
-at::opmath_type<S> load(at::opmath_type<S>, const S* p, int64_t) {
-  return static_cast<at::opmath_type<S>>(*p);
-}
-template <typename S>
-void store(at::opmath_type<S> v, S* p, int64_t) {
-  *p = static_cast<S>(v);
-}
-
-template <typename S>
-constexpr bool kVectorized = std::is_same_v<S, float> || std::is_same_v<S, double>;
-
-// Calls body(T{}, k, n) over the hidden units [0, H) of one row, T the lane type.
-template <typename scalar_t, typename Body>
-C10_ALWAYS_INLINE void for_each_unit(int64_t H, const Body& body) {
-  if constexpr (kVectorized<scalar_t>) {
-    using Vec = Vectorized<scalar_t>;
-    constexpr int64_t width = Vec::size();
-    int64_t k = 0;
-    for (; k + width <= H; k += width) body(Vec{}, k, width);
-    if (k < H) body(Vec{}, k, H - k);
-  } else {
-    for (int64_t k = 0; k < H; ++k) body(at::opmath_type<scalar_t>{}, k, 1);
-  }
-}
-
-// Runs fn(row_begin, row_end) over rows, threaded only when the work is large.
-template <typename Fn>
-void parallel_rows(int64_t rows, int64_t H, const Fn& fn) {
-  constexpr int64_t kUnitsPerTask = 16384;
-  const int64_t grain = std::max<int64_t>(1, kUnitsPerTask / std::max<int64_t>(H, 1));
-  at::parallel_for(0, rows, grain, fn);
-}
-
-// Fused forward elementwise pass for one step.
-//   gates: [b, 4H] pre-activations in, activated out;  c_state: [b, H] c_prev in, c out
-//   cells: [b, H] c out;  h_out: [b, H] h out;  h_state: [b, H] h out too, or null
-template <typename scalar_t>
-void cell_forward_step(int64_t b, int64_t H, scalar_t* gates, scalar_t* c_state,
-                       scalar_t* cells, scalar_t* h_out, scalar_t* h_state) {
-  parallel_rows(b, H, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      scalar_t* g = gates + r * 4 * H;
-      scalar_t* c_row = c_state + r * H;
-      for_each_unit<scalar_t>(H, [&](auto lane, int64_t k, int64_t n) {
-        using T = decltype(lane);
-        T i = load(lane, g + k, n), f = load(lane, g + H + k, n);
-        T gg = load(lane, g + 2 * H + k, n), o = load(lane, g + 3 * H + k, n);
-        T c_prev = load(lane, c_row + k, n);
-        T c, h;
-        cell_forward(i, f, gg, o, c_prev, c, h);
-        store(i, g + k, n);
-        store(f, g + H + k, n);
-        store(gg, g + 2 * H + k, n);
-        store(o, g + 3 * H + k, n);
-        store(c, c_row + k, n);
-        store(c, cells + r * H + k, n);
-        store(h, h_out + r * H + k, n);
-        if (h_state != nullptr) store(h, h_state + r * H + k, n);
-      });
-    }
-  });
-}
-
-// Fused backward elementwise pass for one step.
-//   gates: [b, 4H] activated;  cells: [b, H] c;  c_prev rows: [0, prev_batch) from
-//   c_prev_step, the rest from c0;  dh: [b, H] (+ dh_extra [b, H] when not null)
-//   dc: [b, H] dL/dc in, dL/dc_prev out;  dgates: [b, 4H] out
-template <typename scalar_t>
-void cell_backward_step(int64_t b, int64_t H, const scalar_t* gates, const scalar_t* cells,
-                        const scalar_t* c_prev_step, int64_t prev_batch, const scalar_t* c0,
-                        const scalar_t* dh, const scalar_t* dh_extra, scalar_t* dc,
-                        scalar_t* dgates) {
-  parallel_rows(b, H, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* g = gates + r * 4 * H;
-      const scalar_t* c_prev_row = r < prev_batch ? c_prev_step + r * H : c0 + r * H;
-      scalar_t* dg_row = dgates + r * 4 * H;
-      for_each_unit<scalar_t>(H, [&](auto lane, int64_t k, int64_t n) {
-        using T = decltype(lane);
-        const T i = load(lane, g + k, n), f = load(lane, g + H + k, n);
-        const T gg = load(lane, g + 2 * H + k, n), o = load(lane, g + 3 * H + k, n);
-        const T c_prev = load(lane, c_prev_row + k, n);
-        const T c = load(lane, cells + r * H + k, n);
-        T dh_unit = load(lane, dh + r * H + k, n);
-        if (dh_extra != nullptr) dh_unit = dh_unit + load(lane, dh_extra + r * H + k, n);
-        const T dc_unit = load(lane, dc + r * H + k, n);
-        T di, df, dg, do_, dc_prev;
-        cell_backward(i, f, gg, o, c_prev, c, dh_unit, dc_unit, di, df, dg, do_, dc_prev);
-        store(di, dg_row + k, n);
-        store(df, dg_row + H + k, n);
-        store(dg, dg_row + 2 * H + k, n);
-        store(do_, dg_row + 3 * H + k, n);
-        store(dc_prev, dc + r * H + k, n);
-      });
-    }
-  });
-}
 
 template <typename scalar_t>
 void copy_rows(scalar_t* dst, const scalar_t* src, int64_t rows, int64_t cols) {
@@ -196,17 +84,18 @@ ForwardResult lstm_layer_forward_cpu(
     scalar_t* out_p = output.data_ptr<scalar_t>();
     scalar_t* cells_p = cells.data_ptr<scalar_t>();
     scalar_t* hiddens_p = has_proj ? hiddens.data_ptr<scalar_t>() : nullptr;
+    const auto cell_forward_step = cell_kernels<scalar_t>().forward;
     for (const Step& step : steps) {
       const int64_t b = step.batch;
       scalar_t* g = gate_buffer + step.offset * 4 * H;
       // Recurrent GEMM: gates[t] += h_state[:b] W_hh^T
       gemm<scalar_t>(false, true, b, 4 * H, P, h_state, P, w_hh_p, P, 1, g, 4 * H);
       if (!has_proj) {
-        cell_forward_step<scalar_t>(b, H, g, c_state, cells_p + step.offset * H,
-                                    out_p + step.offset * H, h_state);
+        cell_forward_step(b, H, g, c_state, cells_p + step.offset * H, out_p + step.offset * H,
+                          h_state);
       } else {
         scalar_t* h_t = hiddens_p + step.offset * H;
-        cell_forward_step<scalar_t>(b, H, g, c_state, cells_p + step.offset * H, h_t, nullptr);
+        cell_forward_step(b, H, g, c_state, cells_p + step.offset * H, h_t, nullptr);
         // Projection: r_t = h_t W_hr^T, which is both the output and the next h.
         scalar_t* r_t = out_p + step.offset * P;
         gemm<scalar_t>(false, true, b, P, H, h_t, H, w_hr_c->data_ptr<scalar_t>(), H, 0, r_t, P);
@@ -256,6 +145,7 @@ BackwardResult lstm_layer_backward_cpu(
     const scalar_t* w_hh_p = w_hh_c.data_ptr<scalar_t>();
     const scalar_t* c0_p = c0_c.data_ptr<scalar_t>();
     const at::Tensor w_hr_c = has_proj ? w_hr->contiguous() : at::Tensor();
+    const auto cell_backward_step = cell_kernels<scalar_t>().backward;
 
     for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
       const Step& step = *it;
@@ -275,9 +165,9 @@ BackwardResult lstm_layer_backward_cpu(
         dh_hidden = dh;
         dh_extra = go_t;
       }
-      cell_backward_step<scalar_t>(b, H, gates_p + step.offset * 4 * H, cells_p + step.offset * H,
-                                   cells_p + step.prev_offset * H, step.prev_batch, c0_p,
-                                   dh_hidden, dh_extra, dc, dgates + step.offset * 4 * H);
+      cell_backward_step(b, H, gates_p + step.offset * 4 * H, cells_p + step.offset * H,
+                         cells_p + step.prev_offset * H, step.prev_batch, c0_p, dh_hidden,
+                         dh_extra, dc, dgates + step.offset * 4 * H);
       // dL/dh_prev = dgates[t] W_hh
       gemm<scalar_t>(false, false, b, P, 4 * H, dgates + step.offset * 4 * H, 4 * H, w_hh_p, P,
                      0, dh, P);

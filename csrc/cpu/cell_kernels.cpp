@@ -1,0 +1,77 @@
+// Picks the build of the cell kernels for the running CPU.
+#include "cell_kernels.h"
+
+#include <ATen/Version.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <atomic>
+
+#include "cell_kernels_prelude.h"
+
+namespace fused_lstm::cpu {
+namespace {
+
+enum Capability : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+constexpr const char* kNames[] = {"default", "avx2", "avx512"};
+
+// The best build this CPU runs, as ATen decided it (ATEN_CPU_CAPABILITY included).
+int supported() {
+#if defined(FUSED_LSTM_SIMD_BUILDS)
+  static const int best = [] {
+    const std::string aten = at::get_cpu_capability();
+    return aten == "AVX512" ? kAvx512 : aten == "AVX2" ? kAvx2 : kDefault;
+  }();
+  return best;
+#else
+  return kDefault;
+#endif
+}
+
+std::atomic<int> forced{-1};
+
+int in_use() {
+  const int f = forced.load(std::memory_order_relaxed);
+  return f >= 0 ? f : supported();
+}
+
+}  // namespace
+
+template <typename scalar_t>
+const CellKernels<scalar_t>& cell_kernels() {
+#if defined(FUSED_LSTM_SIMD_BUILDS)
+  static const CellKernels<scalar_t> builds[] = {default_cpu::cell_kernels<scalar_t>(),
+                                                 avx2::cell_kernels<scalar_t>(),
+                                                 avx512::cell_kernels<scalar_t>()};
+#else
+  static const CellKernels<scalar_t> builds[] = {default_cpu::cell_kernels<scalar_t>()};
+#endif
+  return builds[in_use()];
+}
+
+template const CellKernels<float>& cell_kernels<float>();
+template const CellKernels<double>& cell_kernels<double>();
+template const CellKernels<at::Half>& cell_kernels<at::Half>();
+template const CellKernels<at::BFloat16>& cell_kernels<at::BFloat16>();
+
+std::string set_cpu_capability(const std::string& capability) {
+  if (capability.empty()) {
+    forced.store(-1);
+    return cpu_capability();
+  }
+  int wanted = -1;
+  for (int c = kDefault; c <= kAvx512; ++c) {
+    if (capability == kNames[c]) wanted = c;
+  }
+  TORCH_CHECK(wanted >= 0, "fused_lstm: unknown CPU capability '", capability,
+              "'; expected default, avx2, avx512, or '' for the CPU's own");
+  TORCH_CHECK(wanted <= supported(), "fused_lstm: CPU capability '", capability,
+              "' is not available here; the best is '", kNames[supported()], "'");
+  forced.store(wanted);
+  return cpu_capability();
+}
+
+std::string cpu_capability() { return kNames[in_use()]; }
+
+}  // namespace fused_lstm::cpu

@@ -1,0 +1,132 @@
+// The CPU cell kernels, compiled once per capability: the including file
+// defines FUSED_LSTM_CAPABILITY_NS (and, for SIMD builds, the CPU_CAPABILITY
+// macros and target pragma) before including this.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include "../cell_math.h"
+#include "cell_kernels.h"
+
+namespace fused_lstm::cpu::FUSED_LSTM_CAPABILITY_NS {
+namespace {
+
+using at::vec::Vectorized;
+
+// Loads and stores of one lane group: Vectorized for float/double, one element
+// in opmath for half/bfloat16. `n` is the number of valid lanes.
+template <typename S>
+C10_ALWAYS_INLINE Vectorized<S> load(Vectorized<S>, const S* p, int64_t n) {
+  return n == Vectorized<S>::size() ? Vectorized<S>::loadu(p) : Vectorized<S>::loadu(p, n);
+}
+template <typename S>
+C10_ALWAYS_INLINE void store(const Vectorized<S>& v, S* p, int64_t n) {
+  n == Vectorized<S>::size() ? v.store(p) : v.store(p, n);
+}
+template <typename S>
+C10_ALWAYS_INLINE at::opmath_type<S> load(at::opmath_type<S>, const S* p, int64_t) {
+  return static_cast<at::opmath_type<S>>(*p);
+}
+template <typename S>
+C10_ALWAYS_INLINE void store(at::opmath_type<S> v, S* p, int64_t) {
+  *p = static_cast<S>(v);
+}
+
+template <typename S>
+constexpr bool kVectorized = std::is_same_v<S, float> || std::is_same_v<S, double>;
+
+// Calls body(T{}, k, n) over the hidden units [0, H) of one row, T the lane type.
+template <typename scalar_t, typename Body>
+C10_ALWAYS_INLINE void for_each_unit(int64_t H, const Body& body) {
+  if constexpr (kVectorized<scalar_t>) {
+    using Vec = Vectorized<scalar_t>;
+    constexpr int64_t width = Vec::size();
+    int64_t k = 0;
+    for (; k + width <= H; k += width) body(Vec{}, k, width);
+    if (k < H) body(Vec{}, k, H - k);
+  } else {
+    for (int64_t k = 0; k < H; ++k) body(at::opmath_type<scalar_t>{}, k, 1);
+  }
+}
+
+// Runs fn(row_begin, row_end) over rows, threaded only when the work is large.
+template <typename Fn>
+void parallel_rows(int64_t rows, int64_t H, const Fn& fn) {
+  constexpr int64_t kUnitsPerTask = 16384;
+  const int64_t grain = std::max<int64_t>(1, kUnitsPerTask / std::max<int64_t>(H, 1));
+  if (rows <= grain) {
+    fn(0, rows);  // skip the thread pool entirely for small steps
+  } else {
+    at::parallel_for(0, rows, grain, fn);
+  }
+}
+
+template <typename scalar_t>
+void forward_step(int64_t b, int64_t H, scalar_t* gates, scalar_t* c_state, scalar_t* cells,
+                  scalar_t* h_out, scalar_t* h_state) {
+  parallel_rows(b, H, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      scalar_t* g = gates + r * 4 * H;
+      scalar_t* c_row = c_state + r * H;
+      for_each_unit<scalar_t>(H, [&](auto lane, int64_t k, int64_t n) {
+        using T = decltype(lane);
+        T i = load(lane, g + k, n), f = load(lane, g + H + k, n);
+        T gg = load(lane, g + 2 * H + k, n), o = load(lane, g + 3 * H + k, n);
+        const T c_prev = load(lane, c_row + k, n);
+        T c, h;
+        cell_forward(i, f, gg, o, c_prev, c, h);
+        store(i, g + k, n);
+        store(f, g + H + k, n);
+        store(gg, g + 2 * H + k, n);
+        store(o, g + 3 * H + k, n);
+        store(c, c_row + k, n);
+        store(c, cells + r * H + k, n);
+        store(h, h_out + r * H + k, n);
+        if (h_state != nullptr) store(h, h_state + r * H + k, n);
+      });
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_step(int64_t b, int64_t H, const scalar_t* gates, const scalar_t* cells,
+                   const scalar_t* c_prev_step, int64_t prev_batch, const scalar_t* c0,
+                   const scalar_t* dh, const scalar_t* dh_extra, scalar_t* dc, scalar_t* dgates) {
+  parallel_rows(b, H, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* g = gates + r * 4 * H;
+      const scalar_t* c_prev_row = r < prev_batch ? c_prev_step + r * H : c0 + r * H;
+      scalar_t* dg_row = dgates + r * 4 * H;
+      for_each_unit<scalar_t>(H, [&](auto lane, int64_t k, int64_t n) {
+        using T = decltype(lane);
+        const T i = load(lane, g + k, n), f = load(lane, g + H + k, n);
+        const T gg = load(lane, g + 2 * H + k, n), o = load(lane, g + 3 * H + k, n);
+        const T c_prev = load(lane, c_prev_row + k, n);
+        const T c = load(lane, cells + r * H + k, n);
+        T dh_unit = load(lane, dh + r * H + k, n);
+        if (dh_extra != nullptr) dh_unit = dh_unit + load(lane, dh_extra + r * H + k, n);
+        const T dc_unit = load(lane, dc + r * H + k, n);
+        T di, df, dg, do_, dc_prev;
+        cell_backward(i, f, gg, o, c_prev, c, dh_unit, dc_unit, di, df, dg, do_, dc_prev);
+        store(di, dg_row + k, n);
+        store(df, dg_row + H + k, n);
+        store(dg, dg_row + 2 * H + k, n);
+        store(do_, dg_row + 3 * H + k, n);
+        store(dc_prev, dc + r * H + k, n);
+      });
+    }
+  });
+}
+
+}  // namespace
+
+template <typename scalar_t>
+CellKernels<scalar_t> cell_kernels() {
+  return {&forward_step<scalar_t>, &backward_step<scalar_t>};
+}
+
+template CellKernels<float> cell_kernels<float>();
+template CellKernels<double> cell_kernels<double>();
+template CellKernels<at::Half> cell_kernels<at::Half>();
+template CellKernels<at::BFloat16> cell_kernels<at::BFloat16>();
+
+}  // namespace fused_lstm::cpu::FUSED_LSTM_CAPABILITY_NS
