@@ -1,5 +1,6 @@
 """Loads the compiled ops and registers, for each, its fake (shape-only)
-implementation and its autograd formula. Schemas live in csrc/ops.cpp."""
+implementation. Schemas live in csrc/ops.cpp; autograd is registered in C++
+(csrc/autograd.cpp), so that a call costs no Python."""
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.fused_lstm)
@@ -32,42 +33,3 @@ def _lstm_layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_size
     return (grad_input, h0.new_empty(h0.shape), c0.new_empty(c0.shape),
             w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
             input.new_empty((4 * H,)), grad_w_hr)
-
-
-def _forward_setup_context(ctx, inputs, output):
-    input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse = inputs
-    out, _, _, gates, cells, hiddens = output
-    # Only what backward reads: no forward GEMM is recomputed.
-    ctx.save_for_backward(input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cells,
-                          hiddens)
-    ctx.reverse = reverse
-    ctx.has_bias = b_ih is not None
-    ctx.mark_non_differentiable(gates, cells, hiddens)
-
-
-def _forward_backward(ctx, grad_output, grad_h_n, grad_c_n, *_unused):
-    input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, hiddens = ctx.saved_tensors
-    need_grad_input = ctx.needs_input_grad[0]
-    (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias,
-     grad_w_hr) = ops.lstm_layer_backward(
-        grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out,
-        gates, cells, hiddens, ctx.reverse, need_grad_input)
-    grad_b = grad_bias if ctx.has_bias else None
-    return (grad_input if need_grad_input else None, None, grad_h0, grad_c0, grad_w_ih,
-            grad_w_hh, grad_b, grad_b, grad_w_hr if w_hr is not None else None, None)
-
-
-def _backward_setup_context(ctx, inputs, output):
-    pass
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "fused_lstm: double backward is not supported (the LSTM backward is not itself "
-        "differentiable); use torch.nn.LSTM where second derivatives are needed")
-
-
-torch.library.register_autograd("fused_lstm::lstm_layer_forward", _forward_backward,
-                                setup_context=_forward_setup_context)
-torch.library.register_autograd("fused_lstm::lstm_layer_backward", _no_double_backward,
-                                setup_context=_backward_setup_context)

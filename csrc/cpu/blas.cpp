@@ -1,19 +1,24 @@
 #include "blas.h"
 
+#include <ATen/Config.h>
+#include <c10/util/Exception.h>
 #include <dlfcn.h>
 
+#include <atomic>
 #include <climits>
 
 namespace fused_lstm::cpu {
 namespace {
 
-// Fortran BLAS, LP64: column-major, every argument by pointer.
-template <typename T>
-using fortran_gemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*,
-                                 const T*, const T*, const int*, const T*, const int*,
-                                 const T*, T*, const int*);
+enum Backend : int { kAuto = 0, kBlas = 1, kOneDnn = 2, kAten = 3 };
+constexpr const char* kBackendNames[] = {"auto", "blas", "onednn", "aten"};
+std::atomic<int> backend_setting{kAuto};
 
-void* find_blas_symbol(const char* name) {
+// oneDNN pays ~15 us per call; below this many multiply-adds BLAS is faster
+// (measured on the 2-core AVX-512 CI machine, see benchmarks/PERF_LOG.md).
+constexpr int64_t kOneDnnMinMacs = int64_t{1} << 22;
+
+void* find_symbol(const char* name) {
   // libtorch_cpu is already loaded (we link against it); RTLD_NOLOAD just finds it.
   if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) {
     if (void* sym = dlsym(lib, name)) return sym;
@@ -21,37 +26,65 @@ void* find_blas_symbol(const char* name) {
   return dlsym(RTLD_DEFAULT, name);
 }
 
+// Fortran BLAS, LP64: column-major, every argument by pointer.
+template <typename T>
+using fortran_gemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*,
+                                 const T*, const T*, const int*, const T*, const int*,
+                                 const T*, T*, const int*);
+
 template <typename T>
 fortran_gemm_fn<T> blas_gemm() {
   if constexpr (std::is_same_v<T, float>) {
-    static auto fn = reinterpret_cast<fortran_gemm_fn<float>>(find_blas_symbol("sgemm_"));
+    static auto fn = reinterpret_cast<fortran_gemm_fn<float>>(find_symbol("sgemm_"));
     return fn;
   } else if constexpr (std::is_same_v<T, double>) {
-    static auto fn = reinterpret_cast<fortran_gemm_fn<double>>(find_blas_symbol("dgemm_"));
+    static auto fn = reinterpret_cast<fortran_gemm_fn<double>>(find_symbol("dgemm_"));
     return fn;
   } else {
     return nullptr;
   }
 }
 
+// at::native::mkldnn_matmul(mat1, mat2, result, beta, alpha): result = alpha mat1 mat2 + beta result.
+// Looked up at run time: not every torch build has oneDNN.
+using onednn_matmul_fn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, float,
+                                  float);
+onednn_matmul_fn onednn_matmul() {
+  static const auto fn = [] {
+    return at::hasMKLDNN() ? reinterpret_cast<onednn_matmul_fn>(find_symbol(
+                                 "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff"))
+                           : nullptr;
+  }();
+  return fn;
+}
+
+// Tensor views over the raw operands: A as op(A) [M, K], B as op(B) [K, N], C [M, N].
 template <typename scalar_t>
-void gemm_aten(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
-               const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
-               at::opmath_type<scalar_t> beta, scalar_t* C, int64_t ldc) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> views(
+    bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+    const scalar_t* B, int64_t ldb, scalar_t* C, int64_t ldc) {
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
   auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-    // The stored matrix is [rows, cols] (or its transpose when trans), row stride ld.
-    auto t = trans ? at::from_blob(const_cast<scalar_t*>(p), {cols, rows}, {ld, 1}, opts).t()
-                   : at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, opts);
-    return t;
+    // The stored matrix is [rows, cols], or [cols, rows] when trans; row stride ld.
+    return trans ? at::from_blob(const_cast<scalar_t*>(p), {cols, rows}, {ld, 1}, opts).t()
+                 : at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, opts);
   };
-  auto a = view(A, M, K, lda, trans_a);
-  auto b = view(B, K, N, ldb, trans_b);
-  auto c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-  at::addmm_out(c, c, a, b, beta, 1);
+  return {view(A, M, K, lda, trans_a), view(B, K, N, ldb, trans_b),
+          at::from_blob(C, {M, N}, {ldc, 1}, opts)};
 }
 
 }  // namespace
+
+std::string set_cpu_gemm(const std::string& backend) {
+  for (int b = kAuto; b <= kAten; ++b) {
+    if (backend == kBackendNames[b]) {
+      backend_setting.store(b);
+      return backend;
+    }
+  }
+  TORCH_CHECK(false, "fused_lstm: unknown CPU GEMM backend '", backend,
+              "'; expected auto, blas, onednn or aten");
+}
 
 template <typename scalar_t>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
@@ -68,10 +101,19 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
     }
     return;
   }
-  const auto fn = blas_gemm<scalar_t>();
-  const bool fits_int = std::max({M, N, K, lda, ldb, ldc}) <= INT_MAX;
+  const int setting = backend_setting.load(std::memory_order_relaxed);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const bool large = M * N * K >= kOneDnnMinMacs;
+    if ((setting == kOneDnn || (setting == kAuto && large)) && onednn_matmul() != nullptr) {
+      auto [a, b, c] = views(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc);
+      onednn_matmul()(a, b, c, beta, 1.0f);
+      return;
+    }
+  }
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-    if (fn != nullptr && fits_int) {
+    const auto fn = blas_gemm<scalar_t>();
+    const bool fits_int = std::max({M, N, K, lda, ldb, ldc}) <= INT_MAX;
+    if (setting != kAten && fn != nullptr && fits_int) {
       // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
       const char ta = trans_b ? 'T' : 'N';
       const char tb = trans_a ? 'T' : 'N';
@@ -83,7 +125,8 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
       return;
     }
   }
-  gemm_aten<scalar_t>(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  auto [a, b, c] = views(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc);
+  at::addmm_out(c, c, a, b, beta, 1);
 }
 
 #define FUSED_LSTM_INSTANTIATE_GEMM(scalar_t)                                          \

@@ -1,11 +1,18 @@
-// Row-major GEMM on raw pointers for the CPU kernels, with no dispatcher round
-// trip and no allocation: C[M, N] = op(A) @ op(B) + beta * C, op(X) = X or X^T.
-// float and double call the BLAS that libtorch_cpu carries (found at load time);
-// other dtypes, or a torch built without a BLAS, go through at::addmm_out.
+// Row-major GEMM on raw pointers for the CPU kernels:
+//   C[M, N] = op(A) @ op(B) + beta * C,  op(X) = X or X^T.
+// Three backends:
+//   blas   - the Fortran BLAS that libtorch_cpu carries (MKL on x86), called directly:
+//            no dispatcher round trip, no allocation; float and double.
+//   onednn - ATen's oneDNN matmul (JIT brgemm): faster for large float GEMMs with a
+//            small M, such as the per-step recurrent GEMM, but ~15 us per call.
+//   aten   - at::addmm_out: every dtype, any torch build.
+// "auto" picks oneDNN for large float GEMMs, else BLAS, else ATen.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+
+#include <string>
 
 namespace fused_lstm::cpu {
 
@@ -13,5 +20,9 @@ template <typename scalar_t>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
           const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
           at::opmath_type<scalar_t> beta, scalar_t* C, int64_t ldc);
+
+// "auto", "blas", "onednn" or "aten" (a backend that cannot run a GEMM falls
+// back to the next: onednn -> blas -> aten). Returns the setting now in force.
+std::string set_cpu_gemm(const std::string& backend);
 
 }  // namespace fused_lstm::cpu
