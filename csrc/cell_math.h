@@ -23,10 +23,20 @@ C10_HOST_DEVICE inline float act_tanh(float x) { return ::tanhf(x); }
 C10_HOST_DEVICE inline double act_tanh(double x) { return ::tanh(x); }
 
 #if !defined(__CUDACC__)
-template <typename S>
-inline at::vec::Vectorized<S> act_exp(const at::vec::Vectorized<S>& x) { return x.exp(); }
-template <typename S>
-inline at::vec::Vectorized<S> act_tanh(const at::vec::Vectorized<S>& x) { return x.tanh(); }
+// double: Sleef's 1-ULP exp and tanh.
+inline at::vec::Vectorized<double> act_exp(const at::vec::Vectorized<double>& x) { return x.exp(); }
+inline at::vec::Vectorized<double> act_tanh(const at::vec::Vectorized<double>& x) { return x.tanh(); }
+// float: ATen's polynomial exp_u20, about twice as fast as Sleef's exp and four
+// times its tanh, within ~1e-6 relative (float32 LSTMs agree with nn.LSTM to
+// ~1e-6; the tests hold 1e-5). exp_u20 clamps, so NaN is put back explicitly.
+inline at::vec::Vectorized<float> act_exp(const at::vec::Vectorized<float>& x) {
+  return at::vec::Vectorized<float>::blendv(x.exp_u20(), x, x.isnan());
+}
+// tanh(x) = 1 - 2 / (1 + exp(2x)): exact at both tails, ~1e-7 absolute near 0.
+inline at::vec::Vectorized<float> act_tanh(const at::vec::Vectorized<float>& x) {
+  const at::vec::Vectorized<float> one(1.f), two(2.f);
+  return one - two / (one + act_exp(two * x));
+}
 #endif
 
 template <typename T>

@@ -32,6 +32,18 @@ using fortran_gemm_fn = void (*)(const char*, const char*, const int*, const int
                                  const T*, const T*, const int*, const T*, const int*,
                                  const T*, T*, const int*);
 
+// MKL's thread-local thread count (returns the previous one; 0 = the global setting).
+using set_threads_local_fn = int (*)(int);
+set_threads_local_fn blas_set_threads_local() {
+  static const auto fn =
+      reinterpret_cast<set_threads_local_fn>(find_symbol("MKL_Set_Num_Threads_Local"));
+  return fn;
+}
+
+// Below this many multiply-adds a GEMM runs on one thread: MKL's fork and join
+// costs more than it saves (measured: 32x20x80 and 8x128x512 steps).
+constexpr int64_t kBlasSingleThreadMaxMacs = int64_t{1} << 19;
+
 template <typename T>
 fortran_gemm_fn<T> blas_gemm() {
   if constexpr (std::is_same_v<T, float>) {
@@ -121,7 +133,11 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
       const int ld_a = static_cast<int>(ldb), ld_b = static_cast<int>(lda),
                 ld_c = static_cast<int>(ldc);
       const scalar_t alpha = 1;
+      const auto set_threads = blas_set_threads_local();
+      const bool single = set_threads != nullptr && M * N * K < kBlasSingleThreadMaxMacs;
+      const int previous = single ? set_threads(1) : 0;
       fn(&ta, &tb, &m, &n, &k, &alpha, B, &ld_a, A, &ld_b, &beta, C, &ld_c);
+      if (single) set_threads(previous);
       return;
     }
   }

@@ -72,10 +72,12 @@ ForwardResult lstm_layer_forward_cpu(
 
     // Input GEMM over all steps, bias folded in: gates = x W_ih^T + (b_ih + b_hh).
     opmath_t beta = 0;
-    if (b_ih.has_value()) {
-      const at::Tensor bias = (*b_ih + *b_hh).contiguous();
-      const scalar_t* bias_p = bias.data_ptr<scalar_t>();
-      for (int64_t n = 0; n < N; ++n) std::memcpy(gate_buffer + n * 4 * H, bias_p, sizeof(scalar_t) * 4 * H);
+    if (b_ih.has_value() && N > 0) {
+      const at::Tensor b_ih_c = b_ih->contiguous(), b_hh_c = b_hh->contiguous();
+      const scalar_t* b1 = b_ih_c.data_ptr<scalar_t>();
+      const scalar_t* b2 = b_hh_c.data_ptr<scalar_t>();
+      for (int64_t k = 0; k < 4 * H; ++k) gate_buffer[k] = b1[k] + b2[k];
+      for (int64_t n = 1; n < N; ++n) copy_rows(gate_buffer + n * 4 * H, gate_buffer, 1, 4 * H);
       beta = 1;
     }
     gemm<scalar_t>(false, true, N, 4 * H, I, x.data_ptr<scalar_t>(), I,
