@@ -20,10 +20,22 @@ def _cpu_capabilities():
 
 CPU_CAPABILITIES = _cpu_capabilities()
 
+# (cell-kernel build, GEMM backend) pairs that together run every CPU code path:
+# each build of the elementwise kernels, and BLAS, oneDNN, ATen and the
+# register-blocked small-batch GEMM for the per-step GEMMs. "auto" is the default.
+_PATHS = [("default", "aten"), ("default", "blas"), ("avx2", "small"), ("avx512", "onednn"),
+          ("avx512", "auto")]
+CPU_PATHS = [(c, g) for c, g in _PATHS if c in CPU_CAPABILITIES]
+if ("avx512", "auto") not in CPU_PATHS:
+    CPU_PATHS.append((CPU_CAPABILITIES[-1], "auto"))
 
-@pytest.fixture(params=CPU_CAPABILITIES)
-def cpu_capability(request):
-    """Runs a test once per build of the CPU cell kernels (default, avx2, avx512)."""
-    assert torch.ops.fused_lstm.set_cpu_capability(request.param) == request.param
+
+@pytest.fixture(params=CPU_PATHS, ids=[f"{c}-{g}" for c, g in CPU_PATHS])
+def cpu_path(request):
+    """Runs a test once per CPU code path: (cell-kernel build, GEMM backend)."""
+    capability, gemm = request.param
+    assert torch.ops.fused_lstm.set_cpu_capability(capability) == capability
+    assert torch.ops.fused_lstm.set_cpu_gemm(gemm) == gemm
     yield request.param
     torch.ops.fused_lstm.set_cpu_capability("")
+    torch.ops.fused_lstm.set_cpu_gemm("auto")

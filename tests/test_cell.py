@@ -8,8 +8,8 @@ from torch import nn
 import fused_lstm
 from testing import assert_close, random_like_weights
 
-# Every reference test runs once per build of the CPU cell kernels (conftest.py).
-pytestmark = pytest.mark.usefixtures("cpu_capability")
+# Every reference test runs once per CPU code path (conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_path")
 
 CASES = list(itertools.product([torch.float64, torch.float32], [True, False], [True, False],
                                [True, False], [1, 4]))

@@ -11,8 +11,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fused_lstm
 from testing import assert_close, random_like_weights
 
-# Every reference test runs once per build of the CPU cell kernels (conftest.py).
-pytestmark = pytest.mark.usefixtures("cpu_capability")
+# Every reference test runs once per CPU code path (conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_path")
 
 I, H = 6, 8
 SHAPES = {"T5-B3": (5, 3), "B1": (4, 1), "T1": (1, 3)}

@@ -148,3 +148,11 @@ def test_cpu_capability_switch():
         ops.set_cpu_capability("sse9")
     best = ops.set_cpu_capability("")
     assert best == CPU_CAPABILITIES[-1]
+
+
+def test_cpu_gemm_switch():
+    for backend in ("auto", "blas", "onednn", "aten", "small"):
+        assert ops.set_cpu_gemm(backend) == backend
+    with pytest.raises(RuntimeError, match="unknown CPU GEMM backend 'cublas'"):
+        ops.set_cpu_gemm("cublas")
+    ops.set_cpu_gemm("auto")

@@ -10,8 +10,8 @@
 namespace fused_lstm::cpu {
 namespace {
 
-enum Backend : int { kAuto = 0, kBlas = 1, kOneDnn = 2, kAten = 3 };
-constexpr const char* kBackendNames[] = {"auto", "blas", "onednn", "aten"};
+enum Backend : int { kAuto = 0, kBlas = 1, kOneDnn = 2, kAten = 3, kSmall = 4 };
+constexpr const char* kBackendNames[] = {"auto", "blas", "onednn", "aten", "small"};
 std::atomic<int> backend_setting{kAuto};
 
 // oneDNN pays ~15 us per call; below this many multiply-adds BLAS is faster
@@ -87,15 +87,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> views(
 
 }  // namespace
 
+GemmSetting cpu_gemm_setting() {
+  return static_cast<GemmSetting>(backend_setting.load(std::memory_order_relaxed));
+}
+
 std::string set_cpu_gemm(const std::string& backend) {
-  for (int b = kAuto; b <= kAten; ++b) {
+  for (int b = kAuto; b <= kSmall; ++b) {
     if (backend == kBackendNames[b]) {
       backend_setting.store(b);
       return backend;
     }
   }
   TORCH_CHECK(false, "fused_lstm: unknown CPU GEMM backend '", backend,
-              "'; expected auto, blas, onednn or aten");
+              "'; expected auto, blas, onednn, aten or small");
 }
 
 template <typename scalar_t>
@@ -116,7 +120,8 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
   const int setting = backend_setting.load(std::memory_order_relaxed);
   if constexpr (std::is_same_v<scalar_t, float>) {
     const bool large = M * N * K >= kOneDnnMinMacs;
-    if ((setting == kOneDnn || (setting == kAuto && large)) && onednn_matmul() != nullptr) {
+    if ((setting == kOneDnn || ((setting == kAuto || setting == kSmall) && large)) &&
+        onednn_matmul() != nullptr) {
       auto [a, b, c] = views(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc);
       onednn_matmul()(a, b, c, beta, 1.0f);
       return;

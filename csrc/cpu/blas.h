@@ -21,8 +21,13 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
           const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
           at::opmath_type<scalar_t> beta, scalar_t* C, int64_t ldc);
 
-// "auto", "blas", "onednn" or "aten" (a backend that cannot run a GEMM falls
-// back to the next: onednn -> blas -> aten). Returns the setting now in force.
+// "auto", "blas", "onednn", "aten", or "small" (the per-step GEMMs run the
+// register-blocked kernel of cell_kernels.h whatever their size; other GEMMs as
+// "auto"). A backend that cannot run a GEMM falls back: onednn -> blas -> aten.
+// Returns the setting now in force.
 std::string set_cpu_gemm(const std::string& backend);
+
+enum class GemmSetting : int { kAuto = 0, kBlas = 1, kOneDnn = 2, kAten = 3, kSmall = 4 };
+GemmSetting cpu_gemm_setting();
 
 }  // namespace fused_lstm::cpu

@@ -21,6 +21,12 @@ struct CellKernels {
                    const scalar_t* c_prev_step, int64_t prev_batch, const scalar_t* c0,
                    const scalar_t* dh, const scalar_t* dh_extra, scalar_t* dc,
                    scalar_t* dgates);
+  // Register-blocked C[M, N] = A[M, K] B[K, N] (+ C when accumulate), row-major with B's
+  // rows contiguous: the per-step GEMM for small batches, where a BLAS call's fixed
+  // cost dominates (float and double; null for half/bfloat16).
+  void (*small_gemm)(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+                     const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C,
+                     int64_t ldc);
 };
 
 // One namespace per build. The avx2 and avx512 builds exist only where

@@ -117,11 +117,71 @@ void backward_step(int64_t b, int64_t H, const scalar_t* gates, const scalar_t* 
   });
 }
 
+// One block of kRows rows of C and two vectors of columns, [n, n + cols).
+template <typename scalar_t, int kRows>
+C10_ALWAYS_INLINE void small_gemm_block(int64_t K, const scalar_t* A, int64_t lda,
+                                        const scalar_t* B, int64_t ldb, bool accumulate,
+                                        scalar_t* C, int64_t ldc, int64_t cols) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const int64_t n0 = std::min<int64_t>(cols, W), n1 = std::max<int64_t>(cols - W, 0);
+  Vec acc[kRows][2];
+  for (int r = 0; r < kRows; ++r) {
+    acc[r][0] = accumulate ? load(Vec{}, C + r * ldc, n0) : Vec(scalar_t(0));
+    acc[r][1] = accumulate && n1 > 0 ? load(Vec{}, C + r * ldc + W, n1) : Vec(scalar_t(0));
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const Vec b0 = load(Vec{}, B + k * ldb, n0);
+    const Vec b1 = n1 > 0 ? load(Vec{}, B + k * ldb + W, n1) : Vec(scalar_t(0));
+    for (int r = 0; r < kRows; ++r) {
+      const Vec a(A[r * lda + k]);
+      acc[r][0] = at::vec::fmadd(a, b0, acc[r][0]);
+      acc[r][1] = at::vec::fmadd(a, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    store(acc[r][0], C + r * ldc, n0);
+    if (n1 > 0) store(acc[r][1], C + r * ldc + W, n1);
+  }
+}
+
+template <typename scalar_t>
+void small_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+                const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C, int64_t ldc) {
+  if constexpr (kVectorized<scalar_t>) {
+    constexpr int64_t kCols = 2 * Vectorized<scalar_t>::size();
+    constexpr int kRows = 4;
+    const int64_t col_blocks = (N + kCols - 1) / kCols;
+    // Threads split the columns; a block's B panel [K, kCols] stays in L1 across rows.
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(M * K * kCols, 1));
+    auto run = [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t n = j * kCols, cols = std::min(kCols, N - n);
+        int64_t m = 0;
+        for (; m + kRows <= M; m += kRows) {
+          small_gemm_block<scalar_t, kRows>(K, A + m * lda, lda, B + n, ldb, accumulate,
+                                            C + m * ldc + n, ldc, cols);
+        }
+        for (; m < M; ++m) {
+          small_gemm_block<scalar_t, 1>(K, A + m * lda, lda, B + n, ldb, accumulate,
+                                        C + m * ldc + n, ldc, cols);
+        }
+      }
+    };
+    if (col_blocks <= grain) {
+      run(0, col_blocks);
+    } else {
+      at::parallel_for(0, col_blocks, grain, run);
+    }
+  }
+}
+
 }  // namespace
 
 template <typename scalar_t>
 CellKernels<scalar_t> cell_kernels() {
-  return {&forward_step<scalar_t>, &backward_step<scalar_t>};
+  return {&forward_step<scalar_t>, &backward_step<scalar_t>,
+          kVectorized<scalar_t> ? &small_gemm<scalar_t> : nullptr};
 }
 
 template CellKernels<float> cell_kernels<float>();

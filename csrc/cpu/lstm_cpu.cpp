@@ -33,10 +33,36 @@ void gather_prev_state(const std::vector<Step>& steps, const scalar_t* per_step,
   }
 }
 
+// The GEMMs inside the time loop, C[b, N] (+)= A[b, K] op(B), go through the
+// register-blocked small_gemm when the batch is small and B fits in L2 (there a
+// BLAS call costs more in fixed overhead than in math), else through gemm().
+// small_gemm wants B as row-major [K, N]: `b_kn` (may equal `b`, when not trans_b).
 template <typename scalar_t>
-const scalar_t* data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<scalar_t>() : nullptr;
-}
+struct StepGemm {
+  bool small;
+  const CellKernels<scalar_t>* kernels;
+
+  static StepGemm make(int64_t max_batch, int64_t N, int64_t K) {
+    const auto& k = cell_kernels<scalar_t>();
+    const auto setting = cpu_gemm_setting();
+    // Measured on the CI machine (benchmarks/PERF_LOG.md): faster up to batch 8 and 512 KiB of B.
+    const bool fits = max_batch <= 8 && N * K * int64_t(sizeof(scalar_t)) <= (int64_t{1} << 19);
+    const bool small = k.small_gemm != nullptr &&
+                       (setting == GemmSetting::kSmall || (setting == GemmSetting::kAuto && fits));
+    return {small, &k};
+  }
+
+  void operator()(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+                  const scalar_t* B, bool trans_b, const scalar_t* b_kn, bool accumulate,
+                  scalar_t* C, int64_t ldc) const {
+    if (small) {
+      kernels->small_gemm(M, N, K, A, lda, b_kn, N, accumulate, C, ldc);
+    } else {
+      gemm<scalar_t>(false, trans_b, M, N, K, A, lda, B, trans_b ? K : N, accumulate ? 1 : 0,
+                     C, ldc);
+    }
+  }
+};
 
 }  // namespace
 
@@ -87,11 +113,18 @@ ForwardResult lstm_layer_forward_cpu(
     scalar_t* cells_p = cells.data_ptr<scalar_t>();
     scalar_t* hiddens_p = has_proj ? hiddens.data_ptr<scalar_t>() : nullptr;
     const auto cell_forward_step = cell_kernels<scalar_t>().forward;
+    const auto recurrent_gemm = StepGemm<scalar_t>::make(B, 4 * H, P);
+    const auto projection_gemm = StepGemm<scalar_t>::make(B, P, H);
+    // small_gemm reads B as [K, N]: the transposed weights, made once per call.
+    const at::Tensor w_hh_t = recurrent_gemm.small ? w_hh_c.t().contiguous() : at::Tensor();
+    const at::Tensor w_hr_t =
+        has_proj && projection_gemm.small ? w_hr_c->t().contiguous() : at::Tensor();
     for (const Step& step : steps) {
       const int64_t b = step.batch;
       scalar_t* g = gate_buffer + step.offset * 4 * H;
       // Recurrent GEMM: gates[t] += h_state[:b] W_hh^T
-      gemm<scalar_t>(false, true, b, 4 * H, P, h_state, P, w_hh_p, P, 1, g, 4 * H);
+      recurrent_gemm(b, 4 * H, P, h_state, P, w_hh_p, true,
+                     recurrent_gemm.small ? w_hh_t.data_ptr<scalar_t>() : nullptr, true, g, 4 * H);
       if (!has_proj) {
         cell_forward_step(b, H, g, c_state, cells_p + step.offset * H, out_p + step.offset * H,
                           h_state);
@@ -100,7 +133,9 @@ ForwardResult lstm_layer_forward_cpu(
         cell_forward_step(b, H, g, c_state, cells_p + step.offset * H, h_t, nullptr);
         // Projection: r_t = h_t W_hr^T, which is both the output and the next h.
         scalar_t* r_t = out_p + step.offset * P;
-        gemm<scalar_t>(false, true, b, P, H, h_t, H, w_hr_c->data_ptr<scalar_t>(), H, 0, r_t, P);
+        projection_gemm(b, P, H, h_t, H, w_hr_c->data_ptr<scalar_t>(), true,
+                        projection_gemm.small ? w_hr_t.data_ptr<scalar_t>() : nullptr, false, r_t,
+                        P);
         copy_rows(h_state, r_t, b, P);
       }
     }
@@ -148,6 +183,8 @@ BackwardResult lstm_layer_backward_cpu(
     const scalar_t* c0_p = c0_c.data_ptr<scalar_t>();
     const at::Tensor w_hr_c = has_proj ? w_hr->contiguous() : at::Tensor();
     const auto cell_backward_step = cell_kernels<scalar_t>().backward;
+    const auto recurrent_gemm = StepGemm<scalar_t>::make(B, P, 4 * H);
+    const auto projection_gemm = StepGemm<scalar_t>::make(B, H, P);
 
     for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
       const Step& step = *it;
@@ -159,8 +196,9 @@ BackwardResult lstm_layer_backward_cpu(
         // dL/dr_t = running dh + grad_output[t]; back through r_t = h_t W_hr^T.
         scalar_t* dr = grad_r.data_ptr<scalar_t>() + step.offset * P;
         for (int64_t e = 0; e < b * P; ++e) dr[e] = dh[e] + go_t[e];
-        gemm<scalar_t>(false, false, b, H, P, dr, P, w_hr_c.data_ptr<scalar_t>(), H, 0,
-                       grad_hidden.data_ptr<scalar_t>(), H);
+        const scalar_t* w_hr_p = w_hr_c.data_ptr<scalar_t>();
+        projection_gemm(b, H, P, dr, P, w_hr_p, false, w_hr_p, false,
+                        grad_hidden.data_ptr<scalar_t>(), H);
         dh_hidden = grad_hidden.data_ptr<scalar_t>();
         dh_extra = nullptr;
       } else {
@@ -171,8 +209,8 @@ BackwardResult lstm_layer_backward_cpu(
                          cells_p + step.prev_offset * H, step.prev_batch, c0_p, dh_hidden,
                          dh_extra, dc, dgates + step.offset * 4 * H);
       // dL/dh_prev = dgates[t] W_hh
-      gemm<scalar_t>(false, false, b, P, 4 * H, dgates + step.offset * 4 * H, 4 * H, w_hh_p, P,
-                     0, dh, P);
+      recurrent_gemm(b, P, 4 * H, dgates + step.offset * 4 * H, 4 * H, w_hh_p, false, w_hh_p,
+                     false, dh, P);
     }
 
     // Weight gradients over all steps at once.
