@@ -17,12 +17,21 @@ FORCE_CUDA = os.environ.get("FORCE_CUDA", "0") == "1"
 WITH_CUDA = FORCE_CUDA or (torch.cuda.is_available() and CUDA_HOME is not None)
 
 
+def nvidia_wheel_includes():
+    """Header folders of torch's nvidia-* wheels (cuBLAS, cuSPARSE, ...), so that a
+    CUDA toolkit without those headers can still build against them."""
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    return sorted(d for r in roots for d in glob.glob(os.path.join(r, "*", "include")))
+
+
 def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
 def extension():
-    cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3"]
+    cxx_flags = (["-O0", "-g"] if DEBUG else ["-O3"]) + ["-Wno-psabi"]
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     define_macros = []
     if not WITH_CUDA:
@@ -33,9 +42,10 @@ def extension():
     nvcc_flags = ["-O0", "-g", "-lineinfo"] if DEBUG else ["-O3", "-lineinfo"]
     nvcc_flags += ["--use_fast_math"] if os.environ.get("FUSED_LSTM_FAST_MATH") == "1" else []
     define_macros.append(("FUSED_LSTM_WITH_CUDA", None))
+    # cuBLAS itself is loaded with libtorch_cuda, which links it.
     return CUDAExtension("fused_lstm._C", srcs + sources("csrc/cuda/*.cu"),
                          extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-                         define_macros=define_macros)
+                         define_macros=define_macros, include_dirs=nvidia_wheel_includes())
 
 
 setup(

@@ -262,7 +262,12 @@ def print_table(records, peak_flops, device):
 
 
 def plot(records, path, device, title):
-    import matplotlib
+    """Writes the speedup chart; returns False when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        log("matplotlib is not installed: no chart (pip install matplotlib)")
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -287,6 +292,7 @@ def plot(records, path, device, title):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 # ------------------------------------------------------------------ main ---
@@ -325,6 +331,10 @@ def main(argv=None):
     modes = args.modes.split(",")
     if args.device == "cpu":
         fix_malloc_for_rss()
+    else:
+        # Same precision on both sides: cuDNN would otherwise run float32 as TF32,
+        # while fused_lstm's cuBLAS calls follow torch.backends.cuda.matmul.allow_tf32 (off).
+        torch.backends.cudnn.allow_tf32 = False
     os.makedirs(args.out, exist_ok=True)
 
     started = time.perf_counter()
@@ -349,6 +359,7 @@ def main(argv=None):
     info = machine(args.device)
     result = {"machine": info, "suite": args.suite, "device": args.device,
               "matmul_peak_gflops": {k: v / 1e9 for k, v in peak.items()},
+              "cudnn_tf32": torch.backends.cudnn.allow_tf32 if args.device == "cuda" else None,
               "memory_measure": ("CUDA: torch.cuda.max_memory_allocated over the start"
                                  if args.device == "cuda" else
                                  "CPU: growth of VmHWM over VmRSS during one forward+backward, "
@@ -360,6 +371,6 @@ def main(argv=None):
     png_path = os.path.join(args.out, "speedup.png")
     title = (f"fused_lstm vs nn.LSTM, {args.device} ({info.get('gpu') or info['cpu']}, "
              f"{threads} threads), torch {torch.__version__}")
-    plot(records, png_path, args.device, title)
-    print(f"wrote {json_path} and {png_path} ({time.perf_counter() - started:.0f} s)")
+    wrote = [json_path] + ([png_path] if plot(records, png_path, args.device, title) else [])
+    print(f"wrote {' and '.join(wrote)} ({time.perf_counter() - started:.0f} s)")
     return result

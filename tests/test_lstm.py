@@ -6,10 +6,9 @@ import zlib
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_lstm
-from testing import assert_close, random_like_weights
+from testing import assert_close, lstm_outputs_and_grads, random_like_weights
 
 # Every reference test runs once per CPU code path (conftest.py).
 pytestmark = pytest.mark.usefixtures("cpu_path")
@@ -50,19 +49,8 @@ def run_and_compare(dtype, num_layers, bidirectional, batch_first, bias, proj_si
     lengths = _lengths(T, B, kind == "packed_sorted", gen) if packed else None
 
     def run(module):
-        x_ = x.clone().requires_grad_()
-        hx_ = tuple(h.clone().requires_grad_() for h in hx) if give_hx else None
-        inp = x_
-        if packed:
-            inp = pack_padded_sequence(x_, lengths, batch_first=batch_first,
-                                       enforce_sorted=kind == "packed_sorted")
-        out, (h_n, c_n) = module(inp, hx_)
-        out = out.data if packed else out
-        # A loss that weighs every element differently, so every gradient is checked.
-        loss_gen = torch.Generator().manual_seed(seed + 1)
-        loss = sum((t * _random(t.shape, dtype, loss_gen)).sum() for t in (out, h_n, c_n))
-        leaves = [x_] + (list(hx_) if give_hx else []) + list(module.parameters())
-        return (out, h_n, c_n), torch.autograd.grad(loss, leaves)
+        return lstm_outputs_and_grads(module, x, hx if give_hx else None, lengths,
+                                      enforce_sorted=kind == "packed_sorted", seed=seed)
 
     (ref_out, ref_grads), (our_out, our_grads) = run(ref), run(ours)
     for name, a, e in zip(["output", "h_n", "c_n"], our_out, ref_out):

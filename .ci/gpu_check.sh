@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU check: on a machine with a CUDA GPU, torch and nvcc, from the repo root:
+#   bash .ci/gpu_check.sh OUT_DIR
+# 1. builds the extension (MAX_JOBS from nproc, for this GPU's architecture),
+# 2. runs the CUDA tests, 3. runs compute-sanitizer memcheck on a small forward
+# and backward, 4. runs the CUDA benchmark against cuDNN. Logs and a summary
+# table go to OUT_DIR. It changes no setting of the card.
+set -uo pipefail
+OUT=${1:?usage: bash .ci/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python}
+SUMMARY="$OUT/summary.md"
+printf '| step | result | seconds |\n|---|---|---|\n' > "$SUMMARY"
+
+step() {  # step NAME LOG COMMAND...
+  local name=$1 log=$2; shift 2
+  local start=$SECONDS
+  echo "== $name" >&2
+  if "$@" > "$OUT/$log" 2>&1; then result=ok; else result="FAILED ($?)"; fi
+  printf '| %s | %s | %d |\n' "$name" "$result" $((SECONDS - start)) >> "$SUMMARY"
+  tail -n 3 "$OUT/$log" >&2
+}
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
+  nvcc --version | tail -n 1
+} > "$OUT/machine.txt" 2>&1
+ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+
+step build build.log env FORCE_CUDA=1 MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" \
+  "$PY" -m pip install --no-build-isolation --no-deps -v .
+# From a folder outside the checkout, so the installed package is the one tested.
+step cuda-tests cuda_tests.log env -C /tmp "$PY" -m pytest -v -rs "$PWD/tests/test_cuda.py" \
+  --junitxml="$OUT/cuda_tests.xml"
+step cpu-tests cpu_tests.log env -C /tmp "$PY" -m pytest -q -x "$PWD/tests" \
+  --ignore="$PWD/tests/test_cuda.py" --ignore="$PWD/tests/test_benchmark.py"
+cat > "$OUT/memcheck_case.py" <<'PY'
+import torch, fused_lstm
+from torch.nn.utils.rnn import pack_padded_sequence
+for dtype in (torch.float32, torch.float16):
+    m = fused_lstm.LSTM(8, 16, num_layers=2, bidirectional=True, proj_size=4).to("cuda", dtype)
+    x = torch.randn(6, 5, 8, device="cuda", dtype=dtype, requires_grad=True)
+    packed = pack_padded_sequence(x, torch.tensor([6, 2, 5, 1, 3]), enforce_sorted=False)
+    out, (h, c) = m(packed)
+    (out.data.float().sum() + h.float().sum() + c.float().sum()).backward()
+torch.cuda.synchronize()
+print("memcheck case ran")
+PY
+step memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" "$OUT/memcheck_case.py"
+step benchmark benchmark.log env -C /tmp "$PY" -m fused_lstm.benchmark --device cuda --suite quick \
+  --dtype float32,bfloat16,float16 --out "$OUT/bench"
+cp -f "$OUT/bench/results.json" "$OUT/bench_results.json" 2>/dev/null
+cat "$SUMMARY"
+! grep -q FAILED "$SUMMARY"

@@ -1,0 +1,36 @@
+// Autocast for the layer op, as torch.nn.LSTM has it: under
+// torch.autocast("cuda"), floating CUDA arguments run in the autocast dtype.
+#include <ATen/autocast_mode.h>
+#include <torch/library.h>
+
+#include "lstm.h"
+
+namespace fused_lstm {
+namespace {
+
+ForwardResult lstm_layer_forward_autocast_cuda(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, bool reverse) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(at::kCUDA);
+  // cached_cast leaves alone what autocast would not cast (batch_sizes, CPU tensors).
+  auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(dtype, t, at::kCUDA); };
+  auto cast_optional = [&](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? std::optional<at::Tensor>(cast(*t)) : std::nullopt;
+  };
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_lstm::lstm_layer_forward", "")
+                             .typed<ForwardSignature>();
+  return op.call(cast(input), batch_sizes, cast(h0), cast(c0), cast(w_ih), cast(w_hh),
+                 cast_optional(b_ih), cast_optional(b_hh), cast_optional(w_hr), reverse);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_lstm, AutocastCUDA, m) {
+  m.impl("lstm_layer_forward", &lstm_layer_forward_autocast_cuda);
+}
+
+}  // namespace fused_lstm

@@ -1,0 +1,209 @@
+"""The CUDA kernels: against torch.nn.LSTM on CUDA (cuDNN) and against our own
+CPU path, in every dtype; streams, NaN-poisoned memory, 64-bit indexing,
+autocast and device errors. Skipped without a GPU or without a CUDA build."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import fused_lstm
+from testing import TOLERANCES, assert_close, lstm_outputs_and_grads, random_like_weights, random_tensor
+
+HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key(
+    "fused_lstm::lstm_layer_forward", "CUDA")
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(not HAS_CUDA_KERNELS,
+                       reason="fused_lstm was built without CUDA kernels (no nvcc, or FORCE_CUDA unset)"),
+]
+
+# Half-precision storage, float32 math: errors against a float64 reference on the
+# same (rounded) weights and inputs, over these small sizes. cuDNN in the same
+# dtype is held to the same bound in test_half_precision_against_float64.
+HALF_TOLERANCES = {torch.float16: (2e-2, 2e-2), torch.bfloat16: (8e-2, 8e-2)}
+
+I, H = 6, 8
+KINDS = ["dense", "unbatched", "packed_sorted", "packed_unsorted"]
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    # cuDNN and cuBLAS may use TF32 for float32; the reference comparisons must not.
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def make_case(dtype, num_layers, bidirectional, batch_first, bias, proj, kind, T=5, B=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    kwargs = dict(input_size=I, hidden_size=H, num_layers=num_layers, bias=bias,
+                  batch_first=batch_first, bidirectional=bidirectional, proj_size=proj)
+    module = fused_lstm.LSTM(**kwargs, dtype=torch.float64)
+    random_like_weights(module, seed)
+    LD, P = num_layers * (2 if bidirectional else 1), proj or H
+    if kind == "unbatched":
+        x, hx = random_tensor((T, I), dtype, gen), (random_tensor((LD, P), dtype, gen), random_tensor((LD, H), dtype, gen))
+    else:
+        x = random_tensor((B, T, I) if batch_first else (T, B, I), dtype, gen)
+        hx = (random_tensor((LD, B, P), dtype, gen), random_tensor((LD, B, H), dtype, gen))
+    lengths = None
+    if kind.startswith("packed"):
+        lengths = torch.randint(1, T + 1, (B,), generator=gen)
+        lengths[0] = T
+        if kind == "packed_sorted":
+            lengths = lengths.sort(descending=True).values
+    return kwargs, module, x, hx, lengths
+
+
+GRID = list(itertools.product([1, 2], [False, True], [False, True], [False, True], [0, 3], KINDS))
+
+
+@pytest.mark.parametrize("case", GRID, ids=["-".join(map(str, c)) for c in GRID])
+def test_cuda_matches_cpu_float64(case):
+    layers, bidir, bf, bias, proj, kind = case
+    _, cpu_module, x, hx, lengths = make_case(torch.float64, layers, bidir, bf, bias, proj, kind,
+                                              seed=len(GRID))
+    cuda_module = fused_lstm.LSTM(**_, dtype=torch.float64).cuda()
+    cuda_module.load_state_dict(cpu_module.state_dict())
+    sorted_ = kind != "packed_unsorted"
+    exp_out, exp_grads = lstm_outputs_and_grads(cpu_module, x, hx, lengths, sorted_)
+    got_out, got_grads = lstm_outputs_and_grads(cuda_module, x.cuda(), tuple(h.cuda() for h in hx),
+                                                lengths, sorted_)
+    for a, e in zip(got_out + got_grads, exp_out + exp_grads):
+        assert a.is_cuda
+        assert_close(a.cpu(), e)
+
+
+@pytest.mark.parametrize("case", GRID[::3], ids=["-".join(map(str, c)) for c in GRID[::3]])
+def test_cuda_matches_cudnn_float32(case):
+    layers, bidir, bf, bias, proj, kind = case
+    kwargs, module, x, hx, lengths = make_case(torch.float32, layers, bidir, bf, bias, proj, kind, seed=1)
+    ours = fused_lstm.LSTM(**kwargs).cuda()
+    ours.load_state_dict(module.state_dict())
+    cudnn = nn.LSTM(**kwargs).cuda()
+    cudnn.load_state_dict(module.state_dict())
+    sorted_ = kind != "packed_unsorted"
+    args = (x.cuda(), tuple(h.cuda() for h in hx), lengths, sorted_)
+    got_out, got_grads = lstm_outputs_and_grads(ours, *args)
+    exp_out, exp_grads = lstm_outputs_and_grads(cudnn, *args)
+    for a, e in zip(got_out + got_grads, exp_out + exp_grads):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("proj,kind", [(0, "dense"), (3, "packed_unsorted"), (0, "packed_sorted")])
+def test_half_precision_against_float64(dtype, proj, kind):
+    kwargs, module, x, hx, lengths = make_case(dtype, 2, True, False, True, proj, kind, seed=2)
+    ours = fused_lstm.LSTM(**kwargs).to("cuda", dtype)
+    ours.load_state_dict(module.state_dict())
+    exact = fused_lstm.LSTM(**kwargs, dtype=torch.float64)
+    exact.load_state_dict(ours.state_dict())  # the rounded weights
+    sorted_ = kind != "packed_unsorted"
+    got_out, got_grads = lstm_outputs_and_grads(ours, x.cuda(), tuple(h.cuda() for h in hx), lengths, sorted_)
+    exp_out, exp_grads = lstm_outputs_and_grads(exact, x.double(), tuple(h.double() for h in hx), lengths, sorted_)
+    rtol, atol = HALF_TOLERANCES[dtype]
+    for a, e in zip(got_out + got_grads, exp_out + exp_grads):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double().cpu(), e, rtol=rtol, atol=atol * max(1.0, e.abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_like_nn(dtype):
+    ours, ref = fused_lstm.LSTM(6, 8, num_layers=2).cuda(), nn.LSTM(6, 8, num_layers=2).cuda()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 6, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        out, (h, c) = ours(x)
+        ref_out, (ref_h, ref_c) = ref(x)
+    assert out.dtype == ref_out.dtype == dtype
+    rtol, atol = HALF_TOLERANCES[dtype]
+    for a, e in ((out, ref_out), (h, ref_h), (c, ref_c)):
+        torch.testing.assert_close(a.float(), e.float(), rtol=rtol, atol=atol)
+    out.float().sum().backward()
+    assert ours.weight_hh_l0.grad.dtype == torch.float32 and ours.weight_hh_l0.grad.abs().sum() > 0
+
+
+def test_non_default_stream():
+    _, module, x, hx, _ = make_case(torch.float32, 2, True, False, True, 0, "dense", T=50, B=16, seed=3)
+    module = module.float().cuda()
+    x, hx = x.cuda(), tuple(h.cuda() for h in hx)
+    expected_out, expected_grads = lstm_outputs_and_grads(module, x, hx)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got_out, got_grads = lstm_outputs_and_grads(module, x, hx)
+    torch.cuda.current_stream().wait_stream(stream)
+    for a, e in zip(got_out + got_grads, expected_out + expected_grads):
+        assert torch.equal(a, e)  # same kernels, same order: bit-identical
+
+
+def test_every_output_element_is_written():
+    # The caching allocator hands out blocks just filled with NaN: any element a
+    # kernel failed to write would stay NaN.
+    _, module, x, hx, lengths = make_case(torch.float32, 2, True, False, True, 3, "packed_unsorted",
+                                          T=7, B=5, seed=4)
+    module = module.float().cuda()
+    poison = torch.full((64 << 20,), float("nan"), device="cuda")
+    del poison
+    out, grads = lstm_outputs_and_grads(module, x.cuda(), tuple(h.cuda() for h in hx), lengths, False)
+    for t in out + grads:
+        assert not t.isnan().any()
+
+
+@pytest.mark.slow
+def test_64bit_indexing():
+    # One step whose gate block has more than 2^31 elements (b * 4H > INT32_MAX).
+    # Rows of a batch are independent, so two of them are checked against a
+    # batch-of-two run.
+    B, H, I = 65537, 8192, 8
+    dtype = torch.float16
+    if torch.cuda.get_device_properties(0).total_memory < 40 << 30:
+        pytest.skip("needs about 30 GiB of GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    w_ih = torch.randn(4 * H, I, device="cuda", dtype=dtype, generator=gen) * 0.05
+    w_hh = torch.randn(4 * H, H, device="cuda", dtype=dtype, generator=gen) * 0.01
+    x = torch.randn(B, I, device="cuda", dtype=dtype, generator=gen)
+    h0 = torch.randn(B, H, device="cuda", dtype=dtype, generator=gen)
+    c0 = torch.randn(B, H, device="cuda", dtype=dtype, generator=gen)
+    for t in (x, h0, c0, w_hh):
+        t.requires_grad_()
+    out, (h_n, c_n) = fused_lstm.functional.lstm_layer(x.unsqueeze(0), (h0, c0), w_ih, w_hh)
+    (out.float().sum() + c_n.float().sum()).backward()
+    rows = torch.tensor([0, B - 1], device="cuda")
+    x2, h2, c2 = (t.detach()[rows].clone().requires_grad_() for t in (x, h0, c0))
+    out2, (_, c_n2) = fused_lstm.functional.lstm_layer(x2.unsqueeze(0), (h2, c2), w_ih, w_hh)
+    (out2.float().sum() + c_n2.float().sum()).backward()
+    torch.testing.assert_close(out[0, rows], out2[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(c_n[rows], c_n2, rtol=1e-2, atol=1e-2)
+    for a, e in ((x.grad[rows], x2.grad), (h0.grad[rows], h2.grad), (c0.grad[rows], c2.grad)):
+        torch.testing.assert_close(a, e, rtol=1e-2, atol=1e-2)
+
+
+def test_cell_on_cuda():
+    ref = nn.LSTMCell(5, 7).cuda()
+    ours = fused_lstm.LSTMCell(5, 7).cuda()
+    ours.load_state_dict(ref.state_dict())
+    x, h, c = (torch.randn(4, n, device="cuda") for n in (5, 7, 7))
+    for a, e in zip(ours(x, (h, c)), ref(x, (h, c))):
+        assert_close(a, e)
+
+
+def test_device_errors():
+    m = fused_lstm.LSTM(6, 8).cuda()
+    x = torch.randn(5, 3, 6, device="cuda")
+    with pytest.raises(RuntimeError, match="Input and hidden tensors are not at the same device"):
+        m(x, (torch.zeros(1, 3, 8), torch.zeros(1, 3, 8)))
+    with pytest.raises(RuntimeError, match="Input and parameter tensors are not at the same device"):
+        fused_lstm.LSTM(6, 8)(x)
+    args = dict(input=torch.randn(6, 6, device="cuda"), batch_sizes=torch.tensor([3, 3]),
+                h0=torch.zeros(3, 8), c0=torch.zeros(3, 8, device="cuda"),
+                w_ih=torch.randn(32, 6, device="cuda"), w_hh=torch.randn(32, 8, device="cuda"),
+                b_ih=None, b_hh=None, w_hr=None, reverse=False)
+    with pytest.raises(RuntimeError, match="expected h0 on device cuda:0"):
+        torch.ops.fused_lstm.lstm_layer_forward(**args)
+    args.update(h0=torch.zeros(3, 8, device="cuda"), batch_sizes=torch.tensor([3, 3], device="cuda"))
+    with pytest.raises(RuntimeError, match="1-D int64 CPU tensor"):
+        torch.ops.fused_lstm.lstm_layer_forward(**args)
