@@ -3,7 +3,14 @@ implementation. Schemas live in csrc/ops.cpp; autograd is registered in C++
 (csrc/autograd.cpp), so that a call costs no Python."""
 import torch
 
-from . import _C  # noqa: F401  (loading the library registers torch.ops.fused_lstm)
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.fused_lstm)
+except ImportError as e:
+    import os
+    raise ImportError(
+        f"fused_lstm: the compiled extension fused_lstm._C is missing from {os.path.dirname(__file__)}. "
+        "If that is the source checkout (python puts the current folder first on sys.path), run "
+        "from another folder; otherwise install with `pip install --no-build-isolation .`") from e
 
 ops = torch.ops.fused_lstm
 
