@@ -314,7 +314,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    """Command-line entry point (python -m fused_lstm.benchmark, fused-lstm-benchmark)."""
+    run(parse_args(argv))
+    return 0
+
+
+def run(args):
+    """Runs the benchmark for parsed arguments; returns what results.json holds."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     if args.threads:

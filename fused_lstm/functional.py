@@ -49,18 +49,17 @@ def lstm_layer(
         Differentiable with respect to input, hx and every weight.
     """
     h0, c0 = hx
-    if batch_sizes is None:
-        if input.dim() != 3:
-            raise ValueError(f"lstm_layer: expected input of shape [T, B, I], got {list(input.shape)}")
-        T, B = input.shape[:2]
-        data, sizes = input.reshape(T * B, input.shape[2]), _dense_batch_sizes(T, B)
-    else:
-        data, sizes = input, batch_sizes
-    output, h_n, c_n, *_ = ops.lstm_layer_forward(data, sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                                  w_hr, reverse)
-    if batch_sizes is None:
-        output = output.view(T, B, output.shape[-1])
-    return output, (h_n, c_n)
+    if batch_sizes is not None:
+        output, h_n, c_n, *_ = ops.lstm_layer_forward(input, batch_sizes, h0, c0, w_ih, w_hh,
+                                                      b_ih, b_hh, w_hr, reverse)
+        return output, (h_n, c_n)
+    if input.dim() != 3:
+        raise ValueError(f"lstm_layer: expected input of shape [T, B, I], got {list(input.shape)}")
+    T, B = input.shape[:2]
+    output, (h_n, c_n) = lstm_layer(input.reshape(T * B, input.shape[2]), hx, w_ih, w_hh, b_ih,
+                                    b_hh, w_hr, batch_sizes=_dense_batch_sizes(T, B),
+                                    reverse=reverse)
+    return output.view(T, B, output.shape[-1]), (h_n, c_n)
 
 
 def lstm_cell(
@@ -109,6 +108,12 @@ def lstm(
     h0, c0 = hx
     h_n: List[Tensor] = []
     c_n: List[Tensor] = []
+    # Dense input runs as packed data whose batch never shrinks: [T * B, I].
+    dense_shape = None
+    if batch_sizes is None:
+        T, B = input.shape[:2]
+        dense_shape, batch_sizes = (T, B), _dense_batch_sizes(T, B)
+        input = input.reshape(T * B, input.shape[2])
     layer_input = input
     for layer in range(num_layers):
         outputs = []
@@ -126,4 +131,5 @@ def lstm(
         layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, p=dropout, training=True)
-    return layer_input, (torch.stack(h_n), torch.stack(c_n))
+    output = layer_input if dense_shape is None else layer_input.view(*dense_shape, layer_input.shape[-1])
+    return output, (torch.stack(h_n), torch.stack(c_n))

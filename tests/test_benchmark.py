@@ -55,3 +55,9 @@ def test_flop_count():
     rows = case.seq_len * case.batch
     assert lstm_flops(case, rows, "forward") == 2 * rows * 4 * 512 * (512 + 512)
     assert lstm_flops(case, rows, "train") == 3 * lstm_flops(case, rows, "forward")
+
+
+def test_main_returns_success(tmp_path):
+    # The console script passes main()'s return value to sys.exit.
+    assert runner.main(["--cases", "tiny", "--modes", "forward", "--min-run-time", "0.02",
+                        "--out", str(tmp_path)]) == 0
