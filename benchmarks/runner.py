@@ -203,7 +203,9 @@ def matmul_peak(dtype, device, threads, min_run_time):
     return 2.0 * n ** 3 / t.median
 
 
-def run_case(case, mode, dtype, device, min_run_time, threads):
+def implementations(case, mode, dtype, device):
+    """name -> (step function, context factory) for fused_lstm and each nn.LSTM baseline,
+    on one set of weights and inputs, after checking that they agree. Also returns rows."""
     reference, fused = make_models(case, dtype, device)
     x, rows = make_inputs(case, dtype, device)
     ctxs = baselines(device)
@@ -212,6 +214,11 @@ def run_case(case, mode, dtype, device, min_run_time, threads):
             check_agree(reference, fused, x, mode, dtype)
     fns = {"fused": (step_fn(fused, x, mode), contextlib.nullcontext)}
     fns.update({f"nn-{name}": (step_fn(reference, x, mode), ctx) for name, ctx in ctxs.items()})
+    return fns, rows
+
+
+def run_case(case, mode, dtype, device, min_run_time, threads):
+    fns, rows = implementations(case, mode, dtype, device)
     label = f"{mode}, {str(dtype)[6:]}, {device}: median time"
     measurements = time_interleaved(fns, label, case.name, min_run_time, threads)
     flops = lstm_flops(case, rows, mode)
@@ -227,12 +234,17 @@ def run_case(case, mode, dtype, device, min_run_time, threads):
     record["speedup"] = {name[3:]: record["median_s"][name] / record["median_s"]["fused"]
                          for name in record["median_s"] if name.startswith("nn-")}
     record["gflops"] = {name: flops / t / 1e9 for name, t in record["median_s"].items()}
-    if mode == "train":
-        record["peak_memory_bytes"] = {}
-        for name, (fn, ctx) in fns.items():
-            with ctx():
-                record["peak_memory_bytes"][name] = peak_memory(fn, device)
     return record, list(measurements.values())
+
+
+def measure_memory(record):
+    """Adds peak_memory_bytes (forward + backward) to a train-mode record."""
+    case = CASES_BY_NAME[record["case"]]
+    fns, _ = implementations(case, "train", DTYPES[record["dtype"]], record["device"])
+    record["peak_memory_bytes"] = {}
+    for name, (fn, ctx) in fns.items():
+        with ctx():
+            record["peak_memory_bytes"][name] = peak_memory(fn, record["device"])
 
 
 # --------------------------------------------------------------- reports ---
@@ -335,9 +347,7 @@ def run(args):
     default_dtypes = "float32,bfloat16,float16" if args.device == "cuda" and args.suite == "full" else "float32"
     dtype_names = (args.dtype or default_dtypes).split(",")
     modes = args.modes.split(",")
-    if args.device == "cpu":
-        fix_malloc_for_rss()
-    else:
+    if args.device == "cuda":
         # Same precision on both sides: cuDNN would otherwise run float32 as TF32,
         # while fused_lstm's cuBLAS calls follow torch.backends.cuda.matmul.allow_tf32 (off).
         torch.backends.cudnn.allow_tf32 = False
@@ -357,6 +367,12 @@ def run(args):
         records.append(record)
         measurements += ms
         log(f"      speedup " + ", ".join(f"{b} {s:.2f}x" for b, s in record["speedup"].items()))
+    # Memory after all timing: on the CPU it changes malloc's settings for the rest
+    # of the process (fix_malloc_for_rss), which must not touch the timings.
+    for record in records:
+        if record["mode"] == "train":
+            log(f"peak memory: {record['case']} {record['dtype']} ...")
+            measure_memory(record)
 
     compare = benchmark.Compare(measurements)
     compare.trim_significant_figures()

@@ -1,4 +1,4 @@
-// Autocast for the layer op, as torch.nn.LSTM has it: under
+// Autocast for the layer ops, as torch.nn.LSTM has it: under
 // torch.autocast("cuda"), floating CUDA arguments run in the autocast dtype.
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
@@ -8,11 +8,14 @@
 namespace fused_lstm {
 namespace {
 
-ForwardResult lstm_layer_forward_autocast_cuda(
-    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
-    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, bool reverse) {
+// Result(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih?, b_hh?, w_hr?, reverse): the
+// forward and the inference op share their arguments.
+template <typename Signature, typename Result>
+Result autocast_layer(const char* op_name, const at::Tensor& input, const at::Tensor& batch_sizes,
+                      const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                      const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                      const std::optional<at::Tensor>& b_hh,
+                      const std::optional<at::Tensor>& w_hr, bool reverse) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(at::kCUDA);
   // cached_cast leaves alone what autocast would not cast (batch_sizes, CPU tensors).
@@ -20,17 +23,39 @@ ForwardResult lstm_layer_forward_autocast_cuda(
   auto cast_optional = [&](const std::optional<at::Tensor>& t) {
     return t.has_value() ? std::optional<at::Tensor>(cast(*t)) : std::nullopt;
   };
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fused_lstm::lstm_layer_forward", "")
-                             .typed<ForwardSignature>();
+  const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow(op_name, "").typed<Signature>();
   return op.call(cast(input), batch_sizes, cast(h0), cast(c0), cast(w_ih), cast(w_hh),
                  cast_optional(b_ih), cast_optional(b_hh), cast_optional(w_hr), reverse);
+}
+
+ForwardResult forward_autocast(const at::Tensor& input, const at::Tensor& batch_sizes,
+                               const at::Tensor& h0, const at::Tensor& c0,
+                               const at::Tensor& w_ih, const at::Tensor& w_hh,
+                               const std::optional<at::Tensor>& b_ih,
+                               const std::optional<at::Tensor>& b_hh,
+                               const std::optional<at::Tensor>& w_hr, bool reverse) {
+  return autocast_layer<ForwardSignature, ForwardResult>(
+      "fused_lstm::lstm_layer_forward", input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+      reverse);
+}
+
+InferenceResult inference_autocast(const at::Tensor& input, const at::Tensor& batch_sizes,
+                                   const at::Tensor& h0, const at::Tensor& c0,
+                                   const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                   const std::optional<at::Tensor>& b_ih,
+                                   const std::optional<at::Tensor>& b_hh,
+                                   const std::optional<at::Tensor>& w_hr, bool reverse) {
+  return autocast_layer<InferenceSignature, InferenceResult>(
+      "fused_lstm::lstm_layer_inference", input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+      w_hr, reverse);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lstm, AutocastCUDA, m) {
-  m.impl("lstm_layer_forward", &lstm_layer_forward_autocast_cuda);
+  m.impl("lstm_layer_forward", &forward_autocast);
+  m.impl("lstm_layer_inference", &inference_autocast);
 }
 
 }  // namespace fused_lstm

@@ -15,6 +15,10 @@ from ._ops import ops
 __all__ = ["lstm_layer", "lstm", "lstm_cell"]
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _dense_batch_sizes(T: int, B: int) -> Tensor:
     return torch.full((T,), B, dtype=torch.long)
 
@@ -50,8 +54,11 @@ def lstm_layer(
     """
     h0, c0 = hx
     if batch_sizes is not None:
-        output, h_n, c_n, *_ = ops.lstm_layer_forward(input, batch_sizes, h0, c0, w_ih, w_hh,
-                                                      b_ih, b_hh, w_hr, reverse)
+        args = (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
+        if _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+            output, h_n, c_n, *_ = ops.lstm_layer_forward(*args)
+        else:  # no workspace kept for a backward that will not come
+            output, h_n, c_n = ops.lstm_layer_inference(*args)
         return output, (h_n, c_n)
     if input.dim() != 3:
         raise ValueError(f"lstm_layer: expected input of shape [T, B, I], got {list(input.shape)}")

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import fused_lstm
-from testing import TOLERANCES, assert_close, lstm_outputs_and_grads, random_like_weights, random_tensor
+from testing import (assert_close, lstm_outputs, lstm_outputs_and_grads,
+                     random_like_weights, random_tensor)
 
 HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key(
     "fused_lstm::lstm_layer_forward", "CUDA")
@@ -74,6 +75,9 @@ def test_cuda_matches_cpu_float64(case):
                                                 lengths, sorted_)
     for a, e in zip(got_out + got_grads, exp_out + exp_grads):
         assert a.is_cuda
+        assert_close(a.cpu(), e)
+    inference = lstm_outputs(cuda_module, x.cuda(), tuple(h.cuda() for h in hx), lengths, sorted_)
+    for a, e in zip(inference, exp_out):
         assert_close(a.cpu(), e)
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fused_lstm
-from testing import assert_close, lstm_outputs_and_grads, random_like_weights
+from testing import assert_close, lstm_outputs, lstm_outputs_and_grads, random_like_weights
 
 # Every reference test runs once per CPU code path (conftest.py).
 pytestmark = pytest.mark.usefixtures("cpu_path")
@@ -56,6 +56,11 @@ def run_and_compare(dtype, num_layers, bidirectional, batch_first, bias, proj_si
     for name, a, e in zip(["output", "h_n", "c_n"], our_out, ref_out):
         assert a.shape == e.shape, f"{name}: shape {a.shape} != {e.shape}"
         assert_close(a, e, what=name)
+    # Inference (no_grad) runs its own op, without the workspace: the same results.
+    inference = lstm_outputs(ours, x, hx if give_hx else None, lengths,
+                             enforce_sorted=kind == "packed_sorted")
+    for name, a, e in zip(["output", "h_n", "c_n"], inference, ref_out):
+        assert_close(a, e, what=f"no_grad {name}")
     names = ["input"] + (["h0", "c0"] if give_hx else []) + [n for n, _ in ref.named_parameters()]
     assert len(our_grads) == len(ref_grads) == len(names)
     for name, a, e in zip(names, our_grads, ref_grads):

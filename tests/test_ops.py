@@ -59,6 +59,30 @@ def test_opcheck_forward(packed, bias, proj, reverse):
     torch.library.opcheck(ops.lstm_layer_forward, tuple(args.values()))
 
 
+@pytest.mark.parametrize("packed,bias,proj,reverse", VARIANTS, ids=VARIANT_IDS)
+def test_inference_op_matches_forward(packed, bias, proj, reverse):
+    args = layer_args(packed=packed, bias=bias, proj=proj, reverse=reverse, requires_grad=False)
+    torch.library.opcheck(ops.lstm_layer_inference, tuple(args.values()))
+    expected = ops.lstm_layer_forward(**args)[:3]
+    for got, e in zip(ops.lstm_layer_inference(**args), expected):
+        torch.testing.assert_close(got, e, rtol=0, atol=0)
+
+
+def test_inference_buffer_reuse_across_sizes():
+    # The reused gate buffer grows and shrinks with the calls: results must not depend on
+    # what an earlier call left in it.
+    results = {}
+    for packed, seed in [(False, 1), (True, 2), (False, 1), (True, 2)]:
+        args = layer_args(dtype=torch.float32, packed=packed, seed=seed, requires_grad=False)
+        out = ops.lstm_layer_inference(**args)
+        if seed in results:
+            for a, b in zip(out, results[seed]):
+                assert torch.equal(a, b)
+        results[seed] = out
+        for got, e in zip(out, ops.lstm_layer_forward(**args)[:3]):
+            assert torch.equal(got, e)
+
+
 @pytest.mark.parametrize("proj,need_grad_input", [(False, True), (True, False)])
 def test_opcheck_backward(proj, need_grad_input):
     args = layer_args(dtype=torch.float32, packed=True, proj=proj, requires_grad=False)

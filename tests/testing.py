@@ -33,6 +33,17 @@ def random_tensor(shape, dtype, gen, device="cpu"):
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(device, dtype)
 
 
+def lstm_outputs(module, x, hx=None, lengths=None, enforce_sorted=True):
+    """[output (its .data when packed), h_n, c_n] under torch.no_grad: the inference path."""
+    with torch.no_grad():
+        inp = x
+        if lengths is not None:
+            inp = pack_padded_sequence(x, lengths, batch_first=module.batch_first,
+                                       enforce_sorted=enforce_sorted)
+        out, (h_n, c_n) = module(inp, hx)
+    return [out.data if lengths is not None else out, h_n, c_n]
+
+
 def lstm_outputs_and_grads(module, x, hx=None, lengths=None, enforce_sorted=True, seed=0):
     """Runs `module` (an nn.LSTM-like) forward and backward on copies of x and hx.
 

@@ -238,6 +238,18 @@ ForwardResult lstm_layer_forward_cuda(
   return {output, h_n, c_n, gates, cells, hiddens};
 }
 
+// The caching allocator already spares inference fresh pages: run the forward and
+// drop its workspace.
+InferenceResult lstm_layer_inference_cuda(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, bool reverse) {
+  auto [output, h_n, c_n, gates, cells, hiddens] =
+      lstm_layer_forward_cuda(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse);
+  return {output, h_n, c_n};
+}
+
 BackwardResult lstm_layer_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
@@ -334,6 +346,7 @@ BackwardResult lstm_layer_backward_cuda(
 
 TORCH_LIBRARY_IMPL(fused_lstm, CUDA, m) {
   m.impl("lstm_layer_forward", &lstm_layer_forward_cuda);
+  m.impl("lstm_layer_inference", &lstm_layer_inference_cuda);
   m.impl("lstm_layer_backward", &lstm_layer_backward_cuda);
 }
 
