@@ -38,6 +38,19 @@ struct Step {
 // going forward in time, so in reverse it grows and new rows start from h0/c0.
 std::vector<Step> make_schedule(const at::Tensor& batch_sizes, bool reverse);
 
+// dW_hh = sum over steps of dgates[t]^T h_prev[t]. Where the batch never changes
+// (dense input), h_prev is the output shifted by one step, with h0 for the first
+// step run: two GEMMs read it in place, dgates[rows]^T @ (output or h0)[src_row...].
+// Returns those terms, or nothing when the batch varies (packed input): then
+// h_prev is gathered first (gather_prev_state in each backend).
+struct PrevHiddenTerm {
+  int64_t dgates_row;  // first row of dgates
+  int64_t rows;
+  bool from_h0;        // else from the output
+  int64_t src_row;     // first row of the output or h0
+};
+std::vector<PrevHiddenTerm> prev_hidden_terms(const std::vector<Step>& steps, bool reverse);
+
 LayerSizes check_forward_args(
     const at::Tensor& input, const at::Tensor& batch_sizes,
     const at::Tensor& h0, const at::Tensor& c0,
@@ -67,6 +80,11 @@ using InferenceResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 //  grad_w_hr [P, H] or [0])
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                   at::Tensor, at::Tensor, at::Tensor>;
+
+namespace cpu {
+// Frees the calling thread's reused CPU buffers (cpu/lstm_cpu.cpp).
+void release_scratch();
+}  // namespace cpu
 
 // The op signatures, for typed dispatcher calls (autograd.cpp).
 using ForwardSignature = ForwardResult(

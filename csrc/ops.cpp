@@ -36,6 +36,9 @@ TORCH_LIBRARY(fused_lstm, m) {
   m.def("set_cpu_capability(str capability) -> str", &cpu::set_cpu_capability);
   // Which GEMM backend the CPU kernels use: "auto", "blas", "onednn" or "aten" (cpu/blas.h).
   m.def("set_cpu_gemm(str backend) -> str", &cpu::set_cpu_gemm);
+  // Frees the CPU buffers this thread keeps between calls (up to 256 MiB each: the
+  // inference gate buffer, and backward's gate gradients and previous h).
+  m.def("release_cpu_scratch() -> ()", &cpu::release_scratch);
 }
 
 namespace {
@@ -182,6 +185,18 @@ std::vector<Step> make_schedule(const at::Tensor& batch_sizes, bool reverse) {
     steps.push_back(step);
   }
   return steps;
+}
+
+std::vector<PrevHiddenTerm> prev_hidden_terms(const std::vector<Step>& steps, bool reverse) {
+  if (steps.empty()) return {};
+  const int64_t B = steps.front().batch;
+  for (const Step& s : steps) {
+    if (s.batch != B) return {};
+  }
+  const int64_t N = B * static_cast<int64_t>(steps.size());
+  // Forward: step t (rows t*B) began from output step t-1; reverse: from step t+1.
+  return {{reverse ? 0 : B, N - B, false, reverse ? B : 0},
+          {steps.front().offset, B, true, 0}};
 }
 
 }  // namespace fused_lstm

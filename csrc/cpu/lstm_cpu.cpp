@@ -64,18 +64,24 @@ struct StepGemm {
   }
 };
 
-// Inference reuses one gate buffer per thread: a fresh [N, 4H] buffer costs a page
-// fault per 4 KiB on first touch (~14 ms for fastrnns' 52 MB), a tenth of the call.
-// Buffers above kMaxCachedGateBytes are not kept.
-constexpr int64_t kMaxCachedGateBytes = int64_t{256} << 20;
+// Buffers that live only inside one op call (the inference gate buffer, and in
+// backward the gate gradients and the stacked previous h) are reused per thread:
+// a fresh buffer costs a page fault per 4 KiB on first touch (~14 ms for
+// fastrnns' 52 MB gate buffer, a tenth of the call). Above kMaxReusedBytes a
+// buffer is allocated afresh and not kept.
+enum class Scratch { kGates, kGradGates, kPrevHidden, kCount };
+constexpr int64_t kMaxReusedBytes = int64_t{256} << 20;
 
-at::Tensor inference_gate_buffer(int64_t rows, int64_t cols, const at::TensorOptions& opts) {
-  thread_local at::Tensor cache;
+thread_local at::Tensor kept_scratch[static_cast<int>(Scratch::kCount)];
+
+at::Tensor scratch_buffer(Scratch slot, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+  at::Tensor& cache = kept_scratch[static_cast<int>(slot)];
   const int64_t numel = rows * cols;
-  if (numel * int64_t(opts.dtype().itemsize()) > kMaxCachedGateBytes) {
+  if (numel * int64_t(opts.dtype().itemsize()) > kMaxReusedBytes) {
     return at::empty({rows, cols}, opts);
   }
   if (!cache.defined() || cache.numel() < numel || cache.dtype() != opts.dtype()) {
+    cache = at::Tensor();  // free the old one first
     cache = at::empty({numel}, opts);
   }
   return cache.narrow(0, 0, numel).view({rows, cols});
@@ -105,7 +111,7 @@ ForwardResult layer_forward(
   // Inference: a reused gate buffer, c written only to c_n, h before the projection
   // in a [B, H] scratch.
   at::Tensor gates = keep_workspace ? at::empty({N, 4 * H}, opts)
-                                    : inference_gate_buffer(N, 4 * H, opts);
+                                    : scratch_buffer(Scratch::kGates, N, 4 * H, opts);
   at::Tensor cells = keep_workspace ? at::empty({N, H}, opts) : at::empty({0}, opts);
   at::Tensor hiddens = !has_proj        ? at::empty({0}, opts)
                        : keep_workspace ? at::empty({N, H}, opts)
@@ -172,6 +178,10 @@ ForwardResult layer_forward(
 
 }  // namespace
 
+void release_scratch() {
+  for (at::Tensor& t : kept_scratch) t = at::Tensor();
+}
+
 ForwardResult lstm_layer_forward_cpu(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -207,10 +217,13 @@ BackwardResult lstm_layer_backward_cpu(
   const at::Tensor grad_out_c = grad_output.contiguous(), output_c = output.contiguous();
   const at::Tensor gates_c = gates.contiguous(), cells_c = cells.contiguous();
   const auto opts = input.options();
-  at::Tensor grad_gates = at::empty({N, 4 * H}, opts);  // [N, 4H] dL/d(pre-activation)
+  at::Tensor grad_gates = scratch_buffer(Scratch::kGradGates, N, 4 * H, opts);  // [N, 4H]
   at::Tensor grad_h = grad_h_n.contiguous().clone();    // [B, P] running dL/dh
   at::Tensor grad_c = grad_c_n.contiguous().clone();    // [B, H] running dL/dc
-  at::Tensor h_prev = at::empty({N, P}, opts);          // [N, P] h each step started from
+  // [N, P] the h each step began from, gathered only when the batch varies.
+  const auto prev_terms = prev_hidden_terms(steps, reverse);
+  at::Tensor h_prev = prev_terms.empty() ? scratch_buffer(Scratch::kPrevHidden, N, P, opts)
+                                         : at::Tensor();
   at::Tensor grad_r = has_proj ? at::empty({N, P}, opts) : at::Tensor();  // [N, P] dL/dr
   at::Tensor grad_hidden = has_proj ? at::empty({B, H}, opts) : at::Tensor();  // [B, H]
   at::Tensor grad_input = at::empty({need_grad_input ? N : 0, I}, opts);
@@ -261,16 +274,24 @@ BackwardResult lstm_layer_backward_cpu(
     }
 
     // Weight gradients over all steps at once.
-    gather_prev_state<scalar_t>(steps, output_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(),
-                                P, h_prev.data_ptr<scalar_t>());
     if (need_grad_input) {
       gemm<scalar_t>(false, false, N, I, 4 * H, dgates, 4 * H, w_ih_c.data_ptr<scalar_t>(), I, 0,
                      grad_input.data_ptr<scalar_t>(), I);
     }
     gemm<scalar_t>(true, false, 4 * H, I, N, dgates, 4 * H, x.data_ptr<scalar_t>(), I, 0,
                    grad_w_ih.data_ptr<scalar_t>(), I);
-    gemm<scalar_t>(true, false, 4 * H, P, N, dgates, 4 * H, h_prev.data_ptr<scalar_t>(), P, 0,
-                   grad_w_hh.data_ptr<scalar_t>(), P);
+    if (prev_terms.empty()) {
+      gather_prev_state<scalar_t>(steps, output_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(),
+                                  P, h_prev.data_ptr<scalar_t>());
+      gemm<scalar_t>(true, false, 4 * H, P, N, dgates, 4 * H, h_prev.data_ptr<scalar_t>(), P, 0,
+                     grad_w_hh.data_ptr<scalar_t>(), P);
+    }
+    for (size_t i = 0; i < prev_terms.size(); ++i) {
+      const PrevHiddenTerm& term = prev_terms[i];
+      const scalar_t* src = term.from_h0 ? h0_c.data_ptr<scalar_t>() : output_c.data_ptr<scalar_t>();
+      gemm<scalar_t>(true, false, 4 * H, P, term.rows, dgates + term.dgates_row * 4 * H, 4 * H,
+                     src + term.src_row * P, P, i == 0 ? 0 : 1, grad_w_hh.data_ptr<scalar_t>(), P);
+    }
     if (has_proj) {
       const at::Tensor hiddens_c = hiddens.contiguous();
       gemm<scalar_t>(true, false, P, H, N, grad_r.data_ptr<scalar_t>(), P,

@@ -273,7 +273,9 @@ BackwardResult lstm_layer_backward_cuda(
   at::Tensor grad_gates = at::empty({N, 4 * H}, opts);  // [N, 4H] dL/d(pre-activation)
   at::Tensor grad_h = grad_h_n.contiguous().clone();    // [B, P] running dL/dh
   at::Tensor grad_c = grad_c_n.contiguous().clone();    // [B, H] running dL/dc
-  at::Tensor h_prev = at::empty({N, P}, opts);          // [N, P] h each step started from
+  // [N, P] the h each step began from, gathered only when the batch varies.
+  const auto prev_terms = prev_hidden_terms(steps, reverse);
+  at::Tensor h_prev = prev_terms.empty() ? at::empty({N, P}, opts) : at::Tensor();
   at::Tensor grad_r = has_proj ? at::empty({N, P}, opts) : at::Tensor();       // [N, P]
   at::Tensor grad_hidden = has_proj ? at::empty({B, H}, opts) : at::Tensor();  // [B, H]
   at::Tensor grad_input = at::empty({need_grad_input ? N : 0, I}, opts);
@@ -322,16 +324,24 @@ BackwardResult lstm_layer_backward_cuda(
     }
 
     // Weight gradients over all steps at once.
-    gather_prev_state<scalar_t>(steps, output_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(),
-                                P, h_prev.data_ptr<scalar_t>(), stream);
     if (need_grad_input) {
       gemm<scalar_t>(false, false, N, I, 4 * H, dgates, 4 * H, w_ih_c.data_ptr<scalar_t>(), I, 0,
                      grad_input.data_ptr<scalar_t>(), I);
     }
     gemm<scalar_t>(true, false, 4 * H, I, N, dgates, 4 * H, x.data_ptr<scalar_t>(), I, 0,
                    grad_w_ih.data_ptr<scalar_t>(), I);
-    gemm<scalar_t>(true, false, 4 * H, P, N, dgates, 4 * H, h_prev.data_ptr<scalar_t>(), P, 0,
-                   grad_w_hh.data_ptr<scalar_t>(), P);
+    if (prev_terms.empty()) {
+      gather_prev_state<scalar_t>(steps, output_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(),
+                                  P, h_prev.data_ptr<scalar_t>(), stream);
+      gemm<scalar_t>(true, false, 4 * H, P, N, dgates, 4 * H, h_prev.data_ptr<scalar_t>(), P, 0,
+                     grad_w_hh.data_ptr<scalar_t>(), P);
+    }
+    for (size_t i = 0; i < prev_terms.size(); ++i) {
+      const PrevHiddenTerm& term = prev_terms[i];
+      const scalar_t* src = term.from_h0 ? h0_c.data_ptr<scalar_t>() : output_c.data_ptr<scalar_t>();
+      gemm<scalar_t>(true, false, 4 * H, P, term.rows, dgates + term.dgates_row * 4 * H, 4 * H,
+                     src + term.src_row * P, P, i == 0 ? 0 : 1, grad_w_hh.data_ptr<scalar_t>(), P);
+    }
     if (has_proj) {
       const at::Tensor hiddens_c = hiddens.contiguous();
       gemm<scalar_t>(true, false, P, H, N, grad_r.data_ptr<scalar_t>(), P,
