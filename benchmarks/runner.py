@@ -6,8 +6,11 @@ import contextlib
 import ctypes
 import json
 import os
+import pickle
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -241,7 +244,7 @@ def run_case(case, mode, dtype, device, min_run_time, threads):
 
 
 def measure_memory(record):
-    """Adds peak_memory_bytes (forward + backward) to a train-mode record."""
+    """Adds peak_memory_bytes (forward + backward) to a record with case, dtype, device."""
     case = CASES_BY_NAME[record["case"]]
     fns, _ = implementations(case, "train", DTYPES[record["dtype"]], record["device"])
     record["peak_memory_bytes"] = {}
@@ -325,13 +328,67 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--min-run-time", type=float, help="seconds of timing per implementation")
     p.add_argument("--out", default="bench_out", help="directory for results.json and speedup.png")
+    p.add_argument("--in-process", action="store_true",
+                   help="time every case in this process (default: one fresh process per case)")
+    # Internal: a child process that times one case (or measures memory) and pickles the result.
+    p.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     """Command-line entry point (python -m fused_lstm.benchmark, fused-lstm-benchmark)."""
-    run(parse_args(argv))
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+    else:
+        run(args)
     return 0
+
+
+def worker(args):
+    """In a child process: time the cases given (worker "time"), or measure the peak
+    memory of their train mode (worker "memory", with malloc set up for it from the
+    start); pickle the records and measurements to --worker-out."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+    if args.worker == "memory" and args.device == "cpu":
+        fix_malloc_for_rss()
+    records, measurements = [], []
+    for dtype_name in args.dtype.split(","):
+        for case_name in args.cases.split(","):
+            case, dtype = CASES_BY_NAME[case_name], DTYPES[dtype_name]
+            if args.worker == "memory":
+                record = {"case": case_name, "dtype": dtype_name, "device": args.device}
+                measure_memory(record)
+                records.append(record)
+                continue
+            for mode in args.modes.split(","):
+                log(f"  {case_name} {mode} {dtype_name} ...")
+                record, ms = run_case(case, mode, dtype, args.device, args.min_run_time,
+                                      torch.get_num_threads())
+                log("      speedup " + ", ".join(f"{b} {x:.2f}x" for b, x in record["speedup"].items()))
+                records.append(record)
+                measurements += ms
+    with open(args.worker_out, "wb") as f:
+        pickle.dump((records, measurements), f)
+
+
+def in_child(kind, args, case_names, dtype_names, min_run_time, modes):
+    """Runs worker `kind` in a fresh Python process: each case then starts from the same
+    state (malloc's heap, oneDNN's caches) whatever ran before it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.pickle")
+        cmd = [sys.executable, "-m", "fused_lstm.benchmark", "--worker", kind, "--worker-out", out,
+               "--device", args.device, "--cases", ",".join(case_names), "--dtype",
+               ",".join(dtype_names), "--modes", ",".join(modes), "--min-run-time",
+               str(min_run_time), "--threads", str(torch.get_num_threads())]
+        # From a neutral folder: in a source checkout, `-m` would import its fused_lstm/.
+        subprocess.run(cmd, check=True, cwd=tmp)
+        with open(out, "rb") as f:
+            return pickle.load(f)
 
 
 def run(args):
@@ -362,20 +419,38 @@ def run(args):
         log(f"measuring the {name} matmul peak ...")
         peak[name] = matmul_peak(DTYPES[name], args.device, threads, min(1.0, min_run_time * 2))
     records, measurements = [], []
-    jobs = [(c, m, d) for d in dtype_names for c in case_names for m in modes]
-    for i, (case_name, mode, dtype_name) in enumerate(jobs, 1):
-        log(f"[{i}/{len(jobs)}] {case_name} {mode} {dtype_name} ...")
-        record, ms = run_case(CASES_BY_NAME[case_name], mode, DTYPES[dtype_name], args.device,
-                              min_run_time, threads)
-        records.append(record)
-        measurements += ms
-        log(f"      speedup " + ", ".join(f"{b} {s:.2f}x" for b, s in record["speedup"].items()))
-    # Memory after all timing: on the CPU it changes malloc's settings for the rest
-    # of the process (fix_malloc_for_rss), which must not touch the timings.
-    for record in records:
-        if record["mode"] == "train":
-            log(f"peak memory: {record['case']} {record['dtype']} ...")
-            measure_memory(record)
+    if args.in_process:
+        jobs = [(c, m, d) for d in dtype_names for c in case_names for m in modes]
+        for i, (case_name, mode, dtype_name) in enumerate(jobs, 1):
+            log(f"[{i}/{len(jobs)}] {case_name} {mode} {dtype_name} ...")
+            record, ms = run_case(CASES_BY_NAME[case_name], mode, DTYPES[dtype_name],
+                                  args.device, min_run_time, threads)
+            records.append(record)
+            measurements += ms
+    else:
+        groups = [(c, d) for d in dtype_names for c in case_names]
+        for i, (case_name, dtype_name) in enumerate(groups, 1):
+            log(f"[{i}/{len(groups)}] {case_name} {dtype_name} ({', '.join(modes)}), own process ...")
+            got, ms = in_child("time", args, [case_name], [dtype_name], min_run_time, modes)
+            records += got
+            measurements += ms
+    # Memory: in its own process, with malloc set up for it from the start (on the
+    # CPU, fix_malloc_for_rss changes malloc for the rest of a process).
+    train_cases = [c for c in case_names if "train" in modes]
+    if train_cases:
+        log("peak memory of forward + backward, own process ...")
+        if args.in_process:
+            memory = []
+            for dtype_name in dtype_names:
+                for case_name in train_cases:
+                    memory.append({"case": case_name, "dtype": dtype_name, "device": args.device})
+                    measure_memory(memory[-1])
+        else:
+            memory, _ = in_child("memory", args, train_cases, dtype_names, min_run_time, modes)
+        by_key = {(m["case"], m["dtype"]): m["peak_memory_bytes"] for m in memory}
+        for record in records:
+            if record["mode"] == "train":
+                record["peak_memory_bytes"] = by_key[(record["case"], record["dtype"])]
 
     compare = benchmark.Compare(measurements)
     compare.trim_significant_figures()

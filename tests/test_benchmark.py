@@ -59,5 +59,5 @@ def test_flop_count():
 
 def test_main_returns_success(tmp_path):
     # The console script passes main()'s return value to sys.exit.
-    assert runner.main(["--cases", "tiny", "--modes", "forward", "--min-run-time", "0.02",
+    assert runner.main(["--cases", "tiny", "--min-run-time", "0.02", "--in-process",
                         "--out", str(tmp_path)]) == 0
