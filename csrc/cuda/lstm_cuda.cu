@@ -16,6 +16,7 @@
 
 #include "../cell_math.h"
 #include "../lstm.h"
+#include "../weight_gradients.h"
 
 namespace fused_lstm::cuda {
 namespace {
@@ -165,17 +166,6 @@ void copy_rows(scalar_t* dst, const scalar_t* src, int64_t rows, int64_t cols,
   }
 }
 
-// Stacks, over steps, the state each step starts from (see cpu/lstm_cpu.cpp).
-template <typename scalar_t>
-void gather_prev_state(const std::vector<Step>& steps, const scalar_t* per_step,
-                       const scalar_t* init, int64_t C, scalar_t* out, cudaStream_t stream) {
-  for (const Step& s : steps) {
-    copy_rows(out + s.offset * C, per_step + s.prev_offset * C, s.prev_batch, C, stream);
-    copy_rows(out + (s.offset + s.prev_batch) * C, init + s.prev_batch * C,
-              s.batch - s.prev_batch, C, stream);
-  }
-}
-
 }  // namespace
 
 ForwardResult lstm_layer_forward_cuda(
@@ -269,13 +259,14 @@ BackwardResult lstm_layer_backward_cuda(
   const at::Tensor w_hr_c = has_proj ? w_hr->contiguous() : at::Tensor();
   const at::Tensor grad_out_c = grad_output.contiguous(), output_c = output.contiguous();
   const at::Tensor gates_c = gates.contiguous(), cells_c = cells.contiguous();
+  const at::Tensor hiddens_c = hiddens.contiguous();
   const auto opts = input.options();
   at::Tensor grad_gates = at::empty({N, 4 * H}, opts);  // [N, 4H] dL/d(pre-activation)
   at::Tensor grad_h = grad_h_n.contiguous().clone();    // [B, P] running dL/dh
   at::Tensor grad_c = grad_c_n.contiguous().clone();    // [B, H] running dL/dc
   // [N, P] the h each step began from, gathered only when the batch varies.
-  const auto prev_terms = prev_hidden_terms(steps, reverse);
-  at::Tensor h_prev = prev_terms.empty() ? at::empty({N, P}, opts) : at::Tensor();
+  at::Tensor h_prev =
+      prev_hidden_terms(steps, reverse).empty() ? at::empty({N, P}, opts) : at::Tensor();
   at::Tensor grad_r = has_proj ? at::empty({N, P}, opts) : at::Tensor();       // [N, P]
   at::Tensor grad_hidden = has_proj ? at::empty({B, H}, opts) : at::Tensor();  // [B, H]
   at::Tensor grad_input = at::empty({need_grad_input ? N : 0, I}, opts);
@@ -323,30 +314,17 @@ BackwardResult lstm_layer_backward_cuda(
                      0, dh, P);
     }
 
-    // Weight gradients over all steps at once.
-    if (need_grad_input) {
-      gemm<scalar_t>(false, false, N, I, 4 * H, dgates, 4 * H, w_ih_c.data_ptr<scalar_t>(), I, 0,
-                     grad_input.data_ptr<scalar_t>(), I);
-    }
-    gemm<scalar_t>(true, false, 4 * H, I, N, dgates, 4 * H, x.data_ptr<scalar_t>(), I, 0,
-                   grad_w_ih.data_ptr<scalar_t>(), I);
-    if (prev_terms.empty()) {
-      gather_prev_state<scalar_t>(steps, output_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(),
-                                  P, h_prev.data_ptr<scalar_t>(), stream);
-      gemm<scalar_t>(true, false, 4 * H, P, N, dgates, 4 * H, h_prev.data_ptr<scalar_t>(), P, 0,
-                     grad_w_hh.data_ptr<scalar_t>(), P);
-    }
-    for (size_t i = 0; i < prev_terms.size(); ++i) {
-      const PrevHiddenTerm& term = prev_terms[i];
-      const scalar_t* src = term.from_h0 ? h0_c.data_ptr<scalar_t>() : output_c.data_ptr<scalar_t>();
-      gemm<scalar_t>(true, false, 4 * H, P, term.rows, dgates + term.dgates_row * 4 * H, 4 * H,
-                     src + term.src_row * P, P, i == 0 ? 0 : 1, grad_w_hh.data_ptr<scalar_t>(), P);
-    }
-    if (has_proj) {
-      const at::Tensor hiddens_c = hiddens.contiguous();
-      gemm<scalar_t>(true, false, P, H, N, grad_r.data_ptr<scalar_t>(), P,
-                     hiddens_c.data_ptr<scalar_t>(), H, 0, grad_w_hr.data_ptr<scalar_t>(), H);
-    }
+    // Weight gradients over all steps at once (weight_gradients.h, shared with the other backend).
+    WeightGradientArgs<scalar_t> args{
+        dgates, x.data_ptr<scalar_t>(), w_ih_c.data_ptr<scalar_t>(), output_c.data_ptr<scalar_t>(),
+        h0_c.data_ptr<scalar_t>(), h_prev.defined() ? h_prev.data_ptr<scalar_t>() : nullptr,
+        has_proj ? grad_r.data_ptr<scalar_t>() : nullptr,
+        has_proj ? hiddens_c.data_ptr<scalar_t>() : nullptr,
+        need_grad_input ? grad_input.data_ptr<scalar_t>() : nullptr,
+        grad_w_ih.data_ptr<scalar_t>(), grad_w_hh.data_ptr<scalar_t>(),
+        has_proj ? grad_w_hr.data_ptr<scalar_t>() : nullptr};
+    weight_gradients(s, steps, reverse, args, [](auto... gemm_args) { gemm<scalar_t>(gemm_args...); },
+                     [&](scalar_t* dst, const scalar_t* src, int64_t rows, int64_t cols) { copy_rows(dst, src, rows, cols, stream); });
   });
   // Accumulated in float for half/bfloat16 (ATen's sum uses opmath).
   at::Tensor grad_bias = grad_gates.sum(0);
