@@ -30,7 +30,8 @@ step() {  # step NAME LOG COMMAND...
 } > "$OUT/machine.txt" 2>&1
 ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
 
-step build build.log env FORCE_CUDA=1 MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" \
+# PIP_BREAK_SYSTEM_PACKAGES: the machine's Python may be marked externally managed.
+step build build.log env FORCE_CUDA=1 MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" PIP_BREAK_SYSTEM_PACKAGES=1 \
   "$PY" -m pip install --no-build-isolation --no-deps -v .
 # From a folder outside the checkout, so the installed package is the one tested.
 step cuda-tests cuda_tests.log env -C /tmp "$PY" -m pytest -v -rs "$PWD/tests/test_cuda.py" \
