@@ -4,7 +4,8 @@
 # 1. builds the extension (MAX_JOBS from nproc, for this GPU's architecture),
 # 2. runs the CUDA tests, 3. runs compute-sanitizer memcheck on a small forward
 # and backward, 4. runs the CUDA benchmark against cuDNN. Logs and a summary
-# table go to OUT_DIR. It changes no setting of the card.
+# table go to OUT_DIR, eight files at most (summary.md, five logs, the benchmark's
+# results.json and speedup.png). It changes no setting of the card.
 set -uo pipefail
 OUT=${1:?usage: bash .ci/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -12,7 +13,7 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python}
 SUMMARY="$OUT/summary.md"
-printf '| step | result | seconds |\n|---|---|---|\n' > "$SUMMARY"
+WORK=$(mktemp -d)
 
 step() {  # step NAME LOG COMMAND...
   local name=$1 log=$2; shift 2
@@ -24,21 +25,23 @@ step() {  # step NAME LOG COMMAND...
 }
 
 {
+  echo '```'
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
   nvcc --version | tail -n 1
-} > "$OUT/machine.txt" 2>&1
+  echo '```'
+  printf '\n| step | result | seconds |\n|---|---|---|\n'
+} > "$SUMMARY" 2>&1
 ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
 
 # PIP_BREAK_SYSTEM_PACKAGES: the machine's Python may be marked externally managed.
 step build build.log env FORCE_CUDA=1 MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" PIP_BREAK_SYSTEM_PACKAGES=1 \
   "$PY" -m pip install --no-build-isolation --no-deps -v .
 # From a folder outside the checkout, so the installed package is the one tested.
-step cuda-tests cuda_tests.log env -C /tmp "$PY" -m pytest -v -rs "$PWD/tests/test_cuda.py" \
-  --junitxml="$OUT/cuda_tests.xml"
+step cuda-tests cuda_tests.log env -C /tmp "$PY" -m pytest -v -rs "$PWD/tests/test_cuda.py"
 step cpu-tests cpu_tests.log env -C /tmp "$PY" -m pytest -q -x "$PWD/tests" \
   --ignore="$PWD/tests/test_cuda.py" --ignore="$PWD/tests/test_benchmark.py"
-cat > "$OUT/memcheck_case.py" <<'PY'
+cat > "$WORK/memcheck_case.py" <<'PY'
 import torch, fused_lstm
 from torch.nn.utils.rnn import pack_padded_sequence
 for dtype in (torch.float32, torch.float16):
@@ -50,9 +53,9 @@ for dtype in (torch.float32, torch.float16):
 torch.cuda.synchronize()
 print("memcheck case ran")
 PY
-step memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" "$OUT/memcheck_case.py"
+step memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" "$WORK/memcheck_case.py"
 step benchmark benchmark.log env -C /tmp "$PY" -m fused_lstm.benchmark --device cuda --suite quick \
-  --dtype float32,bfloat16,float16 --out "$OUT/bench"
-cp -f "$OUT/bench/results.json" "$OUT/bench_results.json" 2>/dev/null
+  --dtype float32,bfloat16,float16 --out "$OUT"
+rm -rf "$WORK"
 cat "$SUMMARY"
 ! grep -q FAILED "$SUMMARY"
