@@ -61,9 +61,14 @@ def test_double_half_and_to():
         h = fused_lstm.LSTM(6, 8).to(dtype)
         exact = nn.LSTM(6, 8, dtype=torch.float64)
         exact.load_state_dict(h.state_dict())
+        expected = [exact(x.double())[0]] + list(exact(x.double())[1])
         out, (hn, cn) = h(x.to(dtype))
         assert out.dtype == dtype
-        for a, e in zip((out, hn, cn), [exact(x.double())[0]] + list(exact(x.double())[1])):
+        for a, e in zip((out, hn, cn), expected):
+            assert_close(a.double(), e, dtype=dtype)
+        with torch.no_grad():  # the inference op, with its reused buffer, in this dtype
+            out, (hn, cn) = h(x.to(dtype))
+        for a, e in zip((out, hn, cn), expected):
             assert_close(a.double(), e, dtype=dtype)
 
 
