@@ -6,6 +6,9 @@
 # and backward, 4. runs the CUDA benchmark against cuDNN. Logs and a summary
 # table go to OUT_DIR, eight files at most (summary.md, five logs, the benchmark's
 # results.json and speedup.png). It changes no setting of the card.
+# Each step has a time limit (seconds: BUILD_S, CUDA_TESTS_S, MEMCHECK_S, BENCH_S,
+# CPU_TESTS_S) so one hung step cannot eat a short GPU lease; BENCH_DTYPES picks
+# the benchmark's dtypes.
 set -uo pipefail
 OUT=${1:?usage: bash .ci/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -15,11 +18,12 @@ PY=${PYTHON:-python}
 SUMMARY="$OUT/summary.md"
 WORK=$(mktemp -d)
 
-step() {  # step NAME LOG COMMAND...
-  local name=$1 log=$2; shift 2
+step() {  # step NAME LOG LIMIT_S COMMAND...
+  local name=$1 log=$2 limit=$3; shift 3
   local start=$SECONDS
   echo "== $name" >&2
-  if "$@" > "$OUT/$log" 2>&1; then result=ok; else result="FAILED ($?)"; fi
+  if timeout "$limit" "$@" > "$OUT/$log" 2>&1; then result=ok
+  else rc=$?; result="FAILED ($rc$([ $rc = 124 ] && echo ", over ${limit} s"))"; fi
   printf '| %s | %s | %d |\n' "$name" "$result" $((SECONDS - start)) >> "$SUMMARY"
   tail -n 3 "$OUT/$log" >&2
 }
@@ -35,12 +39,10 @@ step() {  # step NAME LOG COMMAND...
 ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
 
 # PIP_BREAK_SYSTEM_PACKAGES: the machine's Python may be marked externally managed.
-step build build.log env FORCE_CUDA=1 MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" PIP_BREAK_SYSTEM_PACKAGES=1 \
+step build build.log "${BUILD_S:-300}" env FORCE_CUDA=1 MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" PIP_BREAK_SYSTEM_PACKAGES=1 \
   "$PY" -m pip install --no-build-isolation --no-deps -v .
 # From a folder outside the checkout, so the installed package is the one tested.
-step cuda-tests cuda_tests.log env -C /tmp "$PY" -m pytest -v -rs "$PWD/tests/test_cuda.py"
-step cpu-tests cpu_tests.log env -C /tmp "$PY" -m pytest -q -x "$PWD/tests" \
-  --ignore="$PWD/tests/test_cuda.py" --ignore="$PWD/tests/test_benchmark.py"
+step cuda-tests cuda_tests.log "${CUDA_TESTS_S:-240}" env -C /tmp "$PY" -m pytest -v -rs "$PWD/tests/test_cuda.py"
 cat > "$WORK/memcheck_case.py" <<'PY'
 import torch, fused_lstm
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -53,9 +55,13 @@ for dtype in (torch.float32, torch.float16):
 torch.cuda.synchronize()
 print("memcheck case ran")
 PY
-step memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" "$WORK/memcheck_case.py"
-step benchmark benchmark.log env -C /tmp "$PY" -m fused_lstm.benchmark --device cuda --suite quick \
-  --dtype float32,bfloat16,float16 --out "$OUT"
+step memcheck memcheck.log "${MEMCHECK_S:-180}" compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" "$WORK/memcheck_case.py"
+step benchmark benchmark.log "${BENCH_S:-300}" env -C /tmp "$PY" -m fused_lstm.benchmark --device cuda \
+  --suite quick --dtype "${BENCH_DTYPES:-float32,bfloat16,float16}" --out "$OUT"
+# Last: CI runs these too, without a GPU; here they check the CUDA build's CPU path.
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+step cpu-tests cpu_tests.log "${CPU_TESTS_S:-240}" env -C /tmp OMP_NUM_THREADS=2 "$PY" -m pytest -q -x $XDIST "$PWD/tests" \
+  --ignore="$PWD/tests/test_cuda.py" --ignore="$PWD/tests/test_benchmark.py"
 rm -rf "$WORK"
 cat "$SUMMARY"
 ! grep -q FAILED "$SUMMARY"
