@@ -2,7 +2,8 @@
 
 CUDA kernels are built when torch has CUDA and nvcc is found, or when
 FORCE_CUDA=1 (a build machine without a GPU). Otherwise the build is CPU-only.
-DEBUG=1 builds without optimisation and with debug symbols.
+DEBUG=1 builds without optimisation and with debug symbols. CC and CXX, when
+unset, default to the cc and c++ on PATH (see below).
 """
 import glob
 import os
@@ -15,6 +16,13 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.environ.get("DEBUG", "0") == "1"
 FORCE_CUDA = os.environ.get("FORCE_CUDA", "0") == "1"
 WITH_CUDA = FORCE_CUDA or (torch.cuda.is_available() and CUDA_HOME is not None)
+
+# Compile and link with the compiler torch's ABI check inspects (c++ on PATH), not
+# the one this Python was built with: on one GPU image that was a g++ which linked
+# a static libstdc++ into _C, where every error message holding a number segfaulted.
+if os.name == "posix":
+    os.environ.setdefault("CXX", "c++")
+    os.environ.setdefault("CC", "cc")
 
 
 def nvidia_wheel_includes():

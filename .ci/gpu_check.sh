@@ -7,8 +7,8 @@
 # table go to OUT_DIR, eight files at most (summary.md, five logs, the benchmark's
 # results.json and speedup.png). It changes no setting of the card.
 # Each step has a time limit (seconds: BUILD_S, CUDA_TESTS_S, MEMCHECK_S, BENCH_S,
-# CPU_TESTS_S) so one hung step cannot eat a short GPU lease; BENCH_DTYPES picks
-# the benchmark's dtypes.
+# CPU_TESTS_S; 0 skips the step) so one hung step cannot eat a short GPU lease;
+# BENCH_DTYPES picks the benchmark's dtypes.
 set -uo pipefail
 OUT=${1:?usage: bash .ci/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -22,6 +22,7 @@ step() {  # step NAME LOG LIMIT_S COMMAND...
   local name=$1 log=$2 limit=$3; shift 3
   local start=$SECONDS
   echo "== $name" >&2
+  if [ "$limit" = 0 ]; then printf '| %s | skipped | 0 |\n' "$name" >> "$SUMMARY"; return; fi
   if timeout "$limit" "$@" > "$OUT/$log" 2>&1; then result=ok
   else rc=$?; result="FAILED ($rc$([ $rc = 124 ] && echo ", over ${limit} s"))"; fi
   printf '| %s | %s | %d |\n' "$name" "$result" $((SECONDS - start)) >> "$SUMMARY"
@@ -41,8 +42,10 @@ ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(
 # PIP_BREAK_SYSTEM_PACKAGES: the machine's Python may be marked externally managed.
 step build build.log "${BUILD_S:-300}" env FORCE_CUDA=1 MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" PIP_BREAK_SYSTEM_PACKAGES=1 \
   "$PY" -m pip install --no-build-isolation --no-deps -v .
-# From a folder outside the checkout, so the installed package is the one tested.
-step cuda-tests cuda_tests.log "${CUDA_TESTS_S:-240}" env -C /tmp "$PY" -m pytest -v -rs "$PWD/tests/test_cuda.py"
+# From a folder outside the checkout, so the installed package is the one tested;
+# with pytest-xdist where installed (a crashing test then loses only its worker).
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
+step cuda-tests cuda_tests.log "${CUDA_TESTS_S:-240}" env -C /tmp "$PY" -m pytest -v -rs $XDIST "$PWD/tests/test_cuda.py"
 cat > "$WORK/memcheck_case.py" <<'PY'
 import torch, fused_lstm
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -59,7 +62,6 @@ step memcheck memcheck.log "${MEMCHECK_S:-180}" compute-sanitizer --tool memchec
 step benchmark benchmark.log "${BENCH_S:-300}" env -C /tmp "$PY" -m fused_lstm.benchmark --device cuda \
   --suite quick --dtype "${BENCH_DTYPES:-float32,bfloat16,float16}" --out "$OUT"
 # Last: CI runs these too, without a GPU; here they check the CUDA build's CPU path.
-XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 step cpu-tests cpu_tests.log "${CPU_TESTS_S:-240}" env -C /tmp OMP_NUM_THREADS=2 "$PY" -m pytest -q -x $XDIST "$PWD/tests" \
   --ignore="$PWD/tests/test_cuda.py" --ignore="$PWD/tests/test_benchmark.py"
 rm -rf "$WORK"

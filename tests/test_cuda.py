@@ -81,6 +81,12 @@ def test_cuda_matches_cpu_float64(case):
         assert_close(a.cpu(), e)
 
 
+# cuDNN's own float32 error (seen on an H200, cuDNN 9.19: up to 1.6e-5 of the max
+# for dense input without projection) exceeds the float32 tolerance, so float32 is
+# held to float64 truth, as on the CPU; cuDNN must agree with us to its own error.
+CUDNN_FLOAT32_ERROR = 1e-4
+
+
 @pytest.mark.parametrize("case", GRID[::3], ids=["-".join(map(str, c)) for c in GRID[::3]])
 def test_cuda_matches_cudnn_float32(case):
     layers, bidir, bf, bias, proj, kind = case
@@ -89,12 +95,18 @@ def test_cuda_matches_cudnn_float32(case):
     ours.load_state_dict(module.state_dict())
     cudnn = nn.LSTM(**kwargs).cuda()
     cudnn.load_state_dict(module.state_dict())
+    truth = fused_lstm.LSTM(**kwargs, dtype=torch.float64)
+    truth.load_state_dict(module.state_dict())
     sorted_ = kind != "packed_unsorted"
     args = (x.cuda(), tuple(h.cuda() for h in hx), lengths, sorted_)
     got_out, got_grads = lstm_outputs_and_grads(ours, *args)
-    exp_out, exp_grads = lstm_outputs_and_grads(cudnn, *args)
-    for a, e in zip(got_out + got_grads, exp_out + exp_grads):
-        assert_close(a, e)
+    cudnn_out, cudnn_grads = lstm_outputs_and_grads(cudnn, *args)
+    exp_out, exp_grads = lstm_outputs_and_grads(truth, x.double(), tuple(h.double() for h in hx),
+                                                lengths, sorted_)
+    for a, c, e in zip(got_out + got_grads, cudnn_out + cudnn_grads, exp_out + exp_grads):
+        assert a.dtype == torch.float32
+        assert_close(a.double().cpu(), e, dtype=torch.float32)
+        torch.testing.assert_close(a, c, rtol=CUDNN_FLOAT32_ERROR, atol=CUDNN_FLOAT32_ERROR)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -116,13 +128,15 @@ def test_half_precision_against_float64(dtype, proj, kind):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_autocast_like_nn(dtype):
+    # nn.LSTM's CUDA autocast always runs cuDNN in float16 (seen with bfloat16 on
+    # torch 2.11); fused_lstm runs in the autocast dtype asked for.
     ours, ref = fused_lstm.LSTM(6, 8, num_layers=2).cuda(), nn.LSTM(6, 8, num_layers=2).cuda()
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(5, 3, 6, device="cuda")
     with torch.autocast("cuda", dtype=dtype):
         out, (h, c) = ours(x)
         ref_out, (ref_h, ref_c) = ref(x)
-    assert out.dtype == ref_out.dtype == dtype
+    assert out.dtype == h.dtype == c.dtype == dtype
     rtol, atol = HALF_TOLERANCES[dtype]
     for a, e in ((out, ref_out), (h, ref_h), (c, ref_c)):
         torch.testing.assert_close(a.float(), e.float(), rtol=rtol, atol=atol)
