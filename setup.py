@@ -2,8 +2,7 @@
 
 CUDA kernels are built when torch has CUDA and nvcc is found, or when
 FORCE_CUDA=1 (a build machine without a GPU). Otherwise the build is CPU-only.
-DEBUG=1 builds without optimisation and with debug symbols. CC and CXX, when
-unset, default to the cc and c++ on PATH (see below).
+DEBUG=1 builds without optimisation and with debug symbols.
 """
 import glob
 import os
@@ -17,13 +16,6 @@ DEBUG = os.environ.get("DEBUG", "0") == "1"
 FORCE_CUDA = os.environ.get("FORCE_CUDA", "0") == "1"
 WITH_CUDA = FORCE_CUDA or (torch.cuda.is_available() and CUDA_HOME is not None)
 
-# Compile and link with the compiler torch's ABI check inspects (c++ on PATH), not
-# the one this Python was built with: on one GPU image that was a g++ which linked
-# a static libstdc++ into _C, where every error message holding a number segfaulted.
-if os.name == "posix":
-    os.environ.setdefault("CXX", "c++")
-    os.environ.setdefault("CC", "cc")
-
 
 def nvidia_wheel_includes():
     """Header folders of torch's nvidia-* wheels (cuBLAS, cuSPARSE, ...), so that a
@@ -34,6 +26,19 @@ def nvidia_wheel_includes():
     return sorted(d for r in roots for d in glob.glob(os.path.join(r, "*", "include")))
 
 
+def runtime_libstdcxx():
+    """[path] of the libstdc++ this process, and so torch, runs with (Linux), to link
+    _C against it first. A compiler that links libstdc++ statically (seen on a GPU
+    image: CXX was such a g++) otherwise puts a second copy into _C, whose iostreams
+    break on the first error message holding a number (a segfault there)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "/libstdc++.so" in line})
+    except OSError:
+        return []
+    return paths[:1]
+
+
 def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
@@ -42,9 +47,10 @@ def extension():
     cxx_flags = (["-O0", "-g"] if DEBUG else ["-O3"]) + ["-Wno-psabi"]
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     define_macros = []
+    link_args = runtime_libstdcxx()
     if not WITH_CUDA:
         return CppExtension("fused_lstm._C", srcs, extra_compile_args={"cxx": cxx_flags},
-                            define_macros=define_macros)
+                            define_macros=define_macros, extra_link_args=link_args)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     nvcc_flags = ["-O0", "-g", "-lineinfo"] if DEBUG else ["-O3", "-lineinfo"]
@@ -53,7 +59,8 @@ def extension():
     # cuBLAS itself is loaded with libtorch_cuda, which links it.
     return CUDAExtension("fused_lstm._C", srcs + sources("csrc/cuda/*.cu"),
                          extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-                         define_macros=define_macros, include_dirs=nvidia_wheel_includes())
+                         define_macros=define_macros, include_dirs=nvidia_wheel_includes(),
+                         extra_link_args=link_args)
 
 
 setup(
