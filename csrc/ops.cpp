@@ -31,6 +31,12 @@ TORCH_LIBRARY(fused_lstm, m) {
       "Tensor? w_hr, Tensor output, Tensor gates, Tensor cells, Tensor hiddens, bool reverse, "
       "bool need_grad_input) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
       "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
+  // Inference through every layer and direction in one call (stack.cpp): weights in
+  // nn.LSTM's _flat_weights order, h0 [L*D, B, P], c0 [L*D, B, H].
+  m.def(
+      "lstm_stack_inference(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, "
+      "Tensor[] weights, bool has_biases, bool has_proj, int num_layers, bool bidirectional) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n)");
   // Which build of the CPU cell kernels runs: "default", "avx2", "avx512", or
   // "" for the best this CPU supports. Returns the one now in use.
   m.def("set_cpu_capability(str capability) -> str", &cpu::set_cpu_capability);

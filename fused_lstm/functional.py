@@ -121,6 +121,14 @@ def lstm(
         T, B = input.shape[:2]
         dense_shape, batch_sizes = (T, B), _dense_batch_sizes(T, B)
         input = input.reshape(T * B, input.shape[2])
+    if not (dropout > 0 and training) and not _needs_grad(input, h0, c0, *weights):
+        # Inference: every layer and direction in one op call.
+        output, h_stack, c_stack = ops.lstm_stack_inference(
+            input, batch_sizes, h0, c0, list(weights), has_biases, has_proj, num_layers,
+            bidirectional)
+        if dense_shape is not None:
+            output = output.view(*dense_shape, output.shape[-1])
+        return output, (h_stack, c_stack)
     layer_input = input
     for layer in range(num_layers):
         outputs = []

@@ -68,6 +68,53 @@ def test_inference_op_matches_forward(packed, bias, proj, reverse):
         torch.testing.assert_close(got, e, rtol=0, atol=0)
 
 
+def stack_args(packed, bias, proj, bidirectional, num_layers=2, seed=0):
+    """Arguments of lstm_stack_inference, and an nn.LSTM-shaped fused_lstm.LSTM holding the weights."""
+    g = torch.Generator().manual_seed(seed)
+    module = fused_lstm.LSTM(I, H, num_layers=num_layers, bias=bias, bidirectional=bidirectional,
+                             proj_size=P if proj else 0, dtype=torch.float64)
+    with torch.no_grad():
+        for w in module.parameters():
+            w.copy_(torch.randn(w.shape, generator=g, dtype=torch.float64))
+    batch_sizes = torch.tensor([3, 3, 2, 1] if packed else [3, 3, 3], dtype=torch.long)
+    LD = num_layers * (2 if bidirectional else 1)
+    args = dict(input=torch.randn(int(batch_sizes.sum()), I, generator=g, dtype=torch.float64),
+                batch_sizes=batch_sizes,
+                h0=torch.randn(LD, 3, P if proj else H, generator=g, dtype=torch.float64),
+                c0=torch.randn(LD, 3, H, generator=g, dtype=torch.float64),
+                weights=[w.detach() for w in module._flat_weights], has_biases=bias, has_proj=proj,
+                num_layers=num_layers, bidirectional=bidirectional)
+    return args, module
+
+
+@pytest.mark.parametrize("packed,bias,proj,bidirectional", VARIANTS,
+                         ids=[i.replace("rev", "bidir").replace("fwd", "unidir") for i in VARIANT_IDS])
+def test_stack_inference_op(packed, bias, proj, bidirectional):
+    # The whole stack in one call: the same numbers as the per-layer ops in grad mode.
+    args, module = stack_args(packed, bias, proj, bidirectional)
+    torch.library.opcheck(ops.lstm_stack_inference, tuple(args.values()))
+    got = ops.lstm_stack_inference(**args)
+    w = [t.detach().requires_grad_() for t in args["weights"]]
+    expected = F.lstm(args["input"], (args["h0"], args["c0"]), w, num_layers=2, has_biases=bias,
+                      has_proj=proj, bidirectional=bidirectional, batch_sizes=args["batch_sizes"])
+    assert expected[0].requires_grad  # the training path, layer by layer
+    for a, e in zip(got, (expected[0], *expected[1])):
+        torch.testing.assert_close(a, e.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(weights=[]), "expected 8 weights, got 0"),
+    (dict(num_layers=0), "expected num_layers > 0, got 0"),
+    (dict(h0=torch.zeros(3, 3, 4, dtype=torch.float64)), "expected h0 of shape \\[2, batch, size\\], got \\[3, 3, 4\\]"),
+    (dict(c0=torch.zeros(3, 4, dtype=torch.float64)), "expected c0 of shape \\[2, batch, size\\], got \\[3, 4\\]"),
+], ids=["weights", "num_layers", "h0", "c0"])
+def test_stack_inference_op_errors(overrides, match):
+    args, _ = stack_args(packed=False, bias=True, proj=False, bidirectional=False)
+    args.update(overrides)
+    with pytest.raises(RuntimeError, match=match):
+        ops.lstm_stack_inference(**args)
+
+
 def test_inference_buffer_reuse_across_sizes():
     # The reused gate buffer grows and shrinks with the calls: results must not depend on
     # what an earlier call left in it.
