@@ -44,8 +44,13 @@ class LSTM(nn.LSTM):
         """No-op: the fused kernels read the parameters where they are."""
 
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
-        # The current parameters by name (nn.LSTM's weakref check costs ~10 us a call).
-        weights = [getattr(self, name) for name in self._flat_weights_names]
+        # The current parameters by name (nn.LSTM's weakref check costs ~10 us a call;
+        # Module.__getattr__ 0.6 us a name, so registered parameters are read directly,
+        # and anything else, a parametrization say, through getattr).
+        params = self._parameters
+        weights = [params.get(name) for name in self._flat_weights_names]
+        if any(w is None for w in weights):
+            weights = [getattr(self, name) for name in self._flat_weights_names]
         directions = 2 if self.bidirectional else 1
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
@@ -63,7 +68,9 @@ class LSTM(nn.LSTM):
             batch = input.size(0 if self.batch_first else 1)
         if hx is None:
             shape = (self.num_layers * directions, batch)
-            hx = (input.new_zeros(shape + (real_hidden,)), input.new_zeros(shape + (self.hidden_size,)))
+            zeros = input.new_zeros(shape + (self.hidden_size,))
+            # h0 [L*D, B, P] and c0 [L*D, B, H]: one tensor serves both without a projection.
+            hx = (zeros if real_hidden == self.hidden_size else input.new_zeros(shape + (real_hidden,)), zeros)
         else:
             if not packed:
                 want = 3 if is_batched else 2

@@ -153,3 +153,30 @@ def test_parameter_device_mismatch():
     ours.weight_hh_l0 = nn.Parameter(torch.randn(32, 8, device="meta"))
     with pytest.raises(RuntimeError, match="Input and parameter tensors are not at the same device"):
         ours(torch.randn(5, 3, 6))
+
+
+class _Scale(nn.Module):
+    def forward(self, w):
+        return 0.5 * w
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_parametrized_weight_is_used(grad):
+    # A parametrization replaces the registered parameter with a computed one: the
+    # module must read the computed weight (and differentiate through it) as nn.LSTM does.
+    from torch.nn.utils import parametrize
+    ref = nn.LSTM(6, 8, num_layers=2, dtype=torch.float64)
+    ours = fused_lstm.LSTM(6, 8, num_layers=2, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    for m in (ref, ours):
+        parametrize.register_parametrization(m, "weight_hh_l1", _Scale())
+    x = torch.randn(5, 3, 6, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        got, expected = ours(x), ref(x)
+    for a, e in zip((got[0], *got[1]), (expected[0], *expected[1])):
+        assert_close(a, e)
+    if grad:
+        got[0].sum().backward()
+        expected[0].sum().backward()
+        assert_close(ours.parametrizations.weight_hh_l1.original.grad,
+                     ref.parametrizations.weight_hh_l1.original.grad)
