@@ -117,31 +117,53 @@ void backward_step(int64_t b, int64_t H, const scalar_t* gates, const scalar_t* 
   });
 }
 
-// One block of kRows rows of C and two vectors of columns, [n, n + cols).
-template <typename scalar_t, int kRows>
-C10_ALWAYS_INLINE void small_gemm_block(int64_t K, const scalar_t* A, int64_t lda,
-                                        const scalar_t* B, int64_t ldb, bool accumulate,
-                                        scalar_t* C, int64_t ldc, int64_t cols) {
+// One block of kRows rows of C and kVecs vectors of columns, [n, n + cols): kRows x
+// kVecs independent FMA chains (enough to hide the FMA latency: 4 x 2, or 1 x 8 for
+// the rows left over, e.g. a batch of one). kFull: cols == kVecs * W, no masking.
+template <typename scalar_t, int kRows, int kVecs, bool kFull>
+C10_ALWAYS_INLINE void small_gemm_block_impl(int64_t K, const scalar_t* A, int64_t lda,
+                                             const scalar_t* B, int64_t ldb, bool accumulate,
+                                             scalar_t* C, int64_t ldc, int64_t cols) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
-  const int64_t n0 = std::min<int64_t>(cols, W), n1 = std::max<int64_t>(cols - W, 0);
-  Vec acc[kRows][2];
+  int64_t n[kVecs];  // valid lanes of each vector of columns
+  for (int v = 0; v < kVecs; ++v) n[v] = kFull ? W : std::clamp<int64_t>(cols - v * W, 0, W);
+  const auto load_n = [&](const scalar_t* p, int v) {
+    return kFull ? Vec::loadu(p) : n[v] > 0 ? load(Vec{}, p, n[v]) : Vec(scalar_t(0));
+  };
+  Vec acc[kRows][kVecs];
   for (int r = 0; r < kRows; ++r) {
-    acc[r][0] = accumulate ? load(Vec{}, C + r * ldc, n0) : Vec(scalar_t(0));
-    acc[r][1] = accumulate && n1 > 0 ? load(Vec{}, C + r * ldc + W, n1) : Vec(scalar_t(0));
+    for (int v = 0; v < kVecs; ++v) {
+      acc[r][v] = accumulate ? load_n(C + r * ldc + v * W, v) : Vec(scalar_t(0));
+    }
   }
   for (int64_t k = 0; k < K; ++k) {
-    const Vec b0 = load(Vec{}, B + k * ldb, n0);
-    const Vec b1 = n1 > 0 ? load(Vec{}, B + k * ldb + W, n1) : Vec(scalar_t(0));
+    Vec b[kVecs];
+    for (int v = 0; v < kVecs; ++v) b[v] = load_n(B + k * ldb + v * W, v);
     for (int r = 0; r < kRows; ++r) {
       const Vec a(A[r * lda + k]);
-      acc[r][0] = at::vec::fmadd(a, b0, acc[r][0]);
-      acc[r][1] = at::vec::fmadd(a, b1, acc[r][1]);
+      for (int v = 0; v < kVecs; ++v) acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
     }
   }
   for (int r = 0; r < kRows; ++r) {
-    store(acc[r][0], C + r * ldc, n0);
-    if (n1 > 0) store(acc[r][1], C + r * ldc + W, n1);
+    for (int v = 0; v < kVecs; ++v) {
+      if (kFull) {
+        acc[r][v].store(C + r * ldc + v * W);
+      } else if (n[v] > 0) {
+        store(acc[r][v], C + r * ldc + v * W, n[v]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, int kRows, int kVecs>
+C10_ALWAYS_INLINE void small_gemm_block(int64_t K, const scalar_t* A, int64_t lda,
+                                        const scalar_t* B, int64_t ldb, bool accumulate,
+                                        scalar_t* C, int64_t ldc, int64_t cols) {
+  if (cols == kVecs * Vectorized<scalar_t>::size()) {
+    small_gemm_block_impl<scalar_t, kRows, kVecs, true>(K, A, lda, B, ldb, accumulate, C, ldc, cols);
+  } else {
+    small_gemm_block_impl<scalar_t, kRows, kVecs, false>(K, A, lda, B, ldb, accumulate, C, ldc, cols);
   }
 }
 
@@ -149,22 +171,36 @@ template <typename scalar_t>
 void small_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
                 const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C, int64_t ldc) {
   if constexpr (kVectorized<scalar_t>) {
-    constexpr int64_t kCols = 2 * Vectorized<scalar_t>::size();
-    constexpr int kRows = 4;
+    constexpr int64_t W = Vectorized<scalar_t>::size();
+    constexpr int64_t kCols = 2 * W;  // columns of a 4-row block; a thread's unit of work
+    // Wide blocks: 8 accumulators and 8 B vectors fit AVX-512's 32 registers, 4 + 4 AVX2's 16.
+    constexpr int kRows = 4, kWideVecs = sizeof(Vectorized<scalar_t>) >= 64 ? 8 : 4;
     const int64_t col_blocks = (N + kCols - 1) / kCols;
     // Threads split the columns; a block's B panel [K, kCols] stays in L1 across rows.
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(M * K * kCols, 1));
     auto run = [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t n = j * kCols, cols = std::min(kCols, N - n);
-        int64_t m = 0;
-        for (; m + kRows <= M; m += kRows) {
-          small_gemm_block<scalar_t, kRows>(K, A + m * lda, lda, B + n, ldb, accumulate,
-                                            C + m * ldc + n, ldc, cols);
+      const int64_t n_end = std::min(N, j1 * kCols), full_rows = M - M % kRows;
+      for (int64_t n = j0 * kCols; n < n_end; n += kCols) {
+        for (int64_t m = 0; m < full_rows; m += kRows) {
+          small_gemm_block<scalar_t, kRows, 2>(K, A + m * lda, lda, B + n, ldb, accumulate,
+                                               C + m * ldc + n, ldc, std::min(kCols, n_end - n));
         }
-        for (; m < M; ++m) {
-          small_gemm_block<scalar_t, 1>(K, A + m * lda, lda, B + n, ldb, accumulate,
-                                        C + m * ldc + n, ldc, cols);
+      }
+      for (int64_t m = full_rows; m < M; ++m) {  // rows left over, one at a time, wider blocks
+        const scalar_t* a = A + m * lda;
+        scalar_t* c = C + m * ldc;
+        int64_t n = j0 * kCols;
+        for (; n + kWideVecs * W <= n_end; n += kWideVecs * W) {
+          small_gemm_block<scalar_t, 1, kWideVecs>(K, a, lda, B + n, ldb, accumulate, c + n, ldc,
+                                                   kWideVecs * W);
+        }
+        if (kWideVecs > 4 && n + 4 * W <= n_end) {
+          small_gemm_block<scalar_t, 1, 4>(K, a, lda, B + n, ldb, accumulate, c + n, ldc, 4 * W);
+          n += 4 * W;
+        }
+        for (; n < n_end; n += kCols) {
+          small_gemm_block<scalar_t, 1, 2>(K, a, lda, B + n, ldb, accumulate, c + n, ldc,
+                                           std::min(kCols, n_end - n));
         }
       }
     };
