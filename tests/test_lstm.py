@@ -112,6 +112,33 @@ def test_lstm_larger_shape_float64():
         assert_close(a, e)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("hidden,batch", [(40, 1), (56, 3), (40, 5), (56, 8)])
+def test_small_batch_gemm_blocks(dtype, hidden, batch):
+    # Batches of 1-8 run the per-step GEMMs through small_gemm (cpu_path "small" and
+    # "auto"): 4-row blocks, then the rows left over in 8-, 4- and 2-vector column
+    # blocks. 4H = 160 and 224 columns (and P = H in backward) hit each block width,
+    # full and masked; a packed batch shrinks through every row count.
+    gen = torch.Generator().manual_seed(hidden + batch)
+    ref = nn.LSTM(7, hidden, dtype=dtype)
+    random_like_weights(ref, hidden)
+    ours = fused_lstm.LSTM(7, hidden, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = _random((6, batch, 7), dtype, gen)
+    for a, e in zip(_larger_case_results(ours, x), _larger_case_results(ref, x)):
+        assert_close(a, e)
+    lengths = torch.arange(6, 6 - batch, -1).clamp(min=1)
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths)
+    for module in (ours, ref):
+        module.zero_grad()
+    got, expected = ours(packed), ref(packed)
+    assert_close(got[0].data, expected[0].data)
+    (got[0].data.sum() + got[1][1].sum()).backward()
+    (expected[0].data.sum() + expected[1][1].sum()).backward()
+    for a, e in zip(ours.parameters(), ref.parameters()):
+        assert_close(a.grad, e.grad)
+
+
 def test_lstm_larger_shape_float32():
     # Here the weight gradients sum 660 rows, and nn.LSTM's own float32 error
     # (measured: ~1e-4) exceeds 1e-5. So both are measured against the float64
