@@ -23,8 +23,8 @@ CPU_CAPABILITIES = _cpu_capabilities()
 # (cell-kernel build, GEMM backend) pairs that together run every CPU code path:
 # each build of the elementwise kernels, and BLAS, oneDNN, ATen and the
 # register-blocked small-batch GEMM for the per-step GEMMs. "auto" is the default.
-_PATHS = [("default", "aten"), ("default", "blas"), ("avx2", "small"), ("avx512", "onednn"),
-          ("avx512", "auto")]
+_PATHS = [("default", "aten"), ("default", "blas"), ("default", "small"), ("avx2", "small"),
+          ("avx512", "onednn"), ("avx512", "auto")]
 CPU_PATHS = [(c, g) for c, g in _PATHS if c in CPU_CAPABILITIES]
 if ("avx512", "auto") not in CPU_PATHS:
     CPU_PATHS.append((CPU_CAPABILITIES[-1], "auto"))

@@ -27,7 +27,36 @@ struct CellKernels {
   void (*small_gemm)(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
                      const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C,
                      int64_t ldc);
+  // A whole forward step for small batches (no projection): the recurrent GEMM and
+  // the cell update fused per tile of rows and fused_width hidden units, the gates
+  // never leaving registers in between. h_prev row r is a_main[r] for r < split,
+  // else a_rest[r - split] (rows of H). w_packed: W_hh as [ceil(H / fused_width)][H]
+  // [4 gates][fused_width], zero past H (pack_w_hh_for_fused_step). gates: [b, 4H]
+  // input part in, activated out when store_gates; c_state: [b, H] in/out; cells,
+  // h_out: [b, H] out. h_out must not overlap h_prev. Null for half/bfloat16.
+  void (*fused_step)(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
+                     const scalar_t* a_rest, const scalar_t* w_packed, scalar_t* gates,
+                     bool store_gates, scalar_t* c_state, scalar_t* cells, scalar_t* h_out);
+  int64_t fused_width;  // hidden units per tile (the SIMD width), 0 without fused_step
 };
+
+// Packs w_hh [4H, H] (row-major) for fused_step: out has ceil(H / width) * H * 4 * width
+// elements, each tile's weights contiguous in the order the step reads them.
+template <typename scalar_t>
+void pack_w_hh_for_fused_step(const scalar_t* w_hh, int64_t H, int64_t width, scalar_t* out) {
+  const int64_t chunks = (H + width - 1) / width;
+  for (int64_t j = 0; j < chunks; ++j) {
+    for (int64_t k = 0; k < H; ++k) {
+      for (int64_t q = 0; q < 4; ++q) {
+        scalar_t* dst = out + ((j * H + k) * 4 + q) * width;
+        for (int64_t w = 0; w < width; ++w) {
+          const int64_t unit = j * width + w;
+          dst[w] = unit < H ? w_hh[(q * H + unit) * H + k] : scalar_t(0);
+        }
+      }
+    }
+  }
+}
 
 // One namespace per build. The avx2 and avx512 builds exist only where
 // FUSED_LSTM_SIMD_BUILDS is set (GCC on x86-64).

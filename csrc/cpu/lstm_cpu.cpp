@@ -132,13 +132,41 @@ ForwardResult layer_forward(
     scalar_t* hiddens_p = has_proj ? hiddens.data_ptr<scalar_t>() : nullptr;
     const int64_t cells_step = keep_workspace ? H : 0;
     const int64_t hiddens_step = keep_workspace ? H : 0;
-    const auto cell_forward_step = cell_kernels<scalar_t>().forward;
     const auto recurrent_gemm = StepGemm<scalar_t>::make(B, 4 * H, P);
     const auto projection_gemm = StepGemm<scalar_t>::make(B, P, H);
+    const auto& kernels = cell_kernels<scalar_t>();
+    const auto cell_forward_step = kernels.forward;
+    const bool fused = !has_proj && recurrent_gemm.small && kernels.fused_step != nullptr;
     // small_gemm reads B as [K, N]: the transposed weights, made once per call.
-    const at::Tensor w_hh_t = recurrent_gemm.small ? w_hh_c.t().contiguous() : at::Tensor();
+    const at::Tensor w_hh_t =
+        recurrent_gemm.small && !fused ? w_hh_c.t().contiguous() : at::Tensor();
     const at::Tensor w_hr_t =
         has_proj && projection_gemm.small ? w_hr_c->t().contiguous() : at::Tensor();
+    if (fused) {
+      // Small batches: GEMM and cell update fused per step (cell_kernels.h). Step t
+      // reads h_prev from step t-1's output rows, and rows that start later (reverse
+      // direction) from h_state, which holds h0 until the loop ends.
+      const int64_t width = kernels.fused_width;
+      at::Tensor w_packed = at::empty({(H + width - 1) / width * width * 4 * H}, opts);
+      pack_w_hh_for_fused_step(w_hh_p, H, width, w_packed.data_ptr<scalar_t>());
+      const scalar_t* w_t = w_packed.data_ptr<scalar_t>();
+      const auto fused_step = kernels.fused_step;
+      for (size_t n = 0; n < steps.size(); ++n) {
+        const Step& step = steps[n];
+        const int64_t split = n == 0 ? 0 : step.prev_batch;
+        fused_step(step.batch, H, out_p + step.prev_offset * H, split, h_state + split * H, w_t,
+                   gate_buffer + step.offset * 4 * H, keep_workspace, c_state,
+                   cells_p + step.offset * cells_step, out_p + step.offset * H);
+      }
+      // h_n: each row's h at its last step (rows [next batch, batch) end at a step).
+      for (size_t n = 0; n < steps.size(); ++n) {
+        const int64_t b = steps[n].batch, b_next = n + 1 < steps.size() ? steps[n + 1].batch : 0;
+        if (b_next < b) {
+          copy_rows(h_state + b_next * H, out_p + (steps[n].offset + b_next) * H, b - b_next, H);
+        }
+      }
+      return;
+    }
     for (const Step& step : steps) {
       const int64_t b = step.batch;
       scalar_t* g = gate_buffer + step.offset * 4 * H;
