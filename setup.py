@@ -43,11 +43,18 @@ def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def openmp_flags():
+    """-fopenmp where torch runs on OpenMP: at::parallel_for is inline, so without it
+    our loops run on one thread. The libgomp this links by name is the one torch has
+    already loaded, so both share one thread pool."""
+    return ["-fopenmp"] if torch.backends.openmp.is_available() and os.name == "posix" else []
+
+
 def extension():
-    cxx_flags = (["-O0", "-g"] if DEBUG else ["-O3"]) + ["-Wno-psabi"]
+    cxx_flags = (["-O0", "-g"] if DEBUG else ["-O3"]) + ["-Wno-psabi"] + openmp_flags()
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     define_macros = []
-    link_args = runtime_libstdcxx()
+    link_args = runtime_libstdcxx() + openmp_flags()
     if not WITH_CUDA:
         return CppExtension("fused_lstm._C", srcs, extra_compile_args={"cxx": cxx_flags},
                             define_macros=define_macros, extra_link_args=link_args)

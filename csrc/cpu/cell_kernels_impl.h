@@ -264,7 +264,8 @@ C10_ALWAYS_INLINE void fused_step_tile(int64_t H, const scalar_t* const* a_rows,
 template <typename scalar_t>
 void fused_step(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
                 const scalar_t* a_rest, const scalar_t* w_packed, scalar_t* gates,
-                bool store_gates, scalar_t* c_state, scalar_t* cells, scalar_t* h_out) {
+                bool store_gates, scalar_t* c_state, scalar_t* cells, scalar_t* h_out,
+                int64_t j0, int64_t j1) {
   if constexpr (kVectorized<scalar_t>) {
     using Vec = Vectorized<scalar_t>;
     constexpr int64_t W = Vec::size();
@@ -272,30 +273,21 @@ void fused_step(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
     // at 4 rows, 13 of AVX2's 16 at 2.
     constexpr int kRows = sizeof(Vec) >= 64 ? 4 : 2;
     const auto a_row = [&](int64_t r) { return r < split ? a_main + r * H : a_rest + (r - split) * H; };
-    const int64_t chunks = (H + W - 1) / W;
-    // Threads split the hidden units (each unit's four gates stay with one thread).
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(b * H * 4 * W, 1));
-    auto run = [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t u = j * W, n = std::min(W, H - u);
-        int64_t r = 0;
-        for (; r + kRows <= b; r += kRows) {
-          const scalar_t* rows[kRows];
-          for (int i = 0; i < kRows; ++i) rows[i] = a_row(r + i);
-          fused_step_tile<scalar_t, kRows>(H, rows, w_packed + j * H * 4 * W, gates, store_gates,
-                                           c_state, cells, h_out, r, u, n);
-        }
-        for (; r < b; ++r) {
-          const scalar_t* rows[1] = {a_row(r)};
-          fused_step_tile<scalar_t, 1>(H, rows, w_packed + j * H * 4 * W, gates, store_gates,
-                                       c_state, cells, h_out, r, u, n);
-        }
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t u = j * W, n = std::min(W, H - u);
+      const scalar_t* w_tile = w_packed + j * H * 4 * W;
+      int64_t r = 0;
+      for (; r + kRows <= b; r += kRows) {
+        const scalar_t* rows[kRows];
+        for (int i = 0; i < kRows; ++i) rows[i] = a_row(r + i);
+        fused_step_tile<scalar_t, kRows>(H, rows, w_tile, gates, store_gates, c_state, cells,
+                                         h_out, r, u, n);
       }
-    };
-    if (chunks <= grain) {
-      run(0, chunks);
-    } else {
-      at::parallel_for(0, chunks, grain, run);
+      for (; r < b; ++r) {
+        const scalar_t* rows[1] = {a_row(r)};
+        fused_step_tile<scalar_t, 1>(H, rows, w_tile, gates, store_gates, c_state, cells, h_out,
+                                     r, u, n);
+      }
     }
   }
 }

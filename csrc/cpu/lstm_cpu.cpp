@@ -4,9 +4,15 @@
 // cell kernels, built per CPU capability: cell_kernels.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstring>
+#include <thread>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 #include "../lstm.h"
 #include "../weight_gradients.h"
@@ -15,6 +21,24 @@
 
 namespace fused_lstm::cpu {
 namespace {
+
+// The fused small-batch loop keeps its threads across steps with a spin barrier,
+// which needs every task of a parallel_for to run concurrently: true of ATen's
+// OpenMP backend (one task per team thread), not promised by its native pool.
+constexpr bool kPersistentRegion = AT_PARALLEL_OPENMP;
+
+// Waits for count >= target: spins, then yields (threads may outnumber cores).
+inline void spin_until(const std::atomic<int64_t>& count, int64_t target) {
+  for (int spins = 0; count.load(std::memory_order_acquire) < target; ++spins) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (spins < (1 << 14)) {
+      _mm_pause();
+      continue;
+    }
+#endif
+    std::this_thread::yield();
+  }
+}
 
 template <typename scalar_t>
 void copy_rows(scalar_t* dst, const scalar_t* src, int64_t rows, int64_t cols) {
@@ -150,13 +174,36 @@ ForwardResult layer_forward(
       at::Tensor w_packed = at::empty({(H + width - 1) / width * width * 4 * H}, opts);
       pack_w_hh_for_fused_step(w_hh_p, H, width, w_packed.data_ptr<scalar_t>());
       const scalar_t* w_t = w_packed.data_ptr<scalar_t>();
-      const auto fused_step = kernels.fused_step;
-      for (size_t n = 0; n < steps.size(); ++n) {
-        const Step& step = steps[n];
-        const int64_t split = n == 0 ? 0 : step.prev_batch;
-        fused_step(step.batch, H, out_p + step.prev_offset * H, split, h_state + split * H, w_t,
-                   gate_buffer + step.offset * 4 * H, keep_workspace, c_state,
-                   cells_p + step.offset * cells_step, out_p + step.offset * H);
+      // The time loop over hidden-unit chunks [j0, j1).
+      const auto run_steps = [&](int64_t j0, int64_t j1, const auto& after_step) {
+        for (size_t n = 0; n < steps.size(); ++n) {
+          const Step& step = steps[n];
+          const int64_t split = n == 0 ? 0 : step.prev_batch;
+          kernels.fused_step(step.batch, H, out_p + step.prev_offset * H, split,
+                             h_state + split * H, w_t, gate_buffer + step.offset * 4 * H,
+                             keep_workspace, c_state, cells_p + step.offset * cells_step,
+                             out_p + step.offset * H, j0, j1);
+          after_step(n, j1 - j0);
+        }
+      };
+      const int64_t chunks = (H + width - 1) / width;
+      // Threads split the hidden units, for the whole loop: one parallel region, and
+      // per step a barrier (step n + 1 reads every unit of step n's h) instead of a
+      // fork/join. Small work stays on one thread.
+      const int64_t grain =
+          std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(B * H * 4 * width, 1));
+      if (chunks <= grain || at::get_num_threads() == 1 || !kPersistentRegion) {
+        run_steps(0, chunks, [](size_t, int64_t) {});
+      } else {
+        std::atomic<int64_t> chunks_done{0};
+        at::parallel_for(0, chunks, grain, [&](int64_t j0, int64_t j1) {
+          run_steps(j0, j1, [&](size_t n, int64_t mine) {
+            // Every chunk belongs to exactly one of the concurrently running OpenMP
+            // threads, so the count reaches (n + 1) * chunks once all finished step n.
+            chunks_done.fetch_add(mine, std::memory_order_acq_rel);
+            spin_until(chunks_done, static_cast<int64_t>(n + 1) * chunks);
+          });
+        });
       }
       // h_n: each row's h at its last step (rows [next batch, batch) end at a step).
       for (size_t n = 0; n < steps.size(); ++n) {
