@@ -101,6 +101,10 @@ def peak_memory(fn, device):
     if not fix_malloc_for_rss():
         return None
     try:
+        # Free heap pages back to the OS first: a large allocation is served from a
+        # free chunk of the heap when one fits (left by many small frees, e.g. nn.LSTM's
+        # or the agreement check's), and then adds nothing to the resident set.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         base = _proc_status("VmRSS:")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

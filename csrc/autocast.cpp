@@ -40,14 +40,14 @@ ForwardResult forward_autocast(const at::Tensor& input, const at::Tensor& batch_
       reverse);
 }
 
-InferenceResult inference_autocast(const at::Tensor& input, const at::Tensor& batch_sizes,
+LayerResult layer_autocast(const at::Tensor& input, const at::Tensor& batch_sizes,
                                    const at::Tensor& h0, const at::Tensor& c0,
                                    const at::Tensor& w_ih, const at::Tensor& w_hh,
                                    const std::optional<at::Tensor>& b_ih,
                                    const std::optional<at::Tensor>& b_hh,
                                    const std::optional<at::Tensor>& w_hr, bool reverse) {
-  return autocast_layer<InferenceSignature, InferenceResult>(
-      "fused_lstm::lstm_layer_inference", input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+  return autocast_layer<LayerSignature, LayerResult>(
+      "fused_lstm::lstm_layer", input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
       w_hr, reverse);
 }
 
@@ -55,7 +55,7 @@ InferenceResult inference_autocast(const at::Tensor& input, const at::Tensor& ba
 
 TORCH_LIBRARY_IMPL(fused_lstm, AutocastCUDA, m) {
   m.impl("lstm_layer_forward", &forward_autocast);
-  m.impl("lstm_layer_inference", &inference_autocast);
+  m.impl("lstm_layer", &layer_autocast);
 }
 
 }  // namespace fused_lstm

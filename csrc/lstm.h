@@ -73,7 +73,7 @@ using ForwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // (output [N, P], h_n [B, P], c_n [B, H]): the forward without the workspace.
-using InferenceResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using LayerResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 // (grad_input [N, I] or [0] when not needed, grad_h0 [B, P], grad_c0 [B, H],
 //  grad_w_ih [4H, I], grad_w_hh [4H, P], grad_bias [4H] (for b_ih and b_hh alike),
@@ -92,7 +92,7 @@ using ForwardSignature = ForwardResult(
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, bool reverse);
-using InferenceSignature = InferenceResult(
+using LayerSignature = LayerResult(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,

@@ -20,9 +20,12 @@ TORCH_LIBRARY(fused_lstm, m) {
       "lstm_layer_forward(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, "
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse) "
       "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor hiddens)");
-  // The same forward without the workspace backward needs: for inference.
+  // One layer: (output, h_n, c_n), what fused_lstm.functional calls. The backend
+  // kernels run without the workspace (inference). When a gradient is needed its
+  // Autograd kernel (autograd.cpp) runs lstm_layer_forward and keeps the workspace to
+  // itself, so that a backward which does not keep the graph may overwrite it.
   m.def(
-      "lstm_layer_inference(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, "
+      "lstm_layer(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, "
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse) "
       "-> (Tensor output, Tensor h_n, Tensor c_n)");
   m.def(
@@ -31,6 +34,16 @@ TORCH_LIBRARY(fused_lstm, m) {
       "Tensor? w_hr, Tensor output, Tensor gates, Tensor cells, Tensor hiddens, bool reverse, "
       "bool need_grad_input) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
       "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
+  // The same backward, writing the gate gradients over `gates` (the forward's workspace,
+  // [N, 4H]) instead of a buffer of their own: what autograd calls when the graph is not
+  // kept, as the workspace is then read for the last time.
+  m.def(
+      "lstm_layer_backward_overwrite_gates(Tensor grad_output, Tensor grad_h_n, "
+      "Tensor grad_c_n, Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, "
+      "Tensor w_hh, Tensor? w_hr, Tensor output, Tensor(a!) gates, Tensor cells, "
+      "Tensor hiddens, bool reverse, bool need_grad_input) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, "
+      "Tensor grad_w_hr)");
   // Inference through every layer and direction in one call (stack.cpp): weights in
   // nn.LSTM's _flat_weights order, h0 [L*D, B, P], c0 [L*D, B, H].
   m.def(

@@ -1,7 +1,7 @@
 // lstm_stack_inference: a stacked, optionally bidirectional LSTM for inference in
 // one op call, so that a small model pays the Python and dispatcher cost once,
 // not once per layer and direction. One kernel for every backend
-// (CompositeExplicitAutograd): each layer is the lstm_layer_inference op.
+// (CompositeExplicitAutograd): each layer is the lstm_layer op.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -14,13 +14,13 @@ namespace {
 
 // input [N, I] (time-major rows, packed or dense), batch_sizes [T],
 // h0 [L*D, B, P], c0 [L*D, B, H] -> output [N, D*P], h_n [L*D, B, P], c_n [L*D, B, H]
-InferenceResult lstm_stack_inference(
+LayerResult lstm_stack_inference(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, at::TensorList weights, bool has_biases, bool has_proj,
     int64_t num_layers, bool bidirectional) {
   static const auto layer_op = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("fused_lstm::lstm_layer_inference", "")
-                                   .typed<InferenceSignature>();
+                                   .findSchemaOrThrow("fused_lstm::lstm_layer", "")
+                                   .typed<LayerSignature>();
   const int64_t directions = bidirectional ? 2 : 1;
   const int64_t per_layer = 2 + (has_biases ? 2 : 0) + (has_proj ? 1 : 0);
   TORCH_CHECK(num_layers > 0, "fused_lstm: expected num_layers > 0, got ", num_layers);

@@ -30,14 +30,15 @@ def _lstm_layer_forward_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
             input.new_empty((N, 4 * H)), input.new_empty((N, H)), hiddens)
 
 
-@torch.library.register_fake("fused_lstm::lstm_layer_inference")
-def _lstm_layer_inference_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+@torch.library.register_fake("fused_lstm::lstm_layer")
+def _lstm_layer_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
     N, H, P = _sizes(input, w_ih, w_hr)
     B = h0.shape[0]
     return input.new_empty((N, P)), input.new_empty((B, P)), input.new_empty((B, H))
 
 
 @torch.library.register_fake("fused_lstm::lstm_layer_backward")
+@torch.library.register_fake("fused_lstm::lstm_layer_backward_overwrite_gates")
 def _lstm_layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0,
                               w_ih, w_hh, w_hr, output, gates, cells, hiddens, reverse,
                               need_grad_input):

@@ -54,11 +54,9 @@ def lstm_layer(
     """
     h0, c0 = hx
     if batch_sizes is not None:
-        args = (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
-        if _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-            output, h_n, c_n, *_ = ops.lstm_layer_forward(*args)
-        else:  # no workspace kept for a backward that will not come
-            output, h_n, c_n = ops.lstm_layer_inference(*args)
+        # Keeps the workspace for backward only when a gradient is needed.
+        output, h_n, c_n = ops.lstm_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                          w_hr, reverse)
         return output, (h_n, c_n)
     if input.dim() != 3:
         raise ValueError(f"lstm_layer: expected input of shape [T, B, I], got {list(input.shape)}")

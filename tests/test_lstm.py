@@ -193,3 +193,29 @@ def test_zero_batch_matches_nn():
     x = torch.randn(3, 0, 4)
     (o1, (h1, c1)), (o2, (h2, c2)) = ref(x), ours(x)
     assert o1.shape == o2.shape and h1.shape == h2.shape and c1.shape == c2.shape
+
+
+@pytest.mark.parametrize("proj_size", [0, 3])
+@pytest.mark.parametrize("used", ["output", "h_n", "c_n"])
+def test_gradients_from_one_output(used, proj_size):
+    # A loss on one of output, h_n, c_n: the others get no gradient at all (undefined,
+    # not materialised as zeros), and the gradients still equal nn.LSTM's.
+    gen = torch.Generator().manual_seed(len(used) + proj_size)
+    ref = nn.LSTM(I, H, num_layers=2, proj_size=proj_size, dtype=torch.float64)
+    random_like_weights(ref, proj_size)
+    ours = fused_lstm.LSTM(I, H, num_layers=2, proj_size=proj_size, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    x = _random((5, 3, I), torch.float64, gen)
+
+    def grads(module):
+        x_ = x.clone().requires_grad_()
+        out, (h_n, c_n) = module(x_)
+        t = {"output": out, "h_n": h_n, "c_n": c_n}[used]
+        loss = (t * torch.linspace(-1, 2, t.numel(), dtype=t.dtype).view(t.shape)).sum()
+        return torch.autograd.grad(loss, [x_] + list(module.parameters()), allow_unused=True)
+
+    for a, e in zip(grads(ours), grads(ref)):
+        if e is None:  # c_n does not depend on the last layer's projection
+            assert a is None or not a.any()
+        else:
+            assert_close(a, e)

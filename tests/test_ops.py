@@ -32,14 +32,15 @@ VARIANT_IDS = [f"{'packed' if a else 'dense'}-{'bias' if b else 'nobias'}-{'proj
                f"{'rev' if d else 'fwd'}" for a, b, c, d in VARIANTS]
 
 
+@pytest.mark.parametrize("op_name", ["lstm_layer", "lstm_layer_forward"])
 @pytest.mark.parametrize("packed,bias,proj,reverse", VARIANTS, ids=VARIANT_IDS)
-def test_gradcheck_layer_op(packed, bias, proj, reverse):
+def test_gradcheck_layer_op(packed, bias, proj, reverse, op_name):
     args = layer_args(packed=packed, bias=bias, proj=proj, reverse=reverse)
     names = [n for n, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
 
     def fn(*tensors):
         kw = dict(args, **dict(zip(names, tensors)))
-        out, h_n, c_n, *_ = ops.lstm_layer_forward(**kw)
+        out, h_n, c_n, *_ = getattr(ops, op_name)(**kw)
         return out, h_n, c_n
 
     assert torch.autograd.gradcheck(fn, [args[n] for n in names])
@@ -53,18 +54,19 @@ def test_gradcheck_cell():
                                            rnd(4 * H, H), rnd(4 * H), rnd(4 * H)))
 
 
+@pytest.mark.parametrize("op_name", ["lstm_layer", "lstm_layer_forward"])
 @pytest.mark.parametrize("packed,bias,proj,reverse", VARIANTS, ids=VARIANT_IDS)
-def test_opcheck_forward(packed, bias, proj, reverse):
+def test_opcheck_forward(packed, bias, proj, reverse, op_name):
     args = layer_args(dtype=torch.float32, packed=packed, bias=bias, proj=proj, reverse=reverse)
-    torch.library.opcheck(ops.lstm_layer_forward, tuple(args.values()))
+    torch.library.opcheck(getattr(ops, op_name), tuple(args.values()))
 
 
 @pytest.mark.parametrize("packed,bias,proj,reverse", VARIANTS, ids=VARIANT_IDS)
-def test_inference_op_matches_forward(packed, bias, proj, reverse):
+def test_layer_op_without_grad_matches_forward(packed, bias, proj, reverse):
     args = layer_args(packed=packed, bias=bias, proj=proj, reverse=reverse, requires_grad=False)
-    torch.library.opcheck(ops.lstm_layer_inference, tuple(args.values()))
+    torch.library.opcheck(ops.lstm_layer, tuple(args.values()))
     expected = ops.lstm_layer_forward(**args)[:3]
-    for got, e in zip(ops.lstm_layer_inference(**args), expected):
+    for got, e in zip(ops.lstm_layer(**args), expected):
         torch.testing.assert_close(got, e, rtol=0, atol=0)
 
 
@@ -121,7 +123,7 @@ def test_inference_buffer_reuse_across_sizes():
     results = {}
     for packed, seed in [(False, 1), (True, 2), (False, 1), (True, 2)]:
         args = layer_args(dtype=torch.float32, packed=packed, seed=seed, requires_grad=False)
-        out = ops.lstm_layer_inference(**args)
+        out = ops.lstm_layer(**args)
         if seed in results:
             for a, b in zip(out, results[seed]):
                 assert torch.equal(a, b)
@@ -130,25 +132,61 @@ def test_inference_buffer_reuse_across_sizes():
             assert torch.equal(got, e)
 
 
-@pytest.mark.parametrize("proj,need_grad_input", [(False, True), (True, False)])
-def test_opcheck_backward(proj, need_grad_input):
-    args = layer_args(dtype=torch.float32, packed=True, proj=proj, requires_grad=False)
+def backward_args(proj, need_grad_input, dtype=torch.float32):
+    args = layer_args(dtype=dtype, packed=True, proj=proj, requires_grad=False)
     out, h_n, c_n, gates, cells, hiddens = ops.lstm_layer_forward(**args)
-    bwd = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), args["input"],
-           args["batch_sizes"], args["h0"], args["c0"], args["w_ih"], args["w_hh"], args["w_hr"],
-           out, gates, cells, hiddens, args["reverse"], need_grad_input)
-    torch.library.opcheck(ops.lstm_layer_backward, bwd,
+    return (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), args["input"],
+            args["batch_sizes"], args["h0"], args["c0"], args["w_ih"], args["w_hh"], args["w_hr"],
+            out, gates, cells, hiddens, args["reverse"], need_grad_input)
+
+
+@pytest.mark.parametrize("op_name", ["lstm_layer_backward", "lstm_layer_backward_overwrite_gates"])
+@pytest.mark.parametrize("proj,need_grad_input", [(False, True), (True, False)])
+def test_opcheck_backward(proj, need_grad_input, op_name):
+    torch.library.opcheck(getattr(ops, op_name), backward_args(proj, need_grad_input),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
-def test_backward_does_not_overwrite_saved_tensors():
-    # Backward twice (retain_graph) gives the same gradients: the saved workspace is read-only.
+@pytest.mark.parametrize("proj", [False, True])
+def test_backward_overwriting_gates_gives_the_same_gradients(proj):
+    args = backward_args(proj, True, dtype=torch.float64)
+    gates = args[11]
+    expected = ops.lstm_layer_backward(*args)
+    assert torch.equal(args[11], gates)  # read only
+    got = ops.lstm_layer_backward_overwrite_gates(*args)
+    for a, e in zip(got, expected):
+        assert torch.equal(a, e)
+    # The gates now hold dL/d(pre-activation gates), whose sum over rows is the bias gradient.
+    torch.testing.assert_close(gates.sum(0), expected[5], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op_name", ["lstm_layer", "lstm_layer_forward"])
+def test_backward_keeps_the_workspace_while_the_graph_is_kept(op_name):
+    # retain_graph: the second backward reads the same saved gates. Without it, lstm_layer's
+    # backward writes its gate gradients over its private workspace: the same gradients.
     args = layer_args()
-    out, h_n, c_n, *_ = ops.lstm_layer_forward(**args)
-    loss = out.sum() + h_n.sum() + c_n.sum()
-    g1 = torch.autograd.grad(loss, [args["w_hh"], args["input"]], retain_graph=True)
-    g2 = torch.autograd.grad(loss, [args["w_hh"], args["input"]])
-    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    wrt = [args["w_hh"], args["input"], args["b_ih"], args["c0"]]
+
+    def loss():
+        out, h_n, c_n, *_ = getattr(ops, op_name)(**args)
+        weights = torch.linspace(-1, 1, out.shape[1], dtype=out.dtype)
+        return (out * weights).sum() + h_n.sum() + c_n.sum()
+
+    graph = loss()
+    kept = torch.autograd.grad(graph, wrt, retain_graph=True)
+    last = torch.autograd.grad(graph, wrt)
+    fresh = torch.autograd.grad(loss(), wrt)
+    for a, b, c in zip(kept, last, fresh):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_forward_op_workspace_is_not_overwritten():
+    # lstm_layer_forward hands its workspace to the caller: backward must leave it as it was.
+    args = layer_args()
+    out, h_n, c_n, gates, cells, hiddens = ops.lstm_layer_forward(**args)
+    before = gates.clone()
+    (out.sum() + h_n.sum()).backward()
+    assert torch.equal(gates, before)
 
 
 def test_torch_compile_traces_the_module():

@@ -253,7 +253,7 @@ ForwardResult lstm_layer_forward_cpu(
   return layer_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, true);
 }
 
-InferenceResult lstm_layer_inference_cpu(
+LayerResult lstm_layer_cpu(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
@@ -263,7 +263,13 @@ InferenceResult lstm_layer_inference_cpu(
   return {output, h_n, c_n};
 }
 
-BackwardResult lstm_layer_backward_cpu(
+namespace {
+
+// The layer backward: ops lstm_layer_backward and, kOverwriteGates,
+// lstm_layer_backward_overwrite_gates. There the gate gradients go over the gates
+// (each step reads its gates before it writes their gradients), else into a scratch buffer.
+template <bool kOverwriteGates>
+BackwardResult layer_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -281,7 +287,10 @@ BackwardResult lstm_layer_backward_cpu(
   const at::Tensor gates_c = gates.contiguous(), cells_c = cells.contiguous();
   const at::Tensor hiddens_c = hiddens.contiguous();
   const auto opts = input.options();
-  at::Tensor grad_gates = scratch_buffer(Scratch::kGradGates, N, 4 * H, opts);  // [N, 4H]
+  // [N, 4H] dL/d(pre-activation); with kOverwriteGates over gates_c (gates itself, or a
+  // contiguous copy of our own).
+  at::Tensor grad_gates =
+      kOverwriteGates ? gates_c : scratch_buffer(Scratch::kGradGates, N, 4 * H, opts);
   at::Tensor grad_h = grad_h_n.contiguous().clone();    // [B, P] running dL/dh
   at::Tensor grad_c = grad_c_n.contiguous().clone();    // [B, H] running dL/dc
   // [N, P] the h each step began from, gathered only when the batch varies.
@@ -354,10 +363,13 @@ BackwardResult lstm_layer_backward_cpu(
   return {grad_input, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
+}  // namespace
+
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
   m.impl("lstm_layer_forward", &lstm_layer_forward_cpu);
-  m.impl("lstm_layer_inference", &lstm_layer_inference_cpu);
-  m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
+  m.impl("lstm_layer", &lstm_layer_cpu);
+  m.impl("lstm_layer_backward", &layer_backward<false>);
+  m.impl("lstm_layer_backward_overwrite_gates", &layer_backward<true>);
 }
 
 }  // namespace fused_lstm::cpu

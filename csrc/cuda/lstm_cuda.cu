@@ -101,15 +101,16 @@ __global__ void cell_forward_kernel(index_t b, index_t H, scalar_t* __restrict__
 // Fused backward for one step.
 //   gates: [b, 4H] activated; cells: [b, H] c; c_prev rows [0, prev_batch) from
 //   c_prev_step, the rest from c0; dh: [b, H] (+ dh_extra unless null);
-//   dc: [b, H] dL/dc in, dL/dc_prev out; dgates: [b, 4H] out.
+//   dc: [b, H] dL/dc in, dL/dc_prev out; dgates: [b, 4H] out, may be gates itself (each
+//   thread reads its four gates before it writes their gradients; hence no __restrict__).
 template <typename scalar_t, typename index_t>
-__global__ void cell_backward_kernel(index_t b, index_t H, const scalar_t* __restrict__ gates,
+__global__ void cell_backward_kernel(index_t b, index_t H, const scalar_t* gates,
                                      const scalar_t* __restrict__ cells,
                                      const scalar_t* __restrict__ c_prev_step, index_t prev_batch,
                                      const scalar_t* __restrict__ c0,
                                      const scalar_t* __restrict__ dh,
                                      const scalar_t* __restrict__ dh_extra,
-                                     scalar_t* __restrict__ dc, scalar_t* __restrict__ dgates) {
+                                     scalar_t* __restrict__ dc, scalar_t* dgates) {
   using opmath_t = at::opmath_type<scalar_t>;
   const index_t units = b * H;
   for (index_t u = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; u < units;
@@ -230,7 +231,7 @@ ForwardResult lstm_layer_forward_cuda(
 
 // The caching allocator already spares inference fresh pages: run the forward and
 // drop its workspace.
-InferenceResult lstm_layer_inference_cuda(
+LayerResult lstm_layer_cuda(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
@@ -240,6 +241,9 @@ InferenceResult lstm_layer_inference_cuda(
   return {output, h_n, c_n};
 }
 
+// Ops lstm_layer_backward and, kOverwriteGates, lstm_layer_backward_overwrite_gates
+// (the gate gradients over the gates instead of a buffer of their own).
+template <bool kOverwriteGates>
 BackwardResult lstm_layer_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
@@ -261,7 +265,9 @@ BackwardResult lstm_layer_backward_cuda(
   const at::Tensor gates_c = gates.contiguous(), cells_c = cells.contiguous();
   const at::Tensor hiddens_c = hiddens.contiguous();
   const auto opts = input.options();
-  at::Tensor grad_gates = at::empty({N, 4 * H}, opts);  // [N, 4H] dL/d(pre-activation)
+  // [N, 4H] dL/d(pre-activation); with kOverwriteGates over gates_c (gates itself, or a
+  // contiguous copy of our own).
+  at::Tensor grad_gates = kOverwriteGates ? gates_c : at::empty({N, 4 * H}, opts);
   at::Tensor grad_h = grad_h_n.contiguous().clone();    // [B, P] running dL/dh
   at::Tensor grad_c = grad_c_n.contiguous().clone();    // [B, H] running dL/dc
   // [N, P] the h each step began from, gathered only when the batch varies.
@@ -334,8 +340,9 @@ BackwardResult lstm_layer_backward_cuda(
 
 TORCH_LIBRARY_IMPL(fused_lstm, CUDA, m) {
   m.impl("lstm_layer_forward", &lstm_layer_forward_cuda);
-  m.impl("lstm_layer_inference", &lstm_layer_inference_cuda);
-  m.impl("lstm_layer_backward", &lstm_layer_backward_cuda);
+  m.impl("lstm_layer", &lstm_layer_cuda);
+  m.impl("lstm_layer_backward", &lstm_layer_backward_cuda<false>);
+  m.impl("lstm_layer_backward_overwrite_gates", &lstm_layer_backward_cuda<true>);
 }
 
 }  // namespace fused_lstm::cuda
