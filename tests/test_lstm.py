@@ -167,6 +167,34 @@ def test_small_batch_threads(threads):
         assert_close(a, e)
 
 
+@pytest.mark.parametrize("batch", [13, 64])
+def test_fused_step_larger_batches(batch):
+    # At H >= 128 the forward runs the fused step at any batch (cpu_path "auto" and
+    # "small"): several 4-row tiles per hidden-unit chunk, rows left over, a packed
+    # batch shrinking forward and growing in reverse, 2 threads sharing the chunks.
+    gen = torch.Generator().manual_seed(batch)
+    ref = nn.LSTM(9, 144, bidirectional=True, dtype=torch.float64)
+    random_like_weights(ref, batch)
+    ours = fused_lstm.LSTM(9, 144, bidirectional=True, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    x = _random((7, batch, 9), torch.float64, gen)
+    hx = (_random((2, batch, 144), torch.float64, gen), _random((2, batch, 144), torch.float64, gen))
+    lengths = torch.randint(1, 8, (batch,), generator=gen).sort(descending=True).values
+    lengths[0] = 7
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for lens in (None, lengths):
+            expected = lstm_outputs_and_grads(ref, x, hx, lens)
+            got = lstm_outputs_and_grads(ours, x, hx, lens)
+            for a, e in zip(got[0] + got[1], expected[0] + expected[1]):
+                assert_close(a, e)
+            for a, e in zip(lstm_outputs(ours, x, hx, lens), expected[0]):
+                assert_close(a, e)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_lstm_larger_shape_float32():
     # Here the weight gradients sum 660 rows, and nn.LSTM's own float32 error
     # (measured: ~1e-4) exceeds 1e-5. So both are measured against the float64

@@ -76,6 +76,18 @@ struct StepGemm {
   }
 };
 
+// Whether the forward (without a projection) runs the fused step of cell_kernels.h
+// instead of a recurrent GEMM and an elementwise pass per step: always with the
+// "small" setting, never with the other explicit ones, and with "auto" where it
+// measured faster on the CI machine (benchmarks/PERF_LOG.md, row 17): wherever the
+// step GEMM is small (batch <= 8, W_hh in L2), and at H >= 128 for any batch. Below
+// that a step is too little work to share between threads.
+bool use_fused_step(bool step_gemm_small, int64_t H) {
+  const auto setting = cpu_gemm_setting();
+  return setting == GemmSetting::kSmall ||
+         (setting == GemmSetting::kAuto && (step_gemm_small || H >= 128));
+}
+
 // Buffers that live only inside one op call (the inference gate buffer, and in
 // backward the gate gradients and the stacked previous h) are reused per thread:
 // a fresh buffer costs a page fault per 4 KiB on first touch (~14 ms for
@@ -160,14 +172,15 @@ ForwardResult layer_forward(
     const auto projection_gemm = StepGemm<scalar_t>::make(B, P, H);
     const auto& kernels = cell_kernels<scalar_t>();
     const auto cell_forward_step = kernels.forward;
-    const bool fused = !has_proj && recurrent_gemm.small && kernels.fused_step != nullptr;
+    const bool fused =
+        !has_proj && kernels.fused_step != nullptr && use_fused_step(recurrent_gemm.small, H);
     // small_gemm reads B as [K, N]: the transposed weights, made once per call.
     const at::Tensor w_hh_t =
         recurrent_gemm.small && !fused ? w_hh_c.t().contiguous() : at::Tensor();
     const at::Tensor w_hr_t =
         has_proj && projection_gemm.small ? w_hr_c->t().contiguous() : at::Tensor();
     if (fused) {
-      // Small batches: GEMM and cell update fused per step (cell_kernels.h). Step t
+      // GEMM and cell update fused per step (cell_kernels.h). Step t
       // reads h_prev from step t-1's output rows, and rows that start later (reverse
       // direction) from h_state, which holds h0 until the loop ends.
       const int64_t width = kernels.fused_width;
