@@ -296,6 +296,17 @@ void fused_step(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
       const int64_t u = j * W, n = std::min(W, H - u);
       const scalar_t* w_tile = w_packed + j * H * 4 * W;
       int64_t r = 0;
+      if constexpr (kRows == 4) {
+        // 6-row tiles while more than 8 rows remain (8 go as 4 + 4): 24 accumulators and
+        // 4 weight vectors of the 32 registers, each weight load serving 6 FMAs
+        // (wide-shape forward 55-57 -> 53-56 ms, PERF_LOG.md row 19).
+        for (; b - r > 8 || b - r == 6 || b - r == 7; r += 6) {
+          const scalar_t* rows[6];
+          for (int i = 0; i < 6; ++i) rows[i] = a_row(r + i);
+          fused_step_tile<scalar_t, 6>(H, rows, w_tile, gates, store_gates, c_state, cells,
+                                       h_out, r, u, n);
+        }
+      }
       for (; r + kRows <= b; r += kRows) {
         const scalar_t* rows[kRows];
         for (int i = 0; i < kRows; ++i) rows[i] = a_row(r + i);
