@@ -41,14 +41,13 @@ ForwardResult forward_autocast(const at::Tensor& input, const at::Tensor& batch_
 }
 
 LayerResult layer_autocast(const at::Tensor& input, const at::Tensor& batch_sizes,
-                                   const at::Tensor& h0, const at::Tensor& c0,
-                                   const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                   const std::optional<at::Tensor>& b_ih,
-                                   const std::optional<at::Tensor>& b_hh,
-                                   const std::optional<at::Tensor>& w_hr, bool reverse) {
+                           const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                           const std::optional<at::Tensor>& b_hh,
+                           const std::optional<at::Tensor>& w_hr, bool reverse) {
   return autocast_layer<LayerSignature, LayerResult>(
-      "fused_lstm::lstm_layer", input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
-      w_hr, reverse);
+      "fused_lstm::lstm_layer", input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+      reverse);
 }
 
 }  // namespace

@@ -27,9 +27,9 @@ struct CellKernels {
   void (*small_gemm)(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
                      const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C,
                      int64_t ldc);
-  // A whole forward step for small batches (no projection): the recurrent GEMM and
-  // the cell update fused per tile of rows and fused_width hidden units, the gates
-  // never leaving registers in between. h_prev row r is a_main[r] for r < split,
+  // A whole forward step (no projection; where use_fused_step in lstm_cpu.cpp picks
+  // it): the recurrent GEMM and the cell update fused per tile of rows and fused_width
+  // hidden units, the gates never leaving registers in between. h_prev row r is a_main[r] for r < split,
   // else a_rest[r - split] (rows of H). w_packed: W_hh as [ceil(H / fused_width)][H]
   // [4 gates][fused_width], zero past H (pack_w_hh_for_fused_step). gates: [b, 4H]
   // input part in, activated out when store_gates; c_state: [b, H] in/out; cells,

@@ -288,8 +288,8 @@ void fused_step(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
   if constexpr (kVectorized<scalar_t>) {
     using Vec = Vectorized<scalar_t>;
     constexpr int64_t W = Vec::size();
-    // 4 gates x kRows accumulators + 4 weight vectors: 21 of AVX-512's 32 registers
-    // at 4 rows, 13 of AVX2's 16 at 2.
+    // 4 gates x kRows accumulators + 4 weight vectors + a broadcast: 21 of AVX-512's 32
+    // registers at 4 rows (29 in its 6-row tiles below), 13 of AVX2's 16 at 2.
     constexpr int kRows = sizeof(Vec) >= 64 ? 4 : 2;
     const auto a_row = [&](int64_t r) { return r < split ? a_main + r * H : a_rest + (r - split) * H; };
     for (int64_t j = j0; j < j1; ++j) {
@@ -300,7 +300,7 @@ void fused_step(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
         // 6-row tiles while more than 8 rows remain (8 go as 4 + 4): 24 accumulators and
         // 4 weight vectors of the 32 registers, each weight load serving 6 FMAs
         // (wide-shape forward 55-57 -> 53-56 ms, PERF_LOG.md row 19).
-        for (; b - r > 8 || b - r == 6 || b - r == 7; r += 6) {
+        for (; b - r >= 6 && b - r != 8; r += 6) {
           const scalar_t* rows[6];
           for (int i = 0; i < 6; ++i) rows[i] = a_row(r + i);
           fused_step_tile<scalar_t, 6>(H, rows, w_tile, gates, store_gates, c_state, cells,
