@@ -180,6 +180,24 @@ def test_backward_keeps_the_workspace_while_the_graph_is_kept(op_name):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+def test_backward_overwrites_the_private_workspace():
+    # The memory saving itself: without retain_graph, lstm_layer's backward writes the gate
+    # gradients over its saved gates (seen through a pack hook that keeps what it is given).
+    args = layer_args()
+    kept = []
+
+    def pack(t):
+        kept.append((t, t.clone()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, h_n, c_n = ops.lstm_layer(**args)
+    (out.sum() + h_n.sum()).backward()
+    gates_shape = (args["input"].shape[0], 4 * H)
+    changed = [not torch.equal(t, before) for t, before in kept if t.shape == gates_shape]
+    assert changed == [True]
+
+
 def test_forward_op_workspace_is_not_overwritten():
     # lstm_layer_forward hands its workspace to the caller: backward must leave it as it was.
     args = layer_args()
