@@ -9,7 +9,7 @@ namespace fused_lstm {
 namespace {
 
 // Result(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih?, b_hh?, w_hr?, reverse): the
-// forward and the inference op share their arguments.
+// lstm_layer_forward and lstm_layer share their arguments.
 template <typename Signature, typename Result>
 Result autocast_layer(const char* op_name, const at::Tensor& input, const at::Tensor& batch_sizes,
                       const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,

@@ -40,7 +40,7 @@ def test_cell_matches_nn(dtype, batched, give_hx, bias, batch):
     for a, e in zip(run(ours), expected):
         assert a.shape == e.shape
         assert_close(a, e)
-    with torch.no_grad():  # the inference op
+    with torch.no_grad():  # no workspace kept (the inference path)
         for a, e in zip(ours(x, hx if give_hx else None), expected[:2]):
             assert_close(a, e)
 

@@ -66,7 +66,7 @@ def test_double_half_and_to():
         assert out.dtype == dtype
         for a, e in zip((out, hn, cn), expected):
             assert_close(a.double(), e, dtype=dtype)
-        with torch.no_grad():  # the inference op, with its reused buffer, in this dtype
+        with torch.no_grad():  # the inference path, with its reused buffer, in this dtype
             out, (hn, cn) = h(x.to(dtype))
         for a, e in zip((out, hn, cn), expected):
             assert_close(a.double(), e, dtype=dtype)
