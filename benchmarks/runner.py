@@ -9,6 +9,7 @@ import os
 import pickle
 import platform
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -20,7 +21,7 @@ from torch.utils import benchmark
 
 import fused_lstm
 
-from .suites import CASES_BY_NAME, MODES, SUITES, Case, lstm_flops
+from .suites import CASES_BY_NAME, MODES, SUITE_PROCESSES, SUITES, Case, lstm_flops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ROUNDS = 3  # each implementation is measured in this many interleaved rounds
@@ -247,6 +248,27 @@ def run_case(case, mode, dtype, device, min_run_time, threads):
     return record, list(measurements.values())
 
 
+def combine_processes(runs):
+    """The records of one case timed in several processes (a list per process, in the
+    same order) -> one list: each time the median over processes, each speedup the
+    median of the per-process ratios (both sides of a ratio come from one process),
+    and the per-process times kept as process_median_s."""
+    if len(runs) == 1:
+        return runs[0]
+    combined = []
+    for same in zip(*runs):
+        record = dict(same[0])
+        names = record["median_s"]
+        record["process_median_s"] = [r["median_s"] for r in same]
+        record["median_s"] = {n: statistics.median(r["median_s"][n] for r in same) for n in names}
+        record["iqr_s"] = {n: statistics.median(r["iqr_s"][n] for r in same) for n in names}
+        record["speedup"] = {b: statistics.median(r["speedup"][b] for r in same)
+                             for b in record["speedup"]}
+        record["gflops"] = {n: record["flops"] / t / 1e9 for n, t in record["median_s"].items()}
+        combined.append(record)
+    return combined
+
+
 def measure_memory(record):
     """Adds peak_memory_bytes (forward + backward) to a record with case, dtype, device."""
     case = CASES_BY_NAME[record["case"]]
@@ -279,8 +301,9 @@ def print_table(records, peak_flops, device):
         if mem.get("fused") and mem.get("nn-" + base_names[0]):
             line += f"{mem['fused'] / 2**20:>9.1f}/{mem['nn-' + base_names[0]] / 2**20:.1f} MB"
         print(line)
-    print("speedup = nn.LSTM time / fused_lstm time (>1: fused_lstm is faster). "
-          "GFLOP/s and % of the large-matmul peak are fused_lstm's.")
+    print("speedup = nn.LSTM time / fused_lstm time (>1: fused_lstm is faster; over several "
+          "processes, times and speedups are medians of the per-process ones). GFLOP/s and % "
+          "of the large-matmul peak are fused_lstm's.")
 
 
 def plot(records, path, device, title):
@@ -334,6 +357,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="bench_out", help="directory for results.json and speedup.png")
     p.add_argument("--in-process", action="store_true",
                    help="time every case in this process (default: one fresh process per case)")
+    p.add_argument("--processes", type=int,
+                   help="fresh processes each case is timed in, reporting the median (default: "
+                   + ", ".join(f"{n} for --suite {s}" for s, n in SUITE_PROCESSES.items()) + ")")
     # Internal: a child process that times one case (or measures memory) and pickles the result.
     p.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -404,6 +430,9 @@ def run(args):
     threads = torch.get_num_threads()
     suite_cases, min_run_time = SUITES[args.suite]
     min_run_time = args.min_run_time or min_run_time
+    processes = args.processes if args.processes is not None else SUITE_PROCESSES[args.suite]
+    if processes < 1 or (args.in_process and args.processes not in (None, 1)):
+        raise SystemExit("--processes: expected a count >= 1, and 1 with --in-process")
     case_names = args.cases.split(",") if args.cases else suite_cases
     unknown = [c for c in case_names if c not in CASES_BY_NAME]
     if unknown:
@@ -424,6 +453,7 @@ def run(args):
         peak[name] = matmul_peak(DTYPES[name], args.device, threads, min(1.0, min_run_time * 2))
     records, measurements = [], []
     if args.in_process:
+        processes = 1
         jobs = [(c, m, d) for d in dtype_names for c in case_names for m in modes]
         for i, (case_name, mode, dtype_name) in enumerate(jobs, 1):
             log(f"[{i}/{len(jobs)}] {case_name} {mode} {dtype_name} ...")
@@ -434,10 +464,12 @@ def run(args):
     else:
         groups = [(c, d) for d in dtype_names for c in case_names]
         for i, (case_name, dtype_name) in enumerate(groups, 1):
-            log(f"[{i}/{len(groups)}] {case_name} {dtype_name} ({', '.join(modes)}), own process ...")
-            got, ms = in_child("time", args, [case_name], [dtype_name], min_run_time, modes)
-            records += got
-            measurements += ms
+            log(f"[{i}/{len(groups)}] {case_name} {dtype_name} ({', '.join(modes)}), "
+                f"{processes} own process{'es' if processes > 1 else ''} ...")
+            runs = [in_child("time", args, [case_name], [dtype_name], min_run_time, modes)
+                    for _ in range(processes)]
+            records += combine_processes([got for got, _ in runs])
+            measurements += benchmark.Measurement.merge([m for _, ms in runs for m in ms])
     # Memory: in separate processes, with malloc set up for it from the start (on the
     # CPU, fix_malloc_for_rss changes malloc for the rest of a process).
     train_cases = [c for c in case_names if "train" in modes]
@@ -471,8 +503,9 @@ def run(args):
               "memory_measure": ("CUDA: torch.cuda.max_memory_allocated over the start"
                                  if args.device == "cuda" else
                                  "CPU: growth of VmHWM over VmRSS during one forward+backward, "
-                                 "glibc mmap threshold fixed at 64 KiB, fused_lstm's reused "
-                                 "buffers released before"),
+                                 "glibc mmap threshold fixed at 64 KiB, heap trimmed and "
+                                 "fused_lstm's reused buffers released before"),
+              "processes": processes,
               "elapsed_s": time.perf_counter() - started, "results": records}
     json_path = os.path.join(args.out, "results.json")
     with open(json_path, "w") as f:

@@ -39,6 +39,23 @@ def test_benchmark_tiny_cases_write_json_and_png(tmp_path, capsys):
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
 
+def test_several_processes_report_medians(tmp_path):
+    runner.main(["--cases", "tiny", "--modes", "forward", "--processes", "3", "--min-run-time",
+                 "0.02", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["processes"] == 3
+    (record,) = result["results"]
+    runs = record["process_median_s"]
+    assert len(runs) == 3
+    for name, t in record["median_s"].items():
+        assert t == sorted(r[name] for r in runs)[1]
+    for base, s in record["speedup"].items():
+        ratios = sorted(r["nn-" + base] / r["fused"] for r in runs)
+        assert s == pytest.approx(ratios[1])
+    with pytest.raises(SystemExit, match="--processes"):
+        runner.main(["--cases", "tiny", "--processes", "0", "--out", str(tmp_path)])
+
+
 def test_unknown_case_is_rejected(tmp_path):
     with pytest.raises(SystemExit, match="unknown case"):
         runner.main(["--cases", "nope", "--out", str(tmp_path)])
