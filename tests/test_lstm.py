@@ -139,52 +139,21 @@ def test_small_batch_gemm_blocks(dtype, hidden, batch):
         assert_close(a.grad, e.grad)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_small_batch_threads(threads):
-    # At B <= 8 and H = 128 the fused small-batch loop splits the hidden units over
-    # threads with a barrier per step (3 threads: uneven chunks, more threads than
-    # this machine's cores). Bidirectional packed input: the batch shrinks forward
-    # and grows in reverse, where rows start from h0 mid-sequence.
-    gen = torch.Generator().manual_seed(threads)
-    ref = nn.LSTM(5, 128, bidirectional=True, dtype=torch.float64)
-    random_like_weights(ref, threads)
-    ours = fused_lstm.LSTM(5, 128, bidirectional=True, dtype=torch.float64)
+def _bidirectional_matches_nn(I_, H_, T, batch, lengths, threads, seed):
+    """A bidirectional float64 LSTM on `threads` threads against nn.LSTM, random hx,
+    for each of `lengths` (None: dense; else packed with those lengths): outputs,
+    states and gradients, and the no_grad path."""
+    gen = torch.Generator().manual_seed(seed)
+    ref = nn.LSTM(I_, H_, bidirectional=True, dtype=torch.float64)
+    random_like_weights(ref, seed)
+    ours = fused_lstm.LSTM(I_, H_, bidirectional=True, dtype=torch.float64)
     ours.load_state_dict(ref.state_dict())
-    x = _random((12, 8, 5), torch.float64, gen)
-    hx = (_random((2, 8, 128), torch.float64, gen), _random((2, 8, 128), torch.float64, gen))
-    lengths = torch.tensor([12, 12, 9, 7, 7, 4, 2, 1])
+    x = _random((T, batch, I_), torch.float64, gen)
+    hx = (_random((2, batch, H_), torch.float64, gen), _random((2, batch, H_), torch.float64, gen))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        expected = lstm_outputs_and_grads(ref, x, hx, lengths)
-        got = lstm_outputs_and_grads(ours, x, hx, lengths)
-        inference = lstm_outputs(ours, x, hx, lengths)
-    finally:
-        torch.set_num_threads(before)
-    for a, e in zip(got[0] + got[1], expected[0] + expected[1]):
-        assert_close(a, e)
-    for a, e in zip(inference, expected[0]):
-        assert_close(a, e)
-
-
-@pytest.mark.parametrize("batch", [13, 64])
-def test_fused_step_larger_batches(batch):
-    # At H >= 128 the forward runs the fused step at any batch (cpu_path "auto" and
-    # "small"): several 4-row tiles per hidden-unit chunk, rows left over, a packed
-    # batch shrinking forward and growing in reverse, 2 threads sharing the chunks.
-    gen = torch.Generator().manual_seed(batch)
-    ref = nn.LSTM(9, 144, bidirectional=True, dtype=torch.float64)
-    random_like_weights(ref, batch)
-    ours = fused_lstm.LSTM(9, 144, bidirectional=True, dtype=torch.float64)
-    ours.load_state_dict(ref.state_dict())
-    x = _random((7, batch, 9), torch.float64, gen)
-    hx = (_random((2, batch, 144), torch.float64, gen), _random((2, batch, 144), torch.float64, gen))
-    lengths = torch.randint(1, 8, (batch,), generator=gen).sort(descending=True).values
-    lengths[0] = 7
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for lens in (None, lengths):
+        for lens in lengths:
             expected = lstm_outputs_and_grads(ref, x, hx, lens)
             got = lstm_outputs_and_grads(ours, x, hx, lens)
             for a, e in zip(got[0] + got[1], expected[0] + expected[1]):
@@ -193,6 +162,27 @@ def test_fused_step_larger_batches(batch):
                 assert_close(a, e)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_small_batch_threads(threads):
+    # At B <= 8 and H = 128 the fused small-batch loop splits the hidden units over
+    # threads with a barrier per step (3 threads: uneven chunks, more threads than
+    # this machine's cores). Bidirectional packed input: the batch shrinks forward
+    # and grows in reverse, where rows start from h0 mid-sequence.
+    lengths = torch.tensor([12, 12, 9, 7, 7, 4, 2, 1])
+    _bidirectional_matches_nn(5, 128, 12, 8, [lengths], threads, seed=threads)
+
+
+@pytest.mark.parametrize("batch", [13, 64])
+def test_fused_step_larger_batches(batch):
+    # At H >= 128 the forward runs the fused step at any batch (cpu_path "auto" and
+    # "small"): 6-row, 4-row and 1-row tiles per hidden-unit chunk, dense input and a
+    # packed batch shrinking forward and growing in reverse, 2 threads sharing the chunks.
+    gen = torch.Generator().manual_seed(batch + 1000)
+    lengths = torch.randint(1, 8, (batch,), generator=gen).sort(descending=True).values
+    lengths[0] = 7
+    _bidirectional_matches_nn(9, 144, 7, batch, [None, lengths], 2, seed=batch)
 
 
 def test_lstm_larger_shape_float32():
