@@ -139,6 +139,27 @@ def test_small_batch_gemm_blocks(dtype, hidden, batch):
         assert_close(a.grad, e.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_narrow_gemm_outputs(dtype):
+    # GEMMs whose output is narrower than a vector (input_size 5, then 2 * proj_size 8,
+    # and proj_size 4 in dW_hh) with 64+ rows run BLAS on the transposed product
+    # (blas.cpp, narrow_output): dx, dW_ih, and dW_hh accumulated over a packed reverse
+    # direction's terms (beta = 1). Random hx, so every term is non-zero.
+    gen = torch.Generator().manual_seed(11)
+    kwargs = dict(num_layers=2, bidirectional=True, proj_size=4, dtype=dtype)
+    ref = nn.LSTM(5, 20, **kwargs)
+    random_like_weights(ref, 11)
+    ours = fused_lstm.LSTM(5, 20, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    x = _random((30, 6, 5), dtype, gen)
+    hx = (_random((4, 6, 4), dtype, gen), _random((4, 6, 20), dtype, gen))
+    for lengths in (None, torch.tensor([30, 12, 29, 1, 17, 30])):
+        expected = lstm_outputs_and_grads(ref, x, hx, lengths, enforce_sorted=False)
+        got = lstm_outputs_and_grads(ours, x, hx, lengths, enforce_sorted=False)
+        for a, e in zip(got[0] + got[1], expected[0] + expected[1]):
+            assert_close(a, e)
+
+
 def _bidirectional_matches_nn(I_, H_, T, batch, lengths, threads, seed):
     """A bidirectional float64 LSTM on `threads` threads against nn.LSTM, random hx,
     for each of `lengths` (None: dense; else packed with those lengths): outputs,

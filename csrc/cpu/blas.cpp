@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <climits>
+#include <vector>
 
 namespace fused_lstm::cpu {
 namespace {
@@ -43,6 +44,15 @@ set_threads_local_fn blas_set_threads_local() {
 // Below this many multiply-adds a GEMM runs on one thread: MKL's fork and join
 // costs more than it saves (measured: 32x20x80 and 8x128x512 steps).
 constexpr int64_t kBlasSingleThreadMaxMacs = int64_t{1} << 19;
+
+// Whether a row-major C [M, N] is narrower than one 512-bit vector and has rows to
+// spare: then BLAS runs faster on the transposed product (measured on the CI machine's
+// MKL, benchmarks/PERF_LOG.md row 20).
+template <typename T>
+bool narrow_output(int64_t M, int64_t N) {
+  constexpr int64_t kVectorLanes = 64 / sizeof(T);
+  return N < kVectorLanes && M >= 64;
+}
 
 template <typename T>
 fortran_gemm_fn<T> blas_gemm() {
@@ -141,7 +151,26 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
       const auto set_threads = blas_set_threads_local();
       const bool single = set_threads != nullptr && M * N * K < kBlasSingleThreadMaxMacs;
       const int previous = single ? set_threads(1) : 0;
-      fn(&ta, &tb, &m, &n, &k, &alpha, B, &ld_a, A, &ld_b, &beta, C, &ld_c);
+      if (narrow_output<scalar_t>(M, N)) {
+        // BLAS vectorises along column-major m, which is our N: narrower than a vector it
+        // ran 3-5x slower (seed shape, I = 10: dW_ih 19 -> 6 us). So compute C^T instead,
+        // column-major [M, N] = op(A) op(B), into a scratch, and add it into C.
+        const char ta_c = trans_a ? 'N' : 'T', tb_c = trans_b ? 'N' : 'T';
+        const int m_c = static_cast<int>(M), n_c = static_cast<int>(N);
+        const int ld_ac = static_cast<int>(lda), ld_bc = static_cast<int>(ldb);
+        const scalar_t zero = 0;
+        std::vector<scalar_t> c_t(static_cast<size_t>(M * N));  // column-major [M, N]
+        fn(&ta_c, &tb_c, &m_c, &n_c, &k, &alpha, A, &ld_ac, B, &ld_bc, &zero, c_t.data(), &m_c);
+        for (int64_t row = 0; row < M; ++row) {
+          for (int64_t col = 0; col < N; ++col) {
+            scalar_t& c = C[row * ldc + col];
+            const scalar_t product = c_t[col * M + row];
+            c = beta == opmath_t(0) ? product : beta * c + product;
+          }
+        }
+      } else {
+        fn(&ta, &tb, &m, &n, &k, &alpha, B, &ld_a, A, &ld_b, &beta, C, &ld_c);
+      }
       if (single) set_threads(previous);
       return;
     }
