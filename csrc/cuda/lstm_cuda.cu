@@ -70,6 +70,65 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const sca
       static_cast<int>(ldc), compute, CUBLAS_GEMM_DEFAULT));
 }
 
+// A forward step's GEMM at a small batch: C[M, N] = A[M, K] W[N, K]^T + beta C, M <=
+// kSmallBatchRows. cuBLAS picked a 23 us kernel (and a memset) for the [8, 128] x
+// [128, 512] step on an H200 (benchmarks/PERF_LOG.md, GPU run 5). One warp per output
+// column n: its lanes split K (W's row n read coalesced), each row's sum in a
+// register, then a warp reduction.
+constexpr int kSmallBatchRows = 8;
+
+template <typename scalar_t>
+__global__ void small_batch_gemm_nt_kernel(int M, int N, int K, const scalar_t* __restrict__ A,
+                                           int lda, const scalar_t* __restrict__ W, int ldw,
+                                           at::opmath_type<scalar_t> beta,
+                                           scalar_t* __restrict__ C, int ldc) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  constexpr int kWarp = 32;
+  const int lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  for (int n = blockIdx.x * warps + threadIdx.x / kWarp; n < N; n += gridDim.x * warps) {
+    opmath_t acc[kSmallBatchRows] = {};
+    const scalar_t* w = W + static_cast<int64_t>(n) * ldw;
+    for (int k = lane; k < K; k += kWarp) {
+      const opmath_t w_k = w[k];
+#pragma unroll
+      for (int r = 0; r < kSmallBatchRows; ++r) {
+        if (r < M) acc[r] += static_cast<opmath_t>(A[static_cast<int64_t>(r) * lda + k]) * w_k;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kSmallBatchRows; ++r) {
+      opmath_t sum = acc[r];
+      for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+        sum += __shfl_down_sync(0xffffffffu, sum, offset);
+      }
+      if (lane == 0 && r < M) {
+        scalar_t& c = C[static_cast<int64_t>(r) * ldc + n];
+        c = beta == opmath_t(0) ? sum : beta * static_cast<opmath_t>(c) + sum;
+      }
+    }
+  }
+}
+
+// The forward's step GEMMs, C[M, N] = A[M, K] W[N, K]^T + beta C: the kernel above up
+// to kSmallBatchRows rows, cuBLAS beyond.
+template <typename scalar_t>
+void step_gemm_nt(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+                  const scalar_t* W, int64_t ldw, at::opmath_type<scalar_t> beta, scalar_t* C,
+                  int64_t ldc, cudaStream_t stream) {
+  const bool fits_int = std::max({N, K, lda, ldw, ldc}) <= INT_MAX;
+  if (M > kSmallBatchRows || K == 0 || !fits_int) {
+    gemm<scalar_t>(false, true, M, N, K, A, lda, W, ldw, beta, C, ldc);
+    return;
+  }
+  if (M == 0 || N == 0) return;
+  constexpr int kWarpsPerBlock = kThreads / 32;
+  const int blocks = static_cast<int>(std::min<int64_t>((N + kWarpsPerBlock - 1) / kWarpsPerBlock, 4096));
+  small_batch_gemm_nt_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+      static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), A, static_cast<int>(lda), W,
+      static_cast<int>(ldw), beta, C, static_cast<int>(ldc));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Fused forward for one step, one thread per hidden unit (grid-stride).
 //   gates: [b, 4H] pre-activations in, activated out; c_state: [b, H] c_prev in, c out;
 //   cells, h_out: [b, H] out; h_state: [b, H] out too, or null.
@@ -210,7 +269,7 @@ ForwardResult lstm_layer_forward_cuda(
       if (b == 0) continue;
       scalar_t* g = gate_buffer + step.offset * 4 * H;
       // Recurrent GEMM: gates[t] += h_state[:b] W_hh^T
-      gemm<scalar_t>(false, true, b, 4 * H, P, h_state, P, w_hh_p, P, 1, g, 4 * H);
+      step_gemm_nt<scalar_t>(b, 4 * H, P, h_state, P, w_hh_p, P, 1, g, 4 * H, stream);
       scalar_t* h_t = has_proj ? hiddens_p + step.offset * H : out_p + step.offset * H;
       with_index_type(b, H, [&](auto index) {
         using index_t = decltype(index);
@@ -221,7 +280,7 @@ ForwardResult lstm_layer_forward_cuda(
       if (has_proj) {
         // Projection: r_t = h_t W_hr^T, both the output and the next h.
         scalar_t* r_t = out_p + step.offset * P;
-        gemm<scalar_t>(false, true, b, P, H, h_t, H, w_hr_c.data_ptr<scalar_t>(), H, 0, r_t, P);
+        step_gemm_nt<scalar_t>(b, P, H, h_t, H, w_hr_c.data_ptr<scalar_t>(), H, 0, r_t, P, stream);
         copy_rows(h_state, r_t, b, P, stream);
       }
     }
