@@ -41,6 +41,17 @@ struct CellKernels {
                      bool store_gates, scalar_t* c_state, scalar_t* cells, scalar_t* h_out,
                      int64_t j0, int64_t j1);
   int64_t fused_width;  // hidden units per tile (the SIMD width), 0 without fused_step
+  // The two halves of a fused backward step (no projection), split by a barrier:
+  // backward_units is `backward` for units [u0, u1) of every row on the calling thread;
+  // gemm_columns is C[M, n0:n1) (+)= A[M, K] B[K, n0:n1), row-major, on the calling
+  // thread (dh = dgates W_hh over a thread's own units; null for half/bfloat16).
+  void (*backward_units)(int64_t b, int64_t H, int64_t u0, int64_t u1, const scalar_t* gates,
+                         const scalar_t* cells, const scalar_t* c_prev_step, int64_t prev_batch,
+                         const scalar_t* c0, const scalar_t* dh, const scalar_t* dh_extra,
+                         scalar_t* dc, scalar_t* dgates);
+  void (*gemm_columns)(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A,
+                       int64_t lda, const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C,
+                       int64_t ldc);
 };
 
 // Packs w_hh [4H, H] (row-major) for fused_step: out has ceil(H / width) * H * 4 * width

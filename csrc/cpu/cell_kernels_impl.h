@@ -41,34 +41,35 @@ C10_ALWAYS_INLINE void store(at::opmath_type<S> v, S* p, int64_t) {
 template <typename S>
 constexpr bool kVectorized = std::is_same_v<S, float> || std::is_same_v<S, double>;
 
-// Calls body(T{}, k, n) over the hidden units [0, H) of one row, T the lane type.
+// Calls body(T{}, k, n) over the hidden units [u0, u1) of one row, T the lane type.
 template <typename scalar_t, typename Body>
-C10_ALWAYS_INLINE void for_each_unit(int64_t H, const Body& body) {
+C10_ALWAYS_INLINE void for_each_unit(int64_t u0, int64_t u1, const Body& body) {
   if constexpr (kVectorized<scalar_t>) {
     using Vec = Vectorized<scalar_t>;
     constexpr int64_t width = Vec::size();
-    int64_t k = 0;
-    for (; k + width <= H; k += width) body(Vec{}, k, width);
-    if (k < H) body(Vec{}, k, H - k);
+    int64_t k = u0;
+    for (; k + width <= u1; k += width) body(Vec{}, k, width);
+    if (k < u1) body(Vec{}, k, u1 - k);
   } else {
-    for (int64_t k = 0; k < H; ++k) body(at::opmath_type<scalar_t>{}, k, 1);
+    for (int64_t k = u0; k < u1; ++k) body(at::opmath_type<scalar_t>{}, k, 1);
   }
 }
 
-// Calls unit(T{}, r, k, n) for rows [r0, r1) and each unit group of a row, two rows
-// side by side: two independent chains of exps and divisions for the core to overlap
-// (a seed-shape layer call: 32 -> 30 us; four rows gained nothing more).
+// Calls unit(T{}, r, k, n) for rows [r0, r1) and each unit group of units [u0, u1),
+// two rows side by side: two independent chains of exps and divisions for the core
+// to overlap (a seed-shape layer call: 32 -> 30 us; four rows gained nothing more).
 template <typename scalar_t, typename Unit>
-C10_ALWAYS_INLINE void for_each_row_unit(int64_t r0, int64_t r1, int64_t H, const Unit& unit) {
+C10_ALWAYS_INLINE void for_each_row_unit(int64_t r0, int64_t r1, int64_t u0, int64_t u1,
+                                         const Unit& unit) {
   int64_t r = r0;
   for (; r + 2 <= r1; r += 2) {
-    for_each_unit<scalar_t>(H, [&](auto lane, int64_t k, int64_t n) {
+    for_each_unit<scalar_t>(u0, u1, [&](auto lane, int64_t k, int64_t n) {
       unit(lane, r, k, n);
       unit(lane, r + 1, k, n);
     });
   }
   for (; r < r1; ++r) {
-    for_each_unit<scalar_t>(H, [&](auto lane, int64_t k, int64_t n) { unit(lane, r, k, n); });
+    for_each_unit<scalar_t>(u0, u1, [&](auto lane, int64_t k, int64_t n) { unit(lane, r, k, n); });
   }
 }
 
@@ -105,13 +106,17 @@ void forward_step(int64_t b, int64_t H, scalar_t* gates, scalar_t* c_state, scal
     store(h, h_out + r * H + k, n);
     if (h_state != nullptr) store(h, h_state + r * H + k, n);
   };
-  parallel_rows(b, H, [&](int64_t r0, int64_t r1) { for_each_row_unit<scalar_t>(r0, r1, H, unit); });
+  parallel_rows(b, H, [&](int64_t r0, int64_t r1) {
+    for_each_row_unit<scalar_t>(r0, r1, 0, H, unit);
+  });
 }
 
+// The cell backward of rows [r0, r1), units [u0, u1), on the calling thread.
 template <typename scalar_t>
-void backward_step(int64_t b, int64_t H, const scalar_t* gates, const scalar_t* cells,
-                   const scalar_t* c_prev_step, int64_t prev_batch, const scalar_t* c0,
-                   const scalar_t* dh, const scalar_t* dh_extra, scalar_t* dc, scalar_t* dgates) {
+void backward_rows(int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H,
+                   const scalar_t* gates, const scalar_t* cells, const scalar_t* c_prev_step,
+                   int64_t prev_batch, const scalar_t* c0, const scalar_t* dh,
+                   const scalar_t* dh_extra, scalar_t* dc, scalar_t* dgates) {
   // One unit group of row r. dgates may be gates: every load comes before the stores.
   const auto unit = [&](auto lane, int64_t r, int64_t k, int64_t n) FUSED_LSTM_INLINE_LAMBDA {
     using T = decltype(lane);
@@ -133,7 +138,26 @@ void backward_step(int64_t b, int64_t H, const scalar_t* gates, const scalar_t* 
     store(do_, dg_row + 3 * H + k, n);
     store(dc_prev, dc + r * H + k, n);
   };
-  parallel_rows(b, H, [&](int64_t r0, int64_t r1) { for_each_row_unit<scalar_t>(r0, r1, H, unit); });
+  for_each_row_unit<scalar_t>(r0, r1, u0, u1, unit);
+}
+
+template <typename scalar_t>
+void backward_step(int64_t b, int64_t H, const scalar_t* gates, const scalar_t* cells,
+                   const scalar_t* c_prev_step, int64_t prev_batch, const scalar_t* c0,
+                   const scalar_t* dh, const scalar_t* dh_extra, scalar_t* dc, scalar_t* dgates) {
+  parallel_rows(b, H, [&](int64_t r0, int64_t r1) {
+    backward_rows(r0, r1, 0, H, H, gates, cells, c_prev_step, prev_batch, c0, dh, dh_extra, dc,
+                  dgates);
+  });
+}
+
+template <typename scalar_t>
+void backward_units(int64_t b, int64_t H, int64_t u0, int64_t u1, const scalar_t* gates,
+                    const scalar_t* cells, const scalar_t* c_prev_step, int64_t prev_batch,
+                    const scalar_t* c0, const scalar_t* dh, const scalar_t* dh_extra,
+                    scalar_t* dc, scalar_t* dgates) {
+  backward_rows(0, b, u0, u1, H, gates, cells, c_prev_step, prev_batch, c0, dh, dh_extra, dc,
+                dgates);
 }
 
 // One block of kRows rows of C and kVecs vectors of columns, [n, n + cols): kRows x
@@ -227,6 +251,38 @@ void small_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
       run(0, col_blocks);
     } else {
       at::parallel_for(0, col_blocks, grain, run);
+    }
+  }
+}
+
+// C[M, n0:n1) = A[M, K] B[K, n0:n1) (+ C when accumulate), on the calling thread: the
+// fused backward step's dh GEMM over a thread's own columns. Larger blocks than
+// small_gemm's, for batches past 8: up to 6 rows x 4 vectors (24 accumulators + 4
+// B vectors of AVX-512's 32 registers; 4 x 2 on AVX2), each B load serving 6 rows.
+template <typename scalar_t>
+void gemm_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A, int64_t lda,
+                  const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C, int64_t ldc) {
+  if constexpr (kVectorized<scalar_t>) {
+    constexpr int64_t W = Vectorized<scalar_t>::size();
+    constexpr bool kWide = sizeof(Vectorized<scalar_t>) >= 64;
+    constexpr int kVecs = kWide ? 4 : 2;
+    for (int64_t n = n0; n < n1; n += kVecs * W) {
+      const int64_t cols = std::min(kVecs * W, n1 - n);
+      int64_t m = 0;
+      if constexpr (kWide) {
+        for (; M - m >= 6 && M - m != 8; m += 6) {
+          small_gemm_block<scalar_t, 6, kVecs>(K, A + m * lda, lda, B + n, ldb, accumulate,
+                                               C + m * ldc + n, ldc, cols);
+        }
+      }
+      for (; m + 4 <= M; m += 4) {
+        small_gemm_block<scalar_t, 4, kVecs>(K, A + m * lda, lda, B + n, ldb, accumulate,
+                                             C + m * ldc + n, ldc, cols);
+      }
+      for (; m < M; ++m) {
+        small_gemm_block<scalar_t, 1, kVecs>(K, A + m * lda, lda, B + n, ldb, accumulate,
+                                             C + m * ldc + n, ldc, cols);
+      }
     }
   }
 }
@@ -329,7 +385,9 @@ CellKernels<scalar_t> cell_kernels() {
   return {&forward_step<scalar_t>, &backward_step<scalar_t>,
           kVectorized<scalar_t> ? &small_gemm<scalar_t> : nullptr,
           kVectorized<scalar_t> ? &fused_step<scalar_t> : nullptr,
-          kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) : 0};
+          kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) : 0,
+          &backward_units<scalar_t>,
+          kVectorized<scalar_t> ? &gemm_columns<scalar_t> : nullptr};
 }
 
 template CellKernels<float> cell_kernels<float>();

@@ -40,6 +40,34 @@ inline void spin_until(const std::atomic<int64_t>& count, int64_t target) {
   }
 }
 
+// Runs a time loop split over threads by hidden-unit chunks [0, chunks): one
+// parallel region for the whole loop, and per step a barrier instead of a fork/join.
+// body(j0, j1, sync) runs chunks [j0, j1) and calls sync(n) where every chunk must
+// have finished phase n before any goes on. Work of `grain` chunks or less, one
+// thread, or a thread pool that cannot promise concurrent tasks: the calling thread.
+template <typename Body>
+void run_on_unit_chunks(int64_t chunks, int64_t grain, const Body& body) {
+  if (chunks <= grain || at::get_num_threads() == 1 || !kPersistentRegion) {
+    body(0, chunks, [](size_t) {});
+    return;
+  }
+  std::atomic<int64_t> chunks_done{0};
+  at::parallel_for(0, chunks, grain, [&](int64_t j0, int64_t j1) {
+    body(j0, j1, [&, mine = j1 - j0](size_t n) {
+      // Every chunk belongs to exactly one of the concurrently running OpenMP
+      // threads, so the count reaches (n + 1) * chunks once all finished phase n.
+      chunks_done.fetch_add(mine, std::memory_order_acq_rel);
+      spin_until(chunks_done, static_cast<int64_t>(n + 1) * chunks);
+    });
+  });
+}
+
+// Hidden-unit chunks (of `width` units) a thread needs for a step's work to be worth
+// sharing: 2^16 multiply-adds, a chunk's per step being B * width * 4H.
+int64_t unit_chunk_grain(int64_t B, int64_t H, int64_t width) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(B * H * 4 * width, 1));
+}
+
 template <typename scalar_t>
 void copy_rows(scalar_t* dst, const scalar_t* src, int64_t rows, int64_t cols) {
   if (rows > 0) std::memcpy(dst, src, sizeof(scalar_t) * rows * cols);
@@ -187,8 +215,9 @@ ForwardResult layer_forward(
       at::Tensor w_packed = at::empty({(H + width - 1) / width * width * 4 * H}, opts);
       pack_w_hh_for_fused_step(w_hh_p, H, width, w_packed.data_ptr<scalar_t>());
       const scalar_t* w_t = w_packed.data_ptr<scalar_t>();
-      // The time loop over hidden-unit chunks [j0, j1).
-      const auto run_steps = [&](int64_t j0, int64_t j1, const auto& after_step) {
+      // Threads split the hidden units; step n + 1 reads every unit of step n's h.
+      run_on_unit_chunks((H + width - 1) / width, unit_chunk_grain(B, H, width),
+                         [&](int64_t j0, int64_t j1, const auto& sync) {
         for (size_t n = 0; n < steps.size(); ++n) {
           const Step& step = steps[n];
           const int64_t split = n == 0 ? 0 : step.prev_batch;
@@ -196,28 +225,9 @@ ForwardResult layer_forward(
                              h_state + split * H, w_t, gate_buffer + step.offset * 4 * H,
                              keep_workspace, c_state, cells_p + step.offset * cells_step,
                              out_p + step.offset * H, j0, j1);
-          after_step(n, j1 - j0);
+          sync(n);
         }
-      };
-      const int64_t chunks = (H + width - 1) / width;
-      // Threads split the hidden units, for the whole loop: one parallel region, and
-      // per step a barrier (step n + 1 reads every unit of step n's h) instead of a
-      // fork/join. Small work stays on one thread.
-      const int64_t grain =
-          std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(B * H * 4 * width, 1));
-      if (chunks <= grain || at::get_num_threads() == 1 || !kPersistentRegion) {
-        run_steps(0, chunks, [](size_t, int64_t) {});
-      } else {
-        std::atomic<int64_t> chunks_done{0};
-        at::parallel_for(0, chunks, grain, [&](int64_t j0, int64_t j1) {
-          run_steps(j0, j1, [&](size_t n, int64_t mine) {
-            // Every chunk belongs to exactly one of the concurrently running OpenMP
-            // threads, so the count reaches (n + 1) * chunks once all finished step n.
-            chunks_done.fetch_add(mine, std::memory_order_acq_rel);
-            spin_until(chunks_done, static_cast<int64_t>(n + 1) * chunks);
-          });
-        });
-      }
+      });
       // h_n: each row's h at its last step (rows [next batch, batch) end at a step).
       for (size_t n = 0; n < steps.size(); ++n) {
         const int64_t b = steps[n].batch, b_next = n + 1 < steps.size() ? steps[n + 1].batch : 0;
@@ -328,35 +338,59 @@ BackwardResult layer_backward(
     const scalar_t* w_hh_p = w_hh_c.data_ptr<scalar_t>();
     const scalar_t* c0_p = c0_c.data_ptr<scalar_t>();
     const at::Tensor w_hr_c = has_proj ? w_hr->contiguous() : at::Tensor();
-    const auto cell_backward_step = cell_kernels<scalar_t>().backward;
+    const auto& kernels = cell_kernels<scalar_t>();
     const auto recurrent_gemm = StepGemm<scalar_t>::make(B, P, 4 * H);
     const auto projection_gemm = StepGemm<scalar_t>::make(B, H, P);
-
-    for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
-      const Step& step = *it;
-      const int64_t b = step.batch;
-      const scalar_t* go_t = go + step.offset * P;
-      const scalar_t* dh_hidden;  // [b, H] dL/dh_t before the projection
-      const scalar_t* dh_extra;
-      if (has_proj) {
-        // dL/dr_t = running dh + grad_output[t]; back through r_t = h_t W_hr^T.
-        scalar_t* dr = grad_r.data_ptr<scalar_t>() + step.offset * P;
-        for (int64_t e = 0; e < b * P; ++e) dr[e] = dh[e] + go_t[e];
-        const scalar_t* w_hr_p = w_hr_c.data_ptr<scalar_t>();
-        projection_gemm(b, H, P, dr, P, w_hr_p, false, w_hr_p, false,
-                        grad_hidden.data_ptr<scalar_t>(), H);
-        dh_hidden = grad_hidden.data_ptr<scalar_t>();
-        dh_extra = nullptr;
-      } else {
-        dh_hidden = dh;
-        dh_extra = go_t;
+    // Where the forward fused its steps (no projection), so does the backward: threads
+    // own hidden units for the whole loop; per step each runs the cell backward of its
+    // units, a barrier (dh needs all of dgates), then its units' columns of
+    // dh = dgates W_hh, which only it reads next step. No BLAS call, no fork/join.
+    const bool fused = !has_proj && kernels.gemm_columns != nullptr &&
+                       use_fused_step(recurrent_gemm.small, H);
+    if (fused) {
+      const int64_t width = kernels.fused_width;
+      run_on_unit_chunks((H + width - 1) / width, unit_chunk_grain(B, H, width),
+                         [&](int64_t j0, int64_t j1, const auto& sync) {
+        const int64_t u0 = j0 * width, u1 = std::min(H, j1 * width);
+        for (size_t n = 0; n < steps.size(); ++n) {
+          const Step& step = steps[steps.size() - 1 - n];
+          scalar_t* dgates_t = dgates + step.offset * 4 * H;
+          kernels.backward_units(step.batch, H, u0, u1, gates_p + step.offset * 4 * H,
+                                 cells_p + step.offset * H, cells_p + step.prev_offset * H,
+                                 step.prev_batch, c0_p, dh, go + step.offset * H, dc, dgates_t);
+          sync(n);
+          // dL/dh_prev[:, u0:u1) = dgates[t] W_hh[:, u0:u1)
+          kernels.gemm_columns(step.batch, u0, u1, 4 * H, dgates_t, 4 * H, w_hh_p, H, false, dh,
+                               H);
+        }
+      });
+    } else {
+      for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+        const Step& step = *it;
+        const int64_t b = step.batch;
+        const scalar_t* go_t = go + step.offset * P;
+        const scalar_t* dh_hidden;  // [b, H] dL/dh_t before the projection
+        const scalar_t* dh_extra;
+        if (has_proj) {
+          // dL/dr_t = running dh + grad_output[t]; back through r_t = h_t W_hr^T.
+          scalar_t* dr = grad_r.data_ptr<scalar_t>() + step.offset * P;
+          for (int64_t e = 0; e < b * P; ++e) dr[e] = dh[e] + go_t[e];
+          const scalar_t* w_hr_p = w_hr_c.data_ptr<scalar_t>();
+          projection_gemm(b, H, P, dr, P, w_hr_p, false, w_hr_p, false,
+                          grad_hidden.data_ptr<scalar_t>(), H);
+          dh_hidden = grad_hidden.data_ptr<scalar_t>();
+          dh_extra = nullptr;
+        } else {
+          dh_hidden = dh;
+          dh_extra = go_t;
+        }
+        kernels.backward(b, H, gates_p + step.offset * 4 * H, cells_p + step.offset * H,
+                         cells_p + step.prev_offset * H, step.prev_batch, c0_p, dh_hidden, dh_extra,
+                         dc, dgates + step.offset * 4 * H);
+        // dL/dh_prev = dgates[t] W_hh
+        recurrent_gemm(b, P, 4 * H, dgates + step.offset * 4 * H, 4 * H, w_hh_p, false, w_hh_p,
+                       false, dh, P);
       }
-      cell_backward_step(b, H, gates_p + step.offset * 4 * H, cells_p + step.offset * H,
-                         cells_p + step.prev_offset * H, step.prev_batch, c0_p, dh_hidden,
-                         dh_extra, dc, dgates + step.offset * 4 * H);
-      // dL/dh_prev = dgates[t] W_hh
-      recurrent_gemm(b, P, 4 * H, dgates + step.offset * 4 * H, 4 * H, w_hh_p, false, w_hh_p,
-                     false, dh, P);
     }
 
     // Weight gradients over all steps at once (weight_gradients.h, shared with the other backend).
