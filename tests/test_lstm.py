@@ -206,6 +206,16 @@ def test_fused_step_larger_batches(batch):
     _bidirectional_matches_nn(9, 144, 7, batch, [None, lengths], 2, seed=batch)
 
 
+def test_fused_backward_k_slices():
+    # Where the forward fuses its steps, the backward loop's dh = dgates W_hh runs
+    # gemm_columns over each thread's units, in slices of K = 4H of at most 1024 rows
+    # (AVX-512) or 4096 (AVX2, default): H = 1030 takes two slices on every build, and
+    # its last 6 units a masked column block. Batch 7 and a packed batch shrinking to 1
+    # run 6-, 4- and 1-row blocks.
+    lengths = torch.tensor([3, 3, 3, 2, 2, 1, 1])
+    _bidirectional_matches_nn(5, 1030, 3, 7, [None, lengths], 2, seed=1030)
+
+
 def test_lstm_larger_shape_float32():
     # Here the weight gradients sum 660 rows, and nn.LSTM's own float32 error
     # (measured: ~1e-4) exceeds 1e-5. So both are measured against the float64

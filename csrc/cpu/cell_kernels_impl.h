@@ -259,6 +259,8 @@ void small_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
 // fused backward step's dh GEMM over a thread's own columns. Larger blocks than
 // small_gemm's, for batches past 8: up to 6 rows x 4 vectors (24 accumulators + 4
 // B vectors of AVX-512's 32 registers; 4 x 2 on AVX2), each B load serving 6 rows.
+// K goes in slices of at most 256 KiB of B's block columns, so that the row blocks
+// after the first read them from L2, not L3 (wide: W_hh is 16 MB, K = 4096).
 template <typename scalar_t>
 void gemm_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A, int64_t lda,
                   const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C, int64_t ldc) {
@@ -266,22 +268,29 @@ void gemm_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* 
     constexpr int64_t W = Vectorized<scalar_t>::size();
     constexpr bool kWide = sizeof(Vectorized<scalar_t>) >= 64;
     constexpr int kVecs = kWide ? 4 : 2;
+    constexpr int64_t kSlice = (int64_t{256} << 10) / (kVecs * W * int64_t(sizeof(scalar_t)));
     for (int64_t n = n0; n < n1; n += kVecs * W) {
       const int64_t cols = std::min(kVecs * W, n1 - n);
-      int64_t m = 0;
-      if constexpr (kWide) {
-        for (; M - m >= 6 && M - m != 8; m += 6) {
-          small_gemm_block<scalar_t, 6, kVecs>(K, A + m * lda, lda, B + n, ldb, accumulate,
-                                               C + m * ldc + n, ldc, cols);
+      for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
+        const int64_t k = std::min(kSlice, K - k0);
+        const bool add = accumulate || k0 > 0;
+        const scalar_t* a = A + k0;
+        const scalar_t* b = B + k0 * ldb + n;
+        int64_t m = 0;
+        if constexpr (kWide) {
+          for (; M - m >= 6 && M - m != 8; m += 6) {
+            small_gemm_block<scalar_t, 6, kVecs>(k, a + m * lda, lda, b, ldb, add,
+                                                 C + m * ldc + n, ldc, cols);
+          }
         }
-      }
-      for (; m + 4 <= M; m += 4) {
-        small_gemm_block<scalar_t, 4, kVecs>(K, A + m * lda, lda, B + n, ldb, accumulate,
-                                             C + m * ldc + n, ldc, cols);
-      }
-      for (; m < M; ++m) {
-        small_gemm_block<scalar_t, 1, kVecs>(K, A + m * lda, lda, B + n, ldb, accumulate,
-                                             C + m * ldc + n, ldc, cols);
+        for (; m + 4 <= M; m += 4) {
+          small_gemm_block<scalar_t, 4, kVecs>(k, a + m * lda, lda, b, ldb, add, C + m * ldc + n,
+                                               ldc, cols);
+        }
+        for (; m < M; ++m) {
+          small_gemm_block<scalar_t, 1, kVecs>(k, a + m * lda, lda, b, ldb, add, C + m * ldc + n,
+                                               ldc, cols);
+        }
       }
     }
   }
