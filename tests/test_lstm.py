@@ -187,19 +187,21 @@ def _bidirectional_matches_nn(I_, H_, T, batch, lengths, threads, seed):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_small_batch_threads(threads):
-    # At B <= 8 and H = 128 the fused small-batch loop splits the hidden units over
-    # threads with a barrier per step (3 threads: uneven chunks, more threads than
-    # this machine's cores). Bidirectional packed input: the batch shrinks forward
-    # and grows in reverse, where rows start from h0 mid-sequence.
+    # At B = 8 and H = 128 the fused forward and backward loops run on 1 thread, on 2
+    # that own 4 rows each, or on 3 that split the hidden units with a barrier per step
+    # (uneven chunks, more threads than this machine's cores). Bidirectional packed
+    # input: the batch shrinks forward and grows in reverse, where rows start from h0
+    # mid-sequence.
     lengths = torch.tensor([12, 12, 9, 7, 7, 4, 2, 1])
     _bidirectional_matches_nn(5, 128, 12, 8, [lengths], threads, seed=threads)
 
 
 @pytest.mark.parametrize("batch", [13, 64])
 def test_fused_step_larger_batches(batch):
-    # At H >= 128 the forward runs the fused step at any batch (cpu_path "auto" and
-    # "small"): 6-row, 4-row and 1-row tiles per hidden-unit chunk, dense input and a
-    # packed batch shrinking forward and growing in reverse, 2 threads sharing the chunks.
+    # At H >= 128 the forward and backward run fused steps at any batch (cpu_path "auto"
+    # and "small"): 6-row, 4-row and 1-row tiles per hidden-unit chunk, dense input and
+    # a packed batch shrinking forward and growing in reverse, 2 threads owning blocks of
+    # rows balanced by their lengths (W_hh, 0.66 MB, fits the row split's limit).
     gen = torch.Generator().manual_seed(batch + 1000)
     lengths = torch.randint(1, 8, (batch,), generator=gen).sort(descending=True).values
     lengths[0] = 7
@@ -208,10 +210,10 @@ def test_fused_step_larger_batches(batch):
 
 def test_fused_backward_k_slices():
     # Where the forward fuses its steps, the backward loop's dh = dgates W_hh runs
-    # gemm_columns over each thread's units, in slices of K = 4H of at most 1024 rows
-    # (AVX-512) or 4096 (AVX2, default): H = 1030 takes two slices on every build, and
-    # its last 6 units a masked column block. Batch 7 and a packed batch shrinking to 1
-    # run 6-, 4- and 1-row blocks.
+    # gemm_columns over each thread's units (W_hh is too large for the row split), in
+    # slices of K = 4H of at most 1024 rows (AVX-512) or 4096 (AVX2, default): H = 1030
+    # takes two slices on every build, and its last 6 units a masked column block.
+    # Batch 7 and a packed batch shrinking to 1 run 6-, 4- and 1-row blocks.
     lengths = torch.tensor([3, 3, 3, 2, 2, 1, 1])
     _bidirectional_matches_nn(5, 1030, 3, 7, [None, lengths], 2, seed=1030)
 

@@ -29,26 +29,28 @@ struct CellKernels {
                      int64_t ldc);
   // A whole forward step (no projection; where use_fused_step in lstm_cpu.cpp picks
   // it): the recurrent GEMM and the cell update fused per tile of rows and fused_width
-  // hidden units, the gates never leaving registers in between. h_prev row r is a_main[r] for r < split,
-  // else a_rest[r - split] (rows of H). w_packed: W_hh as [ceil(H / fused_width)][H]
-  // [4 gates][fused_width], zero past H (pack_w_hh_for_fused_step). gates: [b, 4H]
-  // input part in, activated out when store_gates; c_state: [b, H] in/out; cells,
-  // h_out: [b, H] out. h_out must not overlap h_prev. Runs the tiles of hidden-unit
-  // chunks [j0, j1) (chunk j: units [j * fused_width, (j + 1) * fused_width)), on the
-  // calling thread. Null for half/bfloat16.
-  void (*fused_step)(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
+  // hidden units, the gates never leaving registers in between. Runs rows [r0, r1) of
+  // the step and the hidden-unit chunks [j0, j1) (chunk j: units [j * fused_width,
+  // (j + 1) * fused_width)), on the calling thread. h_prev row r is a_main[r] for
+  // r < split, else a_rest[r - split] (rows of H). w_packed: W_hh as [ceil(H /
+  // fused_width)][H][4 gates][fused_width], zero past H (pack_w_hh_for_fused_step).
+  // gates: [b, 4H] input part in, activated out when store_gates; c_state: [b, H]
+  // in/out; cells, h_out: [b, H] out. h_out must not overlap h_prev. Null for
+  // half/bfloat16.
+  void (*fused_step)(int64_t r0, int64_t r1, int64_t H, const scalar_t* a_main, int64_t split,
                      const scalar_t* a_rest, const scalar_t* w_packed, scalar_t* gates,
                      bool store_gates, scalar_t* c_state, scalar_t* cells, scalar_t* h_out,
                      int64_t j0, int64_t j1);
   int64_t fused_width;  // hidden units per tile (the SIMD width), 0 without fused_step
-  // The two halves of a fused backward step (no projection), split by a barrier:
-  // backward_units is `backward` for units [u0, u1) of every row on the calling thread;
+  // The fused backward step (no projection), in two halves: backward_block is
+  // `backward` for rows [r0, r1) and units [u0, u1), on the calling thread;
   // gemm_columns is C[M, n0:n1) (+)= A[M, K] B[K, n0:n1), row-major, on the calling
-  // thread (dh = dgates W_hh over a thread's own units; null for half/bfloat16).
-  void (*backward_units)(int64_t b, int64_t H, int64_t u0, int64_t u1, const scalar_t* gates,
-                         const scalar_t* cells, const scalar_t* c_prev_step, int64_t prev_batch,
-                         const scalar_t* c0, const scalar_t* dh, const scalar_t* dh_extra,
-                         scalar_t* dc, scalar_t* dgates);
+  // thread (dh = dgates W_hh over a thread's own rows or units; null for half/bfloat16).
+  void (*backward_block)(int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H,
+                         const scalar_t* gates, const scalar_t* cells,
+                         const scalar_t* c_prev_step, int64_t prev_batch, const scalar_t* c0,
+                         const scalar_t* dh, const scalar_t* dh_extra, scalar_t* dc,
+                         scalar_t* dgates);
   void (*gemm_columns)(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A,
                        int64_t lda, const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C,
                        int64_t ldc);

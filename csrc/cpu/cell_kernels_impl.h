@@ -151,15 +151,6 @@ void backward_step(int64_t b, int64_t H, const scalar_t* gates, const scalar_t* 
   });
 }
 
-template <typename scalar_t>
-void backward_units(int64_t b, int64_t H, int64_t u0, int64_t u1, const scalar_t* gates,
-                    const scalar_t* cells, const scalar_t* c_prev_step, int64_t prev_batch,
-                    const scalar_t* c0, const scalar_t* dh, const scalar_t* dh_extra,
-                    scalar_t* dc, scalar_t* dgates) {
-  backward_rows(0, b, u0, u1, H, gates, cells, c_prev_step, prev_batch, c0, dh, dh_extra, dc,
-                dgates);
-}
-
 // One block of kRows rows of C and kVecs vectors of columns, [n, n + cols): kRows x
 // kVecs independent FMA chains (enough to hide the FMA latency: 4 x 2, or 1 x 8 for
 // the rows left over, e.g. a batch of one). kFull: cols == kVecs * W, no masking.
@@ -346,7 +337,7 @@ C10_ALWAYS_INLINE void fused_step_tile(int64_t H, const scalar_t* const* a_rows,
 }
 
 template <typename scalar_t>
-void fused_step(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
+void fused_step(int64_t r0, int64_t r1, int64_t H, const scalar_t* a_main, int64_t split,
                 const scalar_t* a_rest, const scalar_t* w_packed, scalar_t* gates,
                 bool store_gates, scalar_t* c_state, scalar_t* cells, scalar_t* h_out,
                 int64_t j0, int64_t j1) {
@@ -360,25 +351,25 @@ void fused_step(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t u = j * W, n = std::min(W, H - u);
       const scalar_t* w_tile = w_packed + j * H * 4 * W;
-      int64_t r = 0;
+      int64_t r = r0;
       if constexpr (kRows == 4) {
         // 6-row tiles while more than 8 rows remain (8 go as 4 + 4): 24 accumulators and
         // 4 weight vectors of the 32 registers, each weight load serving 6 FMAs
         // (wide-shape forward 55-57 -> 53-56 ms, PERF_LOG.md row 19).
-        for (; b - r >= 6 && b - r != 8; r += 6) {
+        for (; r1 - r >= 6 && r1 - r != 8; r += 6) {
           const scalar_t* rows[6];
           for (int i = 0; i < 6; ++i) rows[i] = a_row(r + i);
           fused_step_tile<scalar_t, 6>(H, rows, w_tile, gates, store_gates, c_state, cells,
                                        h_out, r, u, n);
         }
       }
-      for (; r + kRows <= b; r += kRows) {
+      for (; r + kRows <= r1; r += kRows) {
         const scalar_t* rows[kRows];
         for (int i = 0; i < kRows; ++i) rows[i] = a_row(r + i);
         fused_step_tile<scalar_t, kRows>(H, rows, w_tile, gates, store_gates, c_state, cells,
                                          h_out, r, u, n);
       }
-      for (; r < b; ++r) {
+      for (; r < r1; ++r) {
         const scalar_t* rows[1] = {a_row(r)};
         fused_step_tile<scalar_t, 1>(H, rows, w_tile, gates, store_gates, c_state, cells, h_out,
                                      r, u, n);
@@ -395,7 +386,7 @@ CellKernels<scalar_t> cell_kernels() {
           kVectorized<scalar_t> ? &small_gemm<scalar_t> : nullptr,
           kVectorized<scalar_t> ? &fused_step<scalar_t> : nullptr,
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) : 0,
-          &backward_units<scalar_t>,
+          &backward_rows<scalar_t>,
           kVectorized<scalar_t> ? &gemm_columns<scalar_t> : nullptr};
 }
 
