@@ -29,15 +29,15 @@ struct CellKernels {
                      int64_t ldc);
   // A whole forward step (no projection; where use_fused_step in lstm_cpu.cpp picks
   // it): the recurrent GEMM and the cell update fused per tile of rows and fused_width
-  // hidden units, the gates never leaving registers in between. Runs rows [r0, r1) of
-  // the step and the hidden-unit chunks [j0, j1) (chunk j: units [j * fused_width,
-  // (j + 1) * fused_width)), on the calling thread. h_prev row r is a_main[r] for
-  // r < split, else a_rest[r - split] (rows of H). w_packed: W_hh as [ceil(H /
-  // fused_width)][H][4 gates][fused_width], zero past H (pack_w_hh_for_fused_step).
-  // gates: [b, 4H] input part in, activated out when store_gates; c_state: [b, H]
-  // in/out; cells, h_out: [b, H] out. h_out must not overlap h_prev. Null for
+  // hidden units, the gates never leaving registers in between. h_prev row r is
+  // a_main[r] for r < split, else a_rest[r - split] (rows of H). w_packed: W_hh as
+  // [ceil(H / fused_width)][H][4 gates][fused_width], zero past H
+  // (pack_w_hh_for_fused_step). gates: [b, 4H] input part in, activated out when
+  // store_gates; c_state: [b, H] in/out; cells, h_out: [b, H] out. h_out must not
+  // overlap h_prev. Runs the tiles of hidden-unit chunks [j0, j1) (chunk j: units
+  // [j * fused_width, (j + 1) * fused_width)), on the calling thread. Null for
   // half/bfloat16.
-  void (*fused_step)(int64_t r0, int64_t r1, int64_t H, const scalar_t* a_main, int64_t split,
+  void (*fused_step)(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
                      const scalar_t* a_rest, const scalar_t* w_packed, scalar_t* gates,
                      bool store_gates, scalar_t* c_state, scalar_t* cells, scalar_t* h_out,
                      int64_t j0, int64_t j1);

@@ -201,14 +201,36 @@ C10_ALWAYS_INLINE void small_gemm_block(int64_t K, const scalar_t* A, int64_t ld
   }
 }
 
+// One row of C, columns [n, n_end): c[n:n_end) (+)= a[0:K) B[0:K, n:n_end), in blocks
+// of 8 vectors (8 accumulators and 8 B vectors of AVX-512's 32 registers; 4 + 4 of
+// AVX2's 16), then 4, then 2 (the last maybe masked): a row alone is bound by the FMA
+// latency, so it needs many independent chains (e.g. a batch of one).
+template <typename scalar_t>
+C10_ALWAYS_INLINE void gemm_one_row(int64_t K, const scalar_t* a, const scalar_t* B, int64_t ldb,
+                                    bool accumulate, scalar_t* c, int64_t n, int64_t n_end) {
+  constexpr int64_t W = Vectorized<scalar_t>::size();
+  constexpr int kWideVecs = sizeof(Vectorized<scalar_t>) >= 64 ? 8 : 4;
+  for (; n + kWideVecs * W <= n_end; n += kWideVecs * W) {
+    small_gemm_block<scalar_t, 1, kWideVecs>(K, a, 0, B + n, ldb, accumulate, c + n, 0,
+                                             kWideVecs * W);
+  }
+  if (kWideVecs > 4 && n + 4 * W <= n_end) {
+    small_gemm_block<scalar_t, 1, 4>(K, a, 0, B + n, ldb, accumulate, c + n, 0, 4 * W);
+    n += 4 * W;
+  }
+  for (; n < n_end; n += 2 * W) {
+    small_gemm_block<scalar_t, 1, 2>(K, a, 0, B + n, ldb, accumulate, c + n, 0,
+                                     std::min(2 * W, n_end - n));
+  }
+}
+
 template <typename scalar_t>
 void small_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
                 const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C, int64_t ldc) {
   if constexpr (kVectorized<scalar_t>) {
     constexpr int64_t W = Vectorized<scalar_t>::size();
     constexpr int64_t kCols = 2 * W;  // columns of a 4-row block; a thread's unit of work
-    // Wide blocks: 8 accumulators and 8 B vectors fit AVX-512's 32 registers, 4 + 4 AVX2's 16.
-    constexpr int kRows = 4, kWideVecs = sizeof(Vectorized<scalar_t>) >= 64 ? 8 : 4;
+    constexpr int kRows = 4;
     const int64_t col_blocks = (N + kCols - 1) / kCols;
     // Threads split the columns; a block's B panel [K, kCols] stays in L1 across rows.
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(M * K * kCols, 1));
@@ -221,21 +243,7 @@ void small_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
         }
       }
       for (int64_t m = full_rows; m < M; ++m) {  // rows left over, one at a time, wider blocks
-        const scalar_t* a = A + m * lda;
-        scalar_t* c = C + m * ldc;
-        int64_t n = j0 * kCols;
-        for (; n + kWideVecs * W <= n_end; n += kWideVecs * W) {
-          small_gemm_block<scalar_t, 1, kWideVecs>(K, a, lda, B + n, ldb, accumulate, c + n, ldc,
-                                                   kWideVecs * W);
-        }
-        if (kWideVecs > 4 && n + 4 * W <= n_end) {
-          small_gemm_block<scalar_t, 1, 4>(K, a, lda, B + n, ldb, accumulate, c + n, ldc, 4 * W);
-          n += 4 * W;
-        }
-        for (; n < n_end; n += kCols) {
-          small_gemm_block<scalar_t, 1, 2>(K, a, lda, B + n, ldb, accumulate, c + n, ldc,
-                                           std::min(kCols, n_end - n));
-        }
+        gemm_one_row(K, A + m * lda, B, ldb, accumulate, C + m * ldc, j0 * kCols, n_end);
       }
     };
     if (col_blocks <= grain) {
@@ -247,21 +255,31 @@ void small_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
 }
 
 // C[M, n0:n1) = A[M, K] B[K, n0:n1) (+ C when accumulate), on the calling thread: the
-// fused backward step's dh GEMM over a thread's own columns. Larger blocks than
+// fused backward step's dh GEMM over a thread's own rows or columns. Larger blocks than
 // small_gemm's, for batches past 8: up to 6 rows x 4 vectors (24 accumulators + 4
-// B vectors of AVX-512's 32 registers; 4 x 2 on AVX2), each B load serving 6 rows.
-// K goes in slices of at most 256 KiB of B's block columns, so that the row blocks
-// after the first read them from L2, not L3 (wide: W_hh is 16 MB, K = 4096).
+// B vectors of AVX-512's 32 registers; 4 x 2 on AVX2), each B load serving 6 rows;
+// the columns left over in blocks of 2 and 1 vectors, the last one masked (a masked
+// 4-vector block kept its accumulators on the stack: H = 40 ran at half the speed);
+// the rows left over (under 4) as in small_gemm.
+// K goes in slices of at most 256 KiB of a block's columns of B, so that the row
+// blocks after the first read them from L2, not L3 (wide: W_hh is 16 MB, K = 4096).
 template <typename scalar_t>
 void gemm_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A, int64_t lda,
                   const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C, int64_t ldc) {
   if constexpr (kVectorized<scalar_t>) {
     constexpr int64_t W = Vectorized<scalar_t>::size();
     constexpr bool kWide = sizeof(Vectorized<scalar_t>) >= 64;
-    constexpr int kVecs = kWide ? 4 : 2;
-    constexpr int64_t kSlice = (int64_t{256} << 10) / (kVecs * W * int64_t(sizeof(scalar_t)));
-    for (int64_t n = n0; n < n1; n += kVecs * W) {
-      const int64_t cols = std::min(kVecs * W, n1 - n);
+    // Rows [0, tiled) go in blocks of 6 (while more than 8 remain) and 4; the rest, fewer
+    // than 4, one at a time.
+    int64_t tiled = 0;
+    if (kWide) {
+      while (M - tiled >= 6 && M - tiled != 8) tiled += 6;
+    }
+    tiled += (M - tiled) / 4 * 4;
+    // Columns [n, n + cols) of rows [0, tiled) in blocks of kVecs vectors, slice by slice of K.
+    const auto column_block = [&](auto vecs, int64_t n, int64_t cols) {
+      constexpr int kVecs = decltype(vecs)::value;
+      constexpr int64_t kSlice = (int64_t{256} << 10) / (kVecs * W * int64_t(sizeof(scalar_t)));
       for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
         const int64_t k = std::min(kSlice, K - k0);
         const bool add = accumulate || k0 > 0;
@@ -269,20 +287,29 @@ void gemm_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* 
         const scalar_t* b = B + k0 * ldb + n;
         int64_t m = 0;
         if constexpr (kWide) {
-          for (; M - m >= 6 && M - m != 8; m += 6) {
+          for (; tiled - m >= 6 && tiled - m != 8; m += 6) {
             small_gemm_block<scalar_t, 6, kVecs>(k, a + m * lda, lda, b, ldb, add,
                                                  C + m * ldc + n, ldc, cols);
           }
         }
-        for (; m + 4 <= M; m += 4) {
+        for (; m < tiled; m += 4) {
           small_gemm_block<scalar_t, 4, kVecs>(k, a + m * lda, lda, b, ldb, add, C + m * ldc + n,
                                                ldc, cols);
         }
-        for (; m < M; ++m) {
-          small_gemm_block<scalar_t, 1, kVecs>(k, a + m * lda, lda, b, ldb, add, C + m * ldc + n,
-                                               ldc, cols);
-        }
       }
+    };
+    constexpr int kVecs = kWide ? 4 : 2;
+    int64_t n = n0;
+    for (; n + kVecs * W <= n1; n += kVecs * W) {
+      column_block(std::integral_constant<int, kVecs>{}, n, kVecs * W);
+    }
+    if (kVecs > 2 && n + 2 * W <= n1) {
+      column_block(std::integral_constant<int, 2>{}, n, 2 * W);
+      n += 2 * W;
+    }
+    for (; n < n1; n += W) column_block(std::integral_constant<int, 1>{}, n, std::min(W, n1 - n));
+    for (int64_t m = tiled; m < M; ++m) {
+      gemm_one_row(K, A + m * lda, B, ldb, accumulate, C + m * ldc, n0, n1);
     }
   }
 }
@@ -337,7 +364,7 @@ C10_ALWAYS_INLINE void fused_step_tile(int64_t H, const scalar_t* const* a_rows,
 }
 
 template <typename scalar_t>
-void fused_step(int64_t r0, int64_t r1, int64_t H, const scalar_t* a_main, int64_t split,
+void fused_step(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
                 const scalar_t* a_rest, const scalar_t* w_packed, scalar_t* gates,
                 bool store_gates, scalar_t* c_state, scalar_t* cells, scalar_t* h_out,
                 int64_t j0, int64_t j1) {
@@ -351,25 +378,25 @@ void fused_step(int64_t r0, int64_t r1, int64_t H, const scalar_t* a_main, int64
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t u = j * W, n = std::min(W, H - u);
       const scalar_t* w_tile = w_packed + j * H * 4 * W;
-      int64_t r = r0;
+      int64_t r = 0;
       if constexpr (kRows == 4) {
         // 6-row tiles while more than 8 rows remain (8 go as 4 + 4): 24 accumulators and
         // 4 weight vectors of the 32 registers, each weight load serving 6 FMAs
         // (wide-shape forward 55-57 -> 53-56 ms, PERF_LOG.md row 19).
-        for (; r1 - r >= 6 && r1 - r != 8; r += 6) {
+        for (; b - r >= 6 && b - r != 8; r += 6) {
           const scalar_t* rows[6];
           for (int i = 0; i < 6; ++i) rows[i] = a_row(r + i);
           fused_step_tile<scalar_t, 6>(H, rows, w_tile, gates, store_gates, c_state, cells,
                                        h_out, r, u, n);
         }
       }
-      for (; r + kRows <= r1; r += kRows) {
+      for (; r + kRows <= b; r += kRows) {
         const scalar_t* rows[kRows];
         for (int i = 0; i < kRows; ++i) rows[i] = a_row(r + i);
         fused_step_tile<scalar_t, kRows>(H, rows, w_tile, gates, store_gates, c_state, cells,
                                          h_out, r, u, n);
       }
-      for (; r < r1; ++r) {
+      for (; r < b; ++r) {
         const scalar_t* rows[1] = {a_row(r)};
         fused_step_tile<scalar_t, 1>(H, rows, w_tile, gates, store_gates, c_state, cells, h_out,
                                      r, u, n);

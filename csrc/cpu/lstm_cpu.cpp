@@ -252,11 +252,16 @@ ForwardResult layer_forward(
                      [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1, const auto& sync) {
         for (size_t n = 0; n < steps.size(); ++n) {
           const Step& step = steps[n];
+          // Rows [row0, row1) of the step; h_prev from step n - 1's output for rows below
+          // `split`, from h_state (h0 until the loop ends) for the rest.
+          const int64_t row0 = std::min(r0, step.batch), row1 = std::min(r1, step.batch);
           const int64_t split = n == 0 ? 0 : step.prev_batch;
-          kernels.fused_step(std::min(r0, step.batch), std::min(r1, step.batch), H,
-                             out_p + step.prev_offset * H, split, h_state + split * H, w_t,
-                             gate_buffer + step.offset * 4 * H, keep_workspace, c_state,
-                             cells_p + step.offset * cells_step, out_p + step.offset * H, j0, j1);
+          const int64_t own_split = std::max<int64_t>(split - row0, 0);
+          kernels.fused_step(row1 - row0, H, out_p + (step.prev_offset + row0) * H, own_split,
+                             h_state + (row0 + own_split) * H, w_t,
+                             gate_buffer + (step.offset + row0) * 4 * H, keep_workspace,
+                             c_state + row0 * H, cells_p + step.offset * cells_step + row0 * H,
+                             out_p + (step.offset + row0) * H, j0, j1);
           sync(n);
         }
       });
