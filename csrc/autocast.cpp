@@ -1,4 +1,4 @@
-// Autocast for the layer ops, as torch.nn.LSTM has it: under
+// Autocast for the layer and stack ops, as torch.nn.LSTM has it: under
 // torch.autocast("cuda"), floating CUDA arguments run in the autocast dtype.
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
@@ -50,11 +50,31 @@ LayerResult layer_autocast(const at::Tensor& input, const at::Tensor& batch_size
       reverse);
 }
 
+// The stack casts once, before its autograd node: the node then saves and
+// differentiates the tensors of the autocast dtype, as the layer ops do.
+LayerResult stack_autocast(const at::Tensor& input, const at::Tensor& batch_sizes,
+                           const at::Tensor& h0, const at::Tensor& c0, at::TensorList weights,
+                           bool has_biases, bool has_proj, int64_t num_layers,
+                           bool bidirectional) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(at::kCUDA);
+  auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(dtype, t, at::kCUDA); };
+  std::vector<at::Tensor> cast_weights;
+  cast_weights.reserve(weights.size());
+  for (const at::Tensor& w : weights) cast_weights.push_back(cast(w));
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_lstm::lstm_stack", "")
+                             .typed<StackSignature>();
+  return op.call(cast(input), batch_sizes, cast(h0), cast(c0), cast_weights, has_biases, has_proj,
+                 num_layers, bidirectional);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lstm, AutocastCUDA, m) {
   m.impl("lstm_layer_forward", &forward_autocast);
   m.impl("lstm_layer", &layer_autocast);
+  m.impl("lstm_stack", &stack_autocast);
 }
 
 }  // namespace fused_lstm

@@ -39,24 +39,43 @@ at::Tensor zeros_if_undefined(const at::Tensor& grad, const at::Tensor& like) {
   return grad.defined() ? grad : at::zeros_like(like);
 }
 
+// Whether a backward may write the gate gradients over a private workspace (`gates`,
+// [N, 4H] less memory at the peak): only when it reads it for the last time, i.e. the
+// graph is not kept (retain_graph), and not while tracing (torch.compile's functional
+// or fake tensors), where the graphs stay functional.
+bool may_overwrite_workspace(const at::Tensor& gates) {
+  const bool traced = gates.key_set().has_any(
+      c10::DispatchKeySet({c10::DispatchKey::Functionalize, c10::DispatchKey::Python}));
+  return !traced && !torch::autograd::get_current_graph_task_keep_graph();
+}
+
+// The layer backward op, its gate gradients written over `gates` if overwrite_gates:
+// (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr).
+variable_list run_layer_backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
+    const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input,
+    bool overwrite_gates) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  auto [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
+      backward_op(overwrite_gates)
+          .call(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr,
+                output, gates, cells, hiddens, reverse, need_grad_input);
+  // Below ADInplaceOrView nothing counted the write: a later use of gates saved
+  // elsewhere for backward then fails loudly instead of reading gradients.
+  if (overwrite_gates) torch::autograd::impl::bump_version(gates);
+  return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+}
+
+// The layer backward as a node of its own, for create_graph: its gradients then say,
+// when differentiated, that there is no double backward.
 class LayerBackward : public torch::autograd::Function<LayerBackward> {
  public:
-  static variable_list forward(
-      AutogradContext* ctx, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-      const at::Tensor& grad_c_n, const at::Tensor& input, const at::Tensor& batch_sizes,
-      const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-      const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
-      const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input,
-      bool overwrite_gates) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
-        backward_op(overwrite_gates)
-            .call(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr,
-                  output, gates, cells, hiddens, reverse, need_grad_input);
-    // Below ADInplaceOrView nothing counted the write: a later use of gates saved
-    // elsewhere for backward then fails loudly instead of reading gradients.
-    if (overwrite_gates) torch::autograd::impl::bump_version(gates);
-    return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+  template <typename... Args>
+  static variable_list forward(AutogradContext*, Args&&... args) {
+    return run_layer_backward(std::forward<Args>(args)...);
   }
 
   static variable_list backward(AutogradContext*, variable_list) {
@@ -65,6 +84,14 @@ class LayerBackward : public torch::autograd::Function<LayerBackward> {
                 "differentiable); use torch.nn.LSTM where second derivatives are needed");
   }
 };
+
+// The layer backward from a node's backward: through LayerBackward under create_graph
+// (grad mode on), else the op itself (no node would be recorded anyway).
+template <typename... Args>
+variable_list layer_backward(Args&&... args) {
+  if (at::GradMode::is_enabled()) return LayerBackward::apply(std::forward<Args>(args)...);
+  return run_layer_backward(std::forward<Args>(args)...);
+}
 
 class LayerForward : public torch::autograd::Function<LayerForward> {
  public:
@@ -100,15 +127,9 @@ class LayerForward : public torch::autograd::Function<LayerForward> {
     const std::optional<at::Tensor> w_hr =
         saved[5].defined() ? std::optional<at::Tensor>(saved[5]) : std::nullopt;
     const bool need_grad_input = ctx->needs_input_grad(0);
-    // A private workspace is read for the last time here unless the graph is kept
-    // (retain_graph), so the gate gradients may go over the gates: [N, 4H] less memory
-    // at the peak. Not while tracing (torch.compile's functional or fake tensors), where
-    // the graphs stay functional.
-    const bool traced = gates.key_set().has_any(
-        c10::DispatchKeySet({c10::DispatchKey::Functionalize, c10::DispatchKey::Python}));
-    const bool overwrite_gates = ctx->saved_data["private_workspace"].toBool() && !traced &&
-                                 !torch::autograd::get_current_graph_task_keep_graph();
-    auto result = LayerBackward::apply(
+    const bool overwrite_gates =
+        ctx->saved_data["private_workspace"].toBool() && may_overwrite_workspace(gates);
+    auto result = layer_backward(
         zeros_if_undefined(grads[0], output), zeros_if_undefined(grads[1], h0),
         zeros_if_undefined(grads[2], c0), input, ctx->saved_data["batch_sizes"].toTensor(), h0,
         c0, w_ih, w_hh, w_hr, output, gates, cells, hiddens,
@@ -118,6 +139,115 @@ class LayerForward : public torch::autograd::Function<LayerForward> {
     return {need_grad_input ? result[0] : at::Tensor(), at::Tensor(), result[1], result[2],
             result[3], result[4], grad_bias, grad_bias,
             w_hr.has_value() ? result[6] : at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// The whole stack (op lstm_stack) as one autograd node: one node, not one per layer
+// and direction plus the stack of h_n/c_n and the views between them (stream train: a
+// ~450 us step, of which the autograd engine and Python took ~200 us). Each layer and
+// direction runs lstm_layer_forward, its backward lstm_layer_backward, as in
+// LayerForward; every workspace is private.
+class StackForward : public torch::autograd::Function<StackForward> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               const at::Tensor& batch_sizes, const at::Tensor& h0,
+                               const at::Tensor& c0, at::TensorList weights, bool has_biases,
+                               bool has_proj, int64_t num_layers, bool bidirectional) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->set_materialize_grads(false);
+    const StackLayout layout =
+        check_stack_args(h0, c0, weights, has_biases, has_proj, num_layers, bidirectional);
+    // Saved: input, h0, c0, the weights, per layer-direction k (output, gates, cells,
+    // hiddens), then the inputs of layers 1..L-1 (see saved_layer in backward).
+    std::vector<at::Tensor> to_save{input, h0, c0};
+    to_save.insert(to_save.end(), weights.begin(), weights.end());
+    std::vector<at::Tensor> layer_inputs;
+    auto [output, h_n, c_n] = run_stack(
+        layout, input, h0, c0, weights,
+        [&](const at::Tensor& layer_input, int64_t k, const LayerWeights& w,
+            const at::Tensor& h0_k, const at::Tensor& c0_k) -> LayerResult {
+          if (k > 0 && k % layout.directions == 0) layer_inputs.push_back(layer_input);
+          auto [out, h, c, gates, cells, hiddens] =
+              forward_op().call(layer_input, batch_sizes, h0_k, c0_k, w.w_ih, w.w_hh, w.b_ih,
+                                w.b_hh, w.w_hr, k % layout.directions == 1);
+          to_save.insert(to_save.end(), {out, gates, cells, hiddens});
+          return {out, h, c};
+        });
+    to_save.insert(to_save.end(), layer_inputs.begin(), layer_inputs.end());
+    // The last layer's output (one direction) is also this node's output: saved as such.
+    ctx->save_for_backward(to_save);
+    ctx->saved_data["batch_sizes"] = batch_sizes;
+    ctx->saved_data["has_biases"] = has_biases;
+    ctx->saved_data["has_proj"] = has_proj;
+    ctx->saved_data["num_layers"] = num_layers;
+    ctx->saved_data["bidirectional"] = bidirectional;
+    return {output, h_n, c_n};
+  }
+
+  // grads: output [N, D*P], h_n [L*D, B, P], c_n [L*D, B, H], each possibly undefined.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const StackLayout layout = StackLayout::make(
+        ctx->saved_data["has_biases"].toBool(), ctx->saved_data["has_proj"].toBool(),
+        ctx->saved_data["num_layers"].toInt(), ctx->saved_data["bidirectional"].toBool());
+    const at::Tensor batch_sizes = ctx->saved_data["batch_sizes"].toTensor();
+    const int64_t layer_directions = layout.layer_directions(), num_weights = layout.num_weights();
+    const at::Tensor &input = saved[0], &h0 = saved[1], &c0 = saved[2];
+    const at::TensorList weights(saved.data() + 3, num_weights);
+    // saved_layer(k, 0..3): layer-direction k's output, gates, cells, hiddens.
+    const auto saved_layer = [&](int64_t k, int64_t i) -> const at::Tensor& {
+      return saved[3 + num_weights + 4 * k + i];
+    };
+    const auto layer_input = [&](int64_t layer) -> const at::Tensor& {
+      return layer == 0 ? input : saved[3 + num_weights + 4 * layer_directions + layer - 1];
+    };
+    const bool overwrite_gates = may_overwrite_workspace(saved_layer(0, 1));
+    // Without create_graph nothing here is differentiated: run below autograd.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
+
+    std::vector<at::Tensor> grad_weights(num_weights), grad_h0(layer_directions),
+        grad_c0(layer_directions);
+    at::Tensor grad_layer_output = grads[0];  // [N, D*P] of the layer above
+    for (int64_t layer = layout.num_layers - 1; layer >= 0; --layer) {
+      const bool need_grad_input = layer > 0 || ctx->needs_input_grad(0);
+      at::Tensor grad_input;
+      for (int64_t direction = 0; direction < layout.directions; ++direction) {
+        const int64_t k = layer * layout.directions + direction;
+        const LayerWeights w = layer_weights(layout, weights, k);
+        const at::Tensor& output = saved_layer(k, 0);
+        const int64_t P = output.size(1);
+        const at::Tensor grad_output =
+            !grad_layer_output.defined() ? at::zeros_like(output)
+            : layout.directions == 1     ? grad_layer_output
+                                         : grad_layer_output.narrow(1, direction * P, P);
+        const at::Tensor h0_k = h0[k], c0_k = c0[k];
+        auto r = layer_backward(
+            grad_output, grads[1].defined() ? grads[1][k] : at::zeros_like(h0_k),
+            grads[2].defined() ? grads[2][k] : at::zeros_like(c0_k), layer_input(layer),
+            batch_sizes, h0_k, c0_k, w.w_ih, w.w_hh, w.w_hr, output, saved_layer(k, 1),
+            saved_layer(k, 2), saved_layer(k, 3), direction == 1, need_grad_input,
+            overwrite_gates);
+        if (need_grad_input) grad_input = grad_input.defined() ? grad_input + r[0] : r[0];
+        grad_h0[k] = r[1];
+        grad_c0[k] = r[2];
+        // The weight gradients in the _flat_weights order: w_ih, w_hh[, b_ih, b_hh][, w_hr].
+        at::Tensor* g = grad_weights.data() + k * layout.per_layer;
+        g[0] = r[3];
+        g[1] = r[4];
+        if (layout.has_biases) g[2] = g[3] = r[5];
+        if (layout.has_proj) g[layout.per_layer - 1] = r[6];
+      }
+      grad_layer_output = grad_input;
+    }
+    // One gradient per forward argument, in order (the list of weights one per weight).
+    variable_list result{ctx->needs_input_grad(0) ? grad_layer_output : at::Tensor(),
+                         at::Tensor(),
+                         ctx->needs_input_grad(2) ? at::stack(grad_h0) : at::Tensor(),
+                         ctx->needs_input_grad(3) ? at::stack(grad_c0) : at::Tensor()};
+    result.insert(result.end(), grad_weights.begin(), grad_weights.end());
+    result.resize(result.size() + 4);  // has_biases, has_proj, num_layers, bidirectional
+    return result;
   }
 };
 
@@ -154,6 +284,29 @@ LayerResult lstm_layer_autograd(
   return {r[0], r[1], r[2]};
 }
 
+// lstm_stack: one StackForward node when a gradient is needed, else the inference
+// kernel (stack.cpp) below autograd.
+LayerResult lstm_stack_autograd(const at::Tensor& input, const at::Tensor& batch_sizes,
+                                const at::Tensor& h0, const at::Tensor& c0,
+                                at::TensorList weights, bool has_biases, bool has_proj,
+                                int64_t num_layers, bool bidirectional) {
+  const bool needs_grad =
+      at::GradMode::is_enabled() &&
+      (input.requires_grad() || h0.requires_grad() || c0.requires_grad() ||
+       std::any_of(weights.begin(), weights.end(), [](const at::Tensor& w) {
+         return w.requires_grad();
+       }));
+  if (!needs_grad) {
+    static const auto stack_op = find_op<StackSignature>("fused_lstm::lstm_stack");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return stack_op.call(input, batch_sizes, h0, c0, weights, has_biases, has_proj, num_layers,
+                         bidirectional);
+  }
+  auto r = StackForward::apply(input, batch_sizes, h0, c0, weights, has_biases, has_proj,
+                               num_layers, bidirectional);
+  return {r[0], r[1], r[2]};
+}
+
 template <bool kOverwriteGates>
 BackwardResult lstm_layer_backward_autograd(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
@@ -172,6 +325,7 @@ BackwardResult lstm_layer_backward_autograd(
 TORCH_LIBRARY_IMPL(fused_lstm, Autograd, m) {
   m.impl("lstm_layer_forward", &lstm_layer_forward_autograd);
   m.impl("lstm_layer", &lstm_layer_autograd);
+  m.impl("lstm_stack", &lstm_stack_autograd);
   m.impl("lstm_layer_backward", &lstm_layer_backward_autograd<false>);
   m.impl("lstm_layer_backward_overwrite_gates", &lstm_layer_backward_autograd<true>);
 }

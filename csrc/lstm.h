@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/FunctionRef.h>
 
 #include <tuple>
 #include <vector>
@@ -81,6 +82,46 @@ using LayerResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                   at::Tensor, at::Tensor, at::Tensor>;
 
+// A stack of layers and directions (op lstm_stack): `weights` in nn.LSTM's
+// _flat_weights order, for each layer and direction w_ih, w_hh[, b_ih, b_hh][, w_hr];
+// h0 [L*D, B, P], c0 [L*D, B, H].
+struct StackLayout {
+  int64_t num_layers;
+  int64_t directions;  // 2 if bidirectional, else 1
+  int64_t per_layer;   // weights per layer and direction
+  bool has_biases;
+  bool has_proj;
+
+  static StackLayout make(bool has_biases, bool has_proj, int64_t num_layers, bool bidirectional) {
+    return {num_layers, bidirectional ? 2 : 1, 2 + (has_biases ? 2 : 0) + (has_proj ? 1 : 0),
+            has_biases, has_proj};
+  }
+  int64_t layer_directions() const { return num_layers * directions; }
+  int64_t num_weights() const { return layer_directions() * per_layer; }
+};
+
+// The weights of layer-direction k = layer * directions + direction.
+struct LayerWeights {
+  at::Tensor w_ih, w_hh;
+  std::optional<at::Tensor> b_ih, b_hh, w_hr;
+};
+LayerWeights layer_weights(const StackLayout& layout, at::TensorList weights, int64_t k);
+
+// Runs a stack's layers and directions in order (stack.cpp): per layer-direction k,
+// layer_call(layer_input [N, I or D*P], k, weights, h0 [B, P], c0 [B, H]) -> (output, h_n,
+// c_n), the reverse direction being k odd when bidirectional. Returns the last layer's
+// output [N, D*P] and h_n [L*D, B, P], c_n [L*D, B, H].
+using LayerCall = c10::function_ref<LayerResult(const at::Tensor& layer_input, int64_t k,
+                                                const LayerWeights& w, const at::Tensor& h0,
+                                                const at::Tensor& c0)>;
+LayerResult run_stack(const StackLayout& layout, const at::Tensor& input, const at::Tensor& h0,
+                      const at::Tensor& c0, at::TensorList weights, LayerCall layer_call);
+
+// Checks what the stack adds to the per-layer checks: the count of weights, h0/c0 [L*D, B, .].
+StackLayout check_stack_args(const at::Tensor& h0, const at::Tensor& c0, at::TensorList weights,
+                             bool has_biases, bool has_proj, int64_t num_layers,
+                             bool bidirectional);
+
 namespace cpu {
 // Frees the calling thread's reused CPU buffers (cpu/lstm_cpu.cpp).
 void release_scratch();
@@ -97,6 +138,10 @@ using LayerSignature = LayerResult(
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, bool reverse);
+using StackSignature = LayerResult(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, at::TensorList weights, bool has_biases, bool has_proj,
+    int64_t num_layers, bool bidirectional);
 using BackwardSignature = BackwardResult(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,

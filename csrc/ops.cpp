@@ -44,10 +44,13 @@ TORCH_LIBRARY(fused_lstm, m) {
       "Tensor hiddens, bool reverse, bool need_grad_input) -> (Tensor grad_input, "
       "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, "
       "Tensor grad_w_hr)");
-  // Inference through every layer and direction in one call (stack.cpp): weights in
-  // nn.LSTM's _flat_weights order, h0 [L*D, B, P], c0 [L*D, B, H].
+  // Every layer and direction in one call (stack.cpp), what fused_lstm.LSTM runs:
+  // weights in nn.LSTM's _flat_weights order, h0 [L*D, B, P], c0 [L*D, B, H] ->
+  // output [N, D*P], h_n [L*D, B, P], c_n [L*D, B, H]. Its backend kernel loops the
+  // lstm_layer op (inference); when a gradient is needed its Autograd kernel
+  // (autograd.cpp) keeps every layer's workspace in one autograd node.
   m.def(
-      "lstm_stack_inference(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, "
+      "lstm_stack(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, "
       "Tensor[] weights, bool has_biases, bool has_proj, int num_layers, bool bidirectional) "
       "-> (Tensor output, Tensor h_n, Tensor c_n)");
   // Which build of the CPU cell kernels runs: "default", "avx2", "avx512", or
@@ -179,6 +182,28 @@ LayerSizes check_backward_args(
     check_like(*t, name, input);
   }
   return s;
+}
+
+StackLayout check_stack_args(const at::Tensor& h0, const at::Tensor& c0, at::TensorList weights,
+                             bool has_biases, bool has_proj, int64_t num_layers,
+                             bool bidirectional) {
+  const StackLayout layout = StackLayout::make(has_biases, has_proj, num_layers, bidirectional);
+  const int64_t layer_directions = layout.layer_directions();
+  TORCH_CHECK(num_layers > 0, "fused_lstm: expected num_layers > 0, got ", num_layers);
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layout.num_weights(),
+              "fused_lstm: expected ", layout.num_weights(), " weights, got ", weights.size());
+  for (const auto& [state, name] : {std::pair{&h0, "h0"}, {&c0, "c0"}}) {
+    TORCH_CHECK(state->dim() == 3 && state->size(0) == layer_directions, "fused_lstm: expected ",
+                name, " of shape [", layer_directions, ", batch, size], got ", state->sizes());
+  }
+  return layout;
+}
+
+LayerWeights layer_weights(const StackLayout& layout, at::TensorList weights, int64_t k) {
+  const at::Tensor* w = weights.data() + k * layout.per_layer;
+  const auto bias = [&](int i) { return layout.has_biases ? std::optional(w[i]) : std::nullopt; };
+  return {w[0], w[1], bias(2), bias(3),
+          layout.has_proj ? std::optional(w[layout.per_layer - 1]) : std::nullopt};
 }
 
 std::vector<Step> make_schedule(const at::Tensor& batch_sizes, bool reverse) {

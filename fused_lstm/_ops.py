@@ -50,8 +50,8 @@ def _lstm_layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_size
             input.new_empty((4 * H,)), grad_w_hr)
 
 
-@torch.library.register_fake("fused_lstm::lstm_stack_inference")
-def _lstm_stack_inference_fake(input, batch_sizes, h0, c0, weights, has_biases, has_proj,
+@torch.library.register_fake("fused_lstm::lstm_stack")
+def _lstm_stack_fake(input, batch_sizes, h0, c0, weights, has_biases, has_proj,
                                num_layers, bidirectional):
     directions = 2 if bidirectional else 1
     return (input.new_empty((input.shape[0], directions * h0.shape[2])), h0.new_empty(h0.shape),

@@ -15,10 +15,6 @@ from ._ops import ops
 __all__ = ["lstm_layer", "lstm", "lstm_cell"]
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _dense_batch_sizes(T: int, B: int) -> Tensor:
     return torch.full((T,), B, dtype=torch.long)
 
@@ -119,14 +115,15 @@ def lstm(
         T, B = input.shape[:2]
         dense_shape, batch_sizes = (T, B), _dense_batch_sizes(T, B)
         input = input.reshape(T * B, input.shape[2])
-    if not (dropout > 0 and training) and not _needs_grad(input, h0, c0, *weights):
-        # Inference: every layer and direction in one op call.
-        output, h_stack, c_stack = ops.lstm_stack_inference(
+    if not (dropout > 0 and training and num_layers > 1):
+        # Every layer and direction in one op call, and with a gradient one autograd node.
+        output, h_stack, c_stack = ops.lstm_stack(
             input, batch_sizes, h0, c0, list(weights), has_biases, has_proj, num_layers,
             bidirectional)
         if dense_shape is not None:
             output = output.view(*dense_shape, output.shape[-1])
         return output, (h_stack, c_stack)
+    # Dropout between layers: layer by layer.
     layer_input = input
     for layer in range(num_layers):
         outputs = []

@@ -91,10 +91,19 @@ def test_dropout_train_and_eval():
     assert torch.equal(ours(x)[0], ours(x)[0])
 
 
-def test_double_backward_raises():
-    m = fused_lstm.LSTM(3, 4, dtype=torch.float64)
+@pytest.mark.parametrize("kwargs", [{}, dict(num_layers=2, bidirectional=True),
+                                    dict(num_layers=2, dropout=0.5)],
+                         ids=["one-layer", "stack", "dropout-layer-by-layer"])
+def test_double_backward_raises(kwargs):
+    # create_graph gives the right first derivatives, and differentiating them again
+    # raises instead of returning wrong numbers.
+    ref = nn.LSTM(3, 4, dtype=torch.float64, **kwargs)
+    m = fused_lstm.LSTM(3, 4, dtype=torch.float64, **kwargs)
+    m.load_state_dict(ref.state_dict())
     x = torch.randn(2, 1, 3, dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(m(x)[0].sum(), x, create_graph=True)
+    if "dropout" not in kwargs:
+        assert_close(g, torch.autograd.grad(ref(x)[0].sum(), x)[0])
     with pytest.raises(RuntimeError, match="double backward is not supported"):
         g.sum().backward()
 

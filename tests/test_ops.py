@@ -70,38 +70,96 @@ def test_layer_op_without_grad_matches_forward(packed, bias, proj, reverse):
         torch.testing.assert_close(got, e, rtol=0, atol=0)
 
 
-def stack_args(packed, bias, proj, bidirectional, num_layers=2, seed=0):
-    """Arguments of lstm_stack_inference, and an nn.LSTM-shaped fused_lstm.LSTM holding the weights."""
+def stack_args(packed, bias, proj, bidirectional, num_layers=2, seed=0, requires_grad=False):
+    """Arguments of lstm_stack: random weights in nn.LSTM's _flat_weights order."""
     g = torch.Generator().manual_seed(seed)
     module = fused_lstm.LSTM(I, H, num_layers=num_layers, bias=bias, bidirectional=bidirectional,
                              proj_size=P if proj else 0, dtype=torch.float64)
-    with torch.no_grad():
-        for w in module.parameters():
-            w.copy_(torch.randn(w.shape, generator=g, dtype=torch.float64))
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(requires_grad)
     batch_sizes = torch.tensor([3, 3, 2, 1] if packed else [3, 3, 3], dtype=torch.long)
     LD = num_layers * (2 if bidirectional else 1)
-    args = dict(input=torch.randn(int(batch_sizes.sum()), I, generator=g, dtype=torch.float64),
-                batch_sizes=batch_sizes,
-                h0=torch.randn(LD, 3, P if proj else H, generator=g, dtype=torch.float64),
-                c0=torch.randn(LD, 3, H, generator=g, dtype=torch.float64),
-                weights=[w.detach() for w in module._flat_weights], has_biases=bias, has_proj=proj,
-                num_layers=num_layers, bidirectional=bidirectional)
-    return args, module
+    return dict(input=rnd(int(batch_sizes.sum()), I), batch_sizes=batch_sizes,
+                h0=rnd(LD, 3, P if proj else H), c0=rnd(LD, 3, H),
+                weights=[rnd(*w.shape) for w in module._flat_weights], has_biases=bias,
+                has_proj=proj, num_layers=num_layers, bidirectional=bidirectional)
 
 
-@pytest.mark.parametrize("packed,bias,proj,bidirectional", VARIANTS,
-                         ids=[i.replace("rev", "bidir").replace("fwd", "unidir") for i in VARIANT_IDS])
-def test_stack_inference_op(packed, bias, proj, bidirectional):
-    # The whole stack in one call: the same numbers as the per-layer ops in grad mode.
-    args, module = stack_args(packed, bias, proj, bidirectional)
-    torch.library.opcheck(ops.lstm_stack_inference, tuple(args.values()))
-    got = ops.lstm_stack_inference(**args)
-    w = [t.detach().requires_grad_() for t in args["weights"]]
-    expected = F.lstm(args["input"], (args["h0"], args["c0"]), w, num_layers=2, has_biases=bias,
-                      has_proj=proj, bidirectional=bidirectional, batch_sizes=args["batch_sizes"])
-    assert expected[0].requires_grad  # the training path, layer by layer
-    for a, e in zip(got, (expected[0], *expected[1])):
-        torch.testing.assert_close(a, e.detach(), rtol=0, atol=0)
+def layer_by_layer(input, batch_sizes, h0, c0, weights, has_biases, has_proj, num_layers,
+                   bidirectional):
+    """The reference for lstm_stack: one lstm_layer call (and autograd node) per layer and
+    direction, as the dropout path of fused_lstm.functional.lstm runs them."""
+    directions = 2 if bidirectional else 1
+    per_layer = 2 + 2 * has_biases + has_proj
+    h_n, c_n, layer_input = [], [], input
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            w = weights[k * per_layer:(k + 1) * per_layer]
+            b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+            out, h, c = ops.lstm_layer(layer_input, batch_sizes, h0[k], c0[k], w[0], w[1], b_ih,
+                                       b_hh, w[-1] if has_proj else None, direction == 1)
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = torch.cat(outputs, -1)
+    return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
+STACK_VARIANT_IDS = [i.replace("rev", "bidir").replace("fwd", "unidir") for i in VARIANT_IDS]
+
+
+@pytest.mark.parametrize("packed,bias,proj,bidirectional", VARIANTS, ids=STACK_VARIANT_IDS)
+def test_stack_op_matches_layer_by_layer(packed, bias, proj, bidirectional):
+    # Inference, and training through one autograd node: the same numbers, gradients
+    # included, as the per-layer ops (the same kernels in the same order).
+    args = stack_args(packed, bias, proj, bidirectional, requires_grad=True)
+    torch.library.opcheck(ops.lstm_stack, tuple(args.values()))
+    expected = layer_by_layer(**args)
+    with torch.no_grad():
+        for a, e in zip(ops.lstm_stack(**args), expected):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+    got = ops.lstm_stack(**args)
+    assert "StackForward" in got[0].grad_fn.name()  # one node for the stack
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    wrt = [args["input"], args["h0"], args["c0"], *args["weights"]]
+    cotangents = [torch.randn_like(e) for e in expected]
+    grads = torch.autograd.grad(got, wrt, cotangents)
+    expected_grads = torch.autograd.grad(expected, wrt, cotangents)
+    for a, e in zip(grads, expected_grads):
+        torch.testing.assert_close(a, e, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("packed,bias,proj,bidirectional", VARIANTS, ids=STACK_VARIANT_IDS)
+def test_gradcheck_stack_op(packed, bias, proj, bidirectional):
+    args = stack_args(packed, bias, proj, bidirectional, requires_grad=True)
+    weights = args.pop("weights")
+
+    def fn(input, h0, c0, *weights):
+        return ops.lstm_stack(**dict(args, input=input, h0=h0, c0=c0, weights=list(weights)))
+
+    assert torch.autograd.gradcheck(fn, [args["input"], args["h0"], args["c0"], *weights])
+
+
+def test_stack_op_gradients_of_what_is_used():
+    # Only h_n used; the input and h0 need no gradient: the rest still matches.
+    args = stack_args(packed=True, bias=True, proj=False, bidirectional=True, requires_grad=True)
+    args["input"].requires_grad_(False)
+    args["h0"].requires_grad_(False)
+    got = torch.autograd.grad(ops.lstm_stack(**args)[1].sum(), [args["c0"], *args["weights"]])
+    expected = torch.autograd.grad(layer_by_layer(**args)[1].sum(), [args["c0"], *args["weights"]])
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-14, atol=1e-14)
+
+
+def test_stack_op_output_modified_in_place_is_an_error():
+    # The last layer's output is saved for backward: changing it must not go unnoticed.
+    args = stack_args(packed=False, bias=True, proj=False, bidirectional=False, requires_grad=True)
+    out, h_n, c_n = ops.lstm_stack(**args)
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (out.sum() + h_n.sum()).backward()
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -110,11 +168,13 @@ def test_stack_inference_op(packed, bias, proj, bidirectional):
     (dict(h0=torch.zeros(3, 3, 4, dtype=torch.float64)), "expected h0 of shape \\[2, batch, size\\], got \\[3, 3, 4\\]"),
     (dict(c0=torch.zeros(3, 4, dtype=torch.float64)), "expected c0 of shape \\[2, batch, size\\], got \\[3, 4\\]"),
 ], ids=["weights", "num_layers", "h0", "c0"])
-def test_stack_inference_op_errors(overrides, match):
-    args, _ = stack_args(packed=False, bias=True, proj=False, bidirectional=False)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_stack_op_errors(overrides, match, requires_grad):
+    args = stack_args(packed=False, bias=True, proj=False, bidirectional=False,
+                      requires_grad=requires_grad)
     args.update(overrides)
     with pytest.raises(RuntimeError, match=match):
-        ops.lstm_stack_inference(**args)
+        ops.lstm_stack(**args)
 
 
 def test_inference_buffer_reuse_across_sizes():
@@ -160,12 +220,17 @@ def test_backward_overwriting_gates_gives_the_same_gradients(proj):
     torch.testing.assert_close(gates.sum(0), expected[5], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("op_name", ["lstm_layer", "lstm_layer_forward"])
+@pytest.mark.parametrize("op_name", ["lstm_layer", "lstm_layer_forward", "lstm_stack"])
 def test_backward_keeps_the_workspace_while_the_graph_is_kept(op_name):
     # retain_graph: the second backward reads the same saved gates. Without it, lstm_layer's
-    # backward writes its gate gradients over its private workspace: the same gradients.
-    args = layer_args()
-    wrt = [args["w_hh"], args["input"], args["b_ih"], args["c0"]]
+    # and lstm_stack's backward write their gate gradients over their private workspace:
+    # the same gradients.
+    if op_name == "lstm_stack":
+        args = stack_args(packed=True, bias=True, proj=False, bidirectional=True, requires_grad=True)
+        wrt = [args["weights"][1], args["input"], args["weights"][6], args["c0"]]
+    else:
+        args = layer_args()
+        wrt = [args["w_hh"], args["input"], args["b_ih"], args["c0"]]
 
     def loss():
         out, h_n, c_n, *_ = getattr(ops, op_name)(**args)
@@ -180,10 +245,16 @@ def test_backward_keeps_the_workspace_while_the_graph_is_kept(op_name):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_backward_overwrites_the_private_workspace():
-    # The memory saving itself: without retain_graph, lstm_layer's backward writes the gate
-    # gradients over its saved gates (seen through a pack hook that keeps what it is given).
-    args = layer_args()
+@pytest.mark.parametrize("op_name", ["lstm_layer", "lstm_stack"])
+def test_backward_overwrites_the_private_workspace(op_name):
+    # The memory saving itself: without retain_graph, the backward writes the gate gradients
+    # over the saved gates of each layer and direction (seen through a pack hook that keeps
+    # what it is given).
+    if op_name == "lstm_stack":
+        args = stack_args(packed=True, bias=True, proj=False, bidirectional=True, requires_grad=True)
+        layer_directions = 4
+    else:
+        args, layer_directions = layer_args(), 1
     kept = []
 
     def pack(t):
@@ -191,11 +262,11 @@ def test_backward_overwrites_the_private_workspace():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out, h_n, c_n = ops.lstm_layer(**args)
+        out, h_n, c_n = getattr(ops, op_name)(**args)
     (out.sum() + h_n.sum()).backward()
     gates_shape = (args["input"].shape[0], 4 * H)
     changed = [not torch.equal(t, before) for t, before in kept if t.shape == gates_shape]
-    assert changed == [True]
+    assert changed == [True] * layer_directions
 
 
 def test_forward_op_workspace_is_not_overwritten():
