@@ -228,7 +228,10 @@ class StackForward : public torch::autograd::Function<StackForward> {
             batch_sizes, h0_k, c0_k, w.w_ih, w.w_hh, w.w_hr, output, saved_layer(k, 1),
             saved_layer(k, 2), saved_layer(k, 3), direction == 1, need_grad_input,
             overwrite_gates);
-        if (need_grad_input) grad_input = grad_input.defined() ? grad_input + r[0] : r[0];
+        if (need_grad_input) {
+          // Both directions read the same input: their gradients add up (r[0] is ours).
+          grad_input = grad_input.defined() ? grad_input.add_(r[0]) : r[0];
+        }
         grad_h0[k] = r[1];
         grad_c0[k] = r[2];
         // The weight gradients in the _flat_weights order: w_ih, w_hh[, b_ih, b_hh][, w_hr].
