@@ -160,17 +160,17 @@ def test_narrow_gemm_outputs(dtype):
             assert_close(a, e)
 
 
-def _bidirectional_matches_nn(I_, H_, T, batch, lengths, threads, seed):
-    """A bidirectional float64 LSTM on `threads` threads against nn.LSTM, random hx,
-    for each of `lengths` (None: dense; else packed with those lengths): outputs,
-    states and gradients, and the no_grad path."""
+def _bidirectional_matches_nn(I_, H_, T, batch, lengths, threads, seed, dtype=torch.float64):
+    """A bidirectional LSTM on `threads` threads against nn.LSTM, random hx, for each
+    of `lengths` (None: dense; else packed with those lengths): outputs, states and
+    gradients, and the no_grad path."""
     gen = torch.Generator().manual_seed(seed)
-    ref = nn.LSTM(I_, H_, bidirectional=True, dtype=torch.float64)
+    ref = nn.LSTM(I_, H_, bidirectional=True, dtype=dtype)
     random_like_weights(ref, seed)
-    ours = fused_lstm.LSTM(I_, H_, bidirectional=True, dtype=torch.float64)
+    ours = fused_lstm.LSTM(I_, H_, bidirectional=True, dtype=dtype)
     ours.load_state_dict(ref.state_dict())
-    x = _random((T, batch, I_), torch.float64, gen)
-    hx = (_random((2, batch, H_), torch.float64, gen), _random((2, batch, H_), torch.float64, gen))
+    x = _random((T, batch, I_), dtype, gen)
+    hx = (_random((2, batch, H_), dtype, gen), _random((2, batch, H_), dtype, gen))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -206,6 +206,35 @@ def test_fused_step_larger_batches(batch):
     lengths = torch.randint(1, 8, (batch,), generator=gen).sort(descending=True).values
     lengths[0] = 7
     _bidirectional_matches_nn(9, 144, 7, batch, [None, lengths], 2, seed=batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("T", [16, 21])
+def test_weight_gradients_beside_the_loop(T, dtype):
+    # A step of 2^16 multiply-adds or fewer (here B3 H24) runs the fused backward loop
+    # on one thread; with 2 threads and 16 steps or more the other computes the weight
+    # gradients of finished steps in chunks (8 of 2 steps, 7 of 3), the loop's thread
+    # taking chunks once done. Dense and packed (a batch shrinking to 1), both
+    # directions; then a 2-layer stack whose first layer needs no input gradient.
+    lengths = torch.tensor([T, T - 5, 1])
+    _bidirectional_matches_nn(5, 24, T, 3, [None, lengths], 2, seed=T, dtype=dtype)
+    gen = torch.Generator().manual_seed(T)
+    ref = nn.LSTM(5, 24, num_layers=2, dtype=dtype)
+    random_like_weights(ref, T)
+    ours = fused_lstm.LSTM(5, 24, num_layers=2, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = _random((T, 3, 5), dtype, gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for module in (ours, ref):
+            module.zero_grad()
+            out, (h_n, c_n) = module(x)
+            (out * torch.linspace(-1, 1, 24, dtype=dtype)).sum().backward()
+        for a, e in zip(ours.parameters(), ref.parameters()):
+            assert_close(a.grad, e.grad)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_fused_backward_k_slices():
