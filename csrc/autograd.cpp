@@ -143,8 +143,8 @@ class LayerForward : public torch::autograd::Function<LayerForward> {
 };
 
 // The whole stack (op lstm_stack) as one autograd node: one node, not one per layer
-// and direction plus the stack of h_n/c_n and the views between them (stream train: a
-// ~450 us step, of which the autograd engine and Python took ~200 us). Each layer and
+// and direction plus the stack of h_n/c_n and the views between them (session 10's
+// stream train step: ~200 us of ~480 outside the ops; PERF_LOG row 25). Each layer and
 // direction runs lstm_layer_forward, its backward lstm_layer_backward, as in
 // LayerForward; every workspace is private.
 class StackForward : public torch::autograd::Function<StackForward> {

@@ -2,6 +2,7 @@
 mode changes, dropout, and errors that match torch.nn.LSTM's."""
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -189,3 +190,24 @@ def test_parametrized_weight_is_used(grad):
         expected[0].sum().backward()
         assert_close(ours.parametrizations.weight_hh_l1.original.grad,
                      ref.parametrizations.weight_hh_l1.original.grad)
+
+
+def test_activation_checkpointing():
+    # torch.utils.checkpoint (non-reentrant: saved-tensor hooks) drops what the stack's
+    # node saves and recomputes it in backward: the same gradients as nn.LSTM.
+    ref = nn.LSTM(5, 7, num_layers=2, bidirectional=True, dtype=torch.float64)
+    ours = fused_lstm.LSTM(5, 7, num_layers=2, bidirectional=True, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 3, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.linspace(-1, 1, 14, dtype=torch.float64)
+
+    def grads(module, checkpointed):
+        module.zero_grad()
+        x.grad = None
+        run = lambda inp: module(inp)[0]
+        out = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False) if checkpointed else run(x)
+        (out * weights).sum().backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+
+    for a, e in zip(grads(ours, True), grads(ref, False)):
+        assert_close(a, e)
