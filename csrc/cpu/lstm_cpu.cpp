@@ -52,6 +52,12 @@ inline void spin_until(const std::atomic<int64_t>& count, int64_t target) {
 //    concurrently: true of ATen's OpenMP backend (one task per team thread), not
 //    promised by its native pool, which gets the calling thread instead.
 //  - A step of 2^16 multiply-adds (B * 4H * H) or fewer: the calling thread.
+// Whether a fused loop's step, B * 4H * H multiply-adds, is too little work to share
+// between threads: run_fused_loop then runs it on the calling thread.
+bool fused_step_too_small_to_share(int64_t B, int64_t H) {
+  return B * 4 * H * H <= (int64_t{1} << 16);
+}
+
 template <typename Body>
 void run_fused_loop(const std::vector<Step>& steps, int64_t B, int64_t H, int64_t width,
                     int64_t weight_bytes, const Body& body) {
@@ -59,7 +65,7 @@ void run_fused_loop(const std::vector<Step>& steps, int64_t B, int64_t H, int64_
   constexpr int64_t kMaxRowSplitWeightBytes = int64_t{1} << 20;
   const int64_t chunks = (H + width - 1) / width;
   const int64_t threads = at::get_num_threads();
-  if (threads == 1 || B * 4 * H * H <= (int64_t{1} << 16)) {
+  if (threads == 1 || fused_step_too_small_to_share(B, H)) {
     body(0, B, 0, chunks, [](size_t) {});
     return;
   }
@@ -106,13 +112,13 @@ void copy_rows(scalar_t* dst, const scalar_t* src, int64_t rows, int64_t cols) {
   if (rows > 0) std::memcpy(dst, src, sizeof(scalar_t) * rows * cols);
 }
 
-// Whether the fused backward loop runs on one thread (run_fused_loop: a step of 2^16
-// multiply-adds or fewer) while another is free and there are steps enough to share
-// the weight gradients with it (weight_gradients_beside_loop).
+// Whether the fused backward loop runs on one thread (fused_step_too_small_to_share)
+// while another is free and there are steps enough to share the weight gradients with
+// it (weight_gradients_beside_loop).
 bool weight_gradients_beside_loop_pays(int64_t B, int64_t H, int64_t T) {
   constexpr int64_t kMinSteps = 16;
   return kPersistentRegion && at::get_num_threads() >= 2 && !at::in_parallel_region() &&
-         B > 0 && B * 4 * H * H <= (int64_t{1} << 16) && T >= kMinSteps;
+         B > 0 && fused_step_too_small_to_share(B, H) && T >= kMinSteps;
 }
 
 // The fused backward loop on this thread, `loop(r0, r1, j0, j1, sync)` as run_fused_loop
@@ -157,16 +163,10 @@ void weight_gradients_beside_loop(const LayerSizes& s, const std::vector<Step>& 
       }
     }
   });
+  // Task 0 leaves at least the last chunk to task 1, so args' dW are written.
   if (!used[0]) return;
-  at::Tensor w_ih = at::from_blob(args.grad_w_ih, own_w_ih.sizes(), own_w_ih.options());
-  at::Tensor w_hh = at::from_blob(args.grad_w_hh, own_w_hh.sizes(), own_w_hh.options());
-  if (used[1]) {
-    w_ih.add_(own_w_ih);
-    w_hh.add_(own_w_hh);
-  } else {
-    w_ih.copy_(own_w_ih);
-    w_hh.copy_(own_w_hh);
-  }
+  at::from_blob(args.grad_w_ih, own_w_ih.sizes(), own_w_ih.options()).add_(own_w_ih);
+  at::from_blob(args.grad_w_hh, own_w_hh.sizes(), own_w_hh.options()).add_(own_w_hh);
 }
 
 // The GEMMs inside the time loop, C[b, N] (+)= A[b, K] op(B), go through the
@@ -416,7 +416,8 @@ BackwardResult layer_backward(
       kOverwriteGates ? gates_c : scratch_buffer(Scratch::kGradGates, N, 4 * H, opts);
   at::Tensor grad_h = grad_h_n.contiguous().clone();    // [B, P] running dL/dh
   at::Tensor grad_c = grad_c_n.contiguous().clone();    // [B, H] running dL/dc
-  // [N, P] the h each step began from, gathered only when the batch varies.
+  // [N, P] the h each step began from, gathered only when the batch varies or the
+  // weight gradients go beside the loop.
   const bool beside_loop = !has_proj && weight_gradients_beside_loop_pays(B, H, T);
   at::Tensor h_prev = beside_loop || prev_hidden_terms(steps, reverse).empty()
                           ? scratch_buffer(Scratch::kPrevHidden, N, P, opts)
