@@ -100,7 +100,11 @@ def lstm(
         dropout: applied to each layer's output except the last, in training only.
 
     Returns:
-        ``output`` (``[T, B, D*P]`` or ``[N, D*P]``) and ``(h_n [L*D, B, P], c_n [L*D, B, H])``.
+        ``output`` (``[T, B, D*P]`` or ``[N, D*P]``) and ``(h_n [L*D, B, P], c_n [L*D, B, H])``,
+        differentiable with respect to input, hx and every weight. Without dropout
+        between layers the whole stack is one op call (``lstm_stack``), and one autograd
+        node when a gradient is needed; with it, one ``lstm_layer`` call per layer and
+        direction.
     """
     directions = 2 if bidirectional else 1
     per_layer = 2 + (2 if has_biases else 0) + (1 if has_proj else 0)

@@ -35,9 +35,10 @@ class LSTM(nn.LSTM):
     checkpoints load both ways. ``forward(input, hx=None)`` takes
     ``(L, N, H_in)`` (``(N, L, H_in)`` with ``batch_first``), unbatched
     ``(L, H_in)`` or a PackedSequence, and returns ``output, (h_n, c_n)`` with
-    nn.LSTM's shapes. Each layer and direction is one fused op call: one input
-    GEMM over all timesteps, then a native time loop of one recurrent GEMM and
-    one fused elementwise pass per step.
+    nn.LSTM's shapes. The whole stack is one op call (in training, one autograd
+    node; with dropout between layers, one call per layer and direction). Each
+    layer and direction runs one input GEMM over all timesteps, then a native
+    time loop of one recurrent GEMM and one fused elementwise pass per step.
     """
 
     def flatten_parameters(self) -> None:
