@@ -3,7 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "cpu/blas.h"
+#include "cpu/gemm.h"
 #include "cpu/cell_kernels.h"
 #include "lstm.h"
 
@@ -56,7 +56,7 @@ TORCH_LIBRARY(fused_lstm, m) {
   // Which build of the CPU cell kernels runs: "default", "avx2", "avx512", or
   // "" for the best this CPU supports. Returns the one now in use.
   m.def("set_cpu_capability(str capability) -> str", &cpu::set_cpu_capability);
-  // Which GEMM backend the CPU kernels use: "auto", "blas", "onednn" or "aten" (cpu/blas.h).
+  // Which GEMM path the CPU kernels take: "auto", "aten" or "small" (cpu/gemm.h).
   m.def("set_cpu_gemm(str backend) -> str", &cpu::set_cpu_gemm);
   // Frees the CPU buffers this thread keeps between calls (up to 256 MiB each: the
   // inference gate buffer, and backward's gate gradients and previous h).

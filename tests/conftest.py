@@ -20,11 +20,13 @@ def _cpu_capabilities():
 
 CPU_CAPABILITIES = _cpu_capabilities()
 
-# (cell-kernel build, GEMM backend) pairs that together run every CPU code path:
-# each build of the elementwise kernels, and BLAS, oneDNN, ATen and the
-# register-blocked small-batch GEMM for the per-step GEMMs. "auto" is the default.
-_PATHS = [("default", "aten"), ("default", "blas"), ("default", "small"), ("avx2", "small"),
-          ("avx512", "onednn"), ("avx512", "auto")]
+# (cell-kernel build, GEMM setting) pairs that together run every CPU code path:
+# each build of the elementwise kernels, our register-blocked GEMMs and ATen's
+# (torch's BLAS) for the GEMMs outside the loop, and the fused loops ("small" forces
+# them and our per-step GEMM at every size; "aten" is the unfused path). "auto" is
+# the default.
+_PATHS = [("default", "aten"), ("default", "small"), ("default", "auto"), ("avx2", "small"),
+          ("avx2", "auto"), ("avx512", "auto")]
 CPU_PATHS = [(c, g) for c, g in _PATHS if c in CPU_CAPABILITIES]
 if ("avx512", "auto") not in CPU_PATHS:
     CPU_PATHS.append((CPU_CAPABILITIES[-1], "auto"))

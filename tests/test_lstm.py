@@ -140,11 +140,12 @@ def test_small_batch_gemm_blocks(dtype, hidden, batch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_narrow_gemm_outputs(dtype):
+def test_narrow_gemm_outputs(dtype, cpu_path):
     # GEMMs whose output is narrower than a vector (input_size 5, then 2 * proj_size 8,
-    # and proj_size 4 in dW_hh) with 64+ rows run BLAS on the transposed product
-    # (blas.cpp, narrow_output): dx, dW_ih, and dW_hh accumulated over a packed reverse
-    # direction's terms (beta = 1). Random hx, so every term is non-zero.
+    # and proj_size 4 in dW_hh) with 64+ rows: through ATen ("aten") they run into a
+    # column-major product added into C (gemm.cpp, narrow_output), else through our
+    # kernels with 1 masked vector of columns: dx, dW_ih, and dW_hh accumulated over a
+    # packed reverse direction's terms (beta = 1). Random hx, so every term is non-zero.
     gen = torch.Generator().manual_seed(11)
     kwargs = dict(num_layers=2, bidirectional=True, proj_size=4, dtype=dtype)
     ref = nn.LSTM(5, 20, **kwargs)

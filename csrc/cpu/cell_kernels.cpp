@@ -13,7 +13,7 @@
 namespace fused_lstm::cpu {
 namespace {
 
-enum Capability : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+constexpr int kDefault = kCapabilityDefault, kAvx2 = kCapabilityAvx2, kAvx512 = kCapabilityAvx512;
 constexpr const char* kNames[] = {"default", "avx2", "avx512"};
 
 // The best build this CPU runs, as ATen decided it (ATEN_CPU_CAPABILITY included).
@@ -73,5 +73,7 @@ std::string set_cpu_capability(const std::string& capability) {
 }
 
 std::string cpu_capability() { return kNames[in_use()]; }
+
+int capability_in_use() { return in_use(); }
 
 }  // namespace fused_lstm::cpu

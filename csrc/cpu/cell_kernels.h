@@ -30,6 +30,11 @@ struct CellKernels {
   void (*small_gemm)(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
                      const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C,
                      int64_t ldc);
+  // The same with A stored transposed, [K, M] (lda its row stride): C = A^T B (+ C), the
+  // small weight-gradient GEMMs dgates^T x.
+  void (*small_gemm_trans_a)(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+                             const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C,
+                             int64_t ldc);
   // A whole forward step (no projection; where use_fused_step in lstm_cpu.cpp picks
   // it): the recurrent GEMM and the cell update fused per tile of rows and fused_width
   // hidden units, the gates never leaving registers in between. h_prev row r is
@@ -108,5 +113,9 @@ const CellKernels<scalar_t>& cell_kernels();
 // "default", "avx2", "avx512", or "" to follow ATen again. Returns the capability now in use.
 std::string set_cpu_capability(const std::string& capability);
 std::string cpu_capability();
+
+// The build in use as a number, for tables indexed by it (tuning.cpp).
+enum CpuCapability : int { kCapabilityDefault = 0, kCapabilityAvx2 = 1, kCapabilityAvx512 = 2 };
+int capability_in_use();
 
 }  // namespace fused_lstm::cpu

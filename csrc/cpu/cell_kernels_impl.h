@@ -6,6 +6,7 @@
 
 #include "../cell_math.h"
 #include "cell_kernels.h"
+#include "tuning.h"
 
 namespace fused_lstm::cpu::FUSED_LSTM_CAPABILITY_NS {
 namespace {
@@ -76,8 +77,7 @@ C10_ALWAYS_INLINE void for_each_row_unit(int64_t r0, int64_t r1, int64_t u0, int
 // Runs fn(row_begin, row_end) over rows, threaded only when the work is large.
 template <typename Fn>
 void parallel_rows(int64_t rows, int64_t H, const Fn& fn) {
-  constexpr int64_t kUnitsPerTask = 16384;
-  const int64_t grain = std::max<int64_t>(1, kUnitsPerTask / std::max<int64_t>(H, 1));
+  const int64_t grain = std::max<int64_t>(1, kCellPassUnitsPerTask / std::max<int64_t>(H, 1));
   if (rows <= grain) {
     fn(0, rows);  // skip the thread pool entirely for small steps
   } else {
@@ -154,7 +154,8 @@ void backward_step(int64_t b, int64_t H, const scalar_t* gates, const scalar_t* 
 // One block of kRows rows of C and kVecs vectors of columns, [n, n + cols): kRows x
 // kVecs independent FMA chains (enough to hide the FMA latency: 4 x 2, or 1 x 8 for
 // the rows left over, e.g. a batch of one). kFull: cols == kVecs * W, no masking.
-template <typename scalar_t, int kRows, int kVecs, bool kFull>
+// A(r, k) is A[r * lda + k], or with kTransA (A stored [K, M]) A[k * lda + r].
+template <typename scalar_t, int kRows, int kVecs, bool kFull, bool kTransA>
 C10_ALWAYS_INLINE void small_gemm_block_impl(int64_t K, const scalar_t* A, int64_t lda,
                                              const scalar_t* B, int64_t ldb, bool accumulate,
                                              scalar_t* C, int64_t ldc, int64_t cols) {
@@ -175,7 +176,7 @@ C10_ALWAYS_INLINE void small_gemm_block_impl(int64_t K, const scalar_t* A, int64
     Vec b[kVecs];
     for (int v = 0; v < kVecs; ++v) b[v] = load_n(B + k * ldb + v * W, v);
     for (int r = 0; r < kRows; ++r) {
-      const Vec a(A[r * lda + k]);
+      const Vec a(kTransA ? A[k * lda + r] : A[r * lda + k]);
       for (int v = 0; v < kVecs; ++v) acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
     }
   }
@@ -190,60 +191,71 @@ C10_ALWAYS_INLINE void small_gemm_block_impl(int64_t K, const scalar_t* A, int64
   }
 }
 
-template <typename scalar_t, int kRows, int kVecs>
+template <typename scalar_t, int kRows, int kVecs, bool kTransA = false>
 C10_ALWAYS_INLINE void small_gemm_block(int64_t K, const scalar_t* A, int64_t lda,
                                         const scalar_t* B, int64_t ldb, bool accumulate,
                                         scalar_t* C, int64_t ldc, int64_t cols) {
   if (cols == kVecs * Vectorized<scalar_t>::size()) {
-    small_gemm_block_impl<scalar_t, kRows, kVecs, true>(K, A, lda, B, ldb, accumulate, C, ldc, cols);
+    small_gemm_block_impl<scalar_t, kRows, kVecs, true, kTransA>(K, A, lda, B, ldb, accumulate,
+                                                                 C, ldc, cols);
   } else {
-    small_gemm_block_impl<scalar_t, kRows, kVecs, false>(K, A, lda, B, ldb, accumulate, C, ldc, cols);
+    small_gemm_block_impl<scalar_t, kRows, kVecs, false, kTransA>(K, A, lda, B, ldb, accumulate,
+                                                                  C, ldc, cols);
   }
 }
 
 // One row of C, columns [n, n_end): c[n:n_end) (+)= a[0:K) B[0:K, n:n_end), in blocks
 // of 8 vectors (8 accumulators and 8 B vectors of AVX-512's 32 registers; 4 + 4 of
 // AVX2's 16), then 4, then 2 (the last maybe masked): a row alone is bound by the FMA
-// latency, so it needs many independent chains (e.g. a batch of one).
-template <typename scalar_t>
+// latency, so it needs many independent chains (e.g. a batch of one). With kTransA,
+// a's element k is a[k * lda] (a column of A stored [K, M]).
+template <typename scalar_t, bool kTransA = false>
 C10_ALWAYS_INLINE void gemm_one_row(int64_t K, const scalar_t* a, const scalar_t* B, int64_t ldb,
-                                    bool accumulate, scalar_t* c, int64_t n, int64_t n_end) {
+                                    bool accumulate, scalar_t* c, int64_t n, int64_t n_end,
+                                    int64_t lda = 0) {
   constexpr int64_t W = Vectorized<scalar_t>::size();
   constexpr int kWideVecs = sizeof(Vectorized<scalar_t>) >= 64 ? 8 : 4;
   for (; n + kWideVecs * W <= n_end; n += kWideVecs * W) {
-    small_gemm_block<scalar_t, 1, kWideVecs>(K, a, 0, B + n, ldb, accumulate, c + n, 0,
-                                             kWideVecs * W);
+    small_gemm_block<scalar_t, 1, kWideVecs, kTransA>(K, a, lda, B + n, ldb, accumulate, c + n,
+                                                      0, kWideVecs * W);
   }
   if (kWideVecs > 4 && n + 4 * W <= n_end) {
-    small_gemm_block<scalar_t, 1, 4>(K, a, 0, B + n, ldb, accumulate, c + n, 0, 4 * W);
+    small_gemm_block<scalar_t, 1, 4, kTransA>(K, a, lda, B + n, ldb, accumulate, c + n, 0,
+                                              4 * W);
     n += 4 * W;
   }
   for (; n < n_end; n += 2 * W) {
-    small_gemm_block<scalar_t, 1, 2>(K, a, 0, B + n, ldb, accumulate, c + n, 0,
-                                     std::min(2 * W, n_end - n));
+    small_gemm_block<scalar_t, 1, 2, kTransA>(K, a, lda, B + n, ldb, accumulate, c + n, 0,
+                                              std::min(2 * W, n_end - n));
   }
 }
 
-template <typename scalar_t>
-void small_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
-                const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C, int64_t ldc) {
+// C[M, N] = op(A) B (+ C when accumulate), B row-major [K, N]; op(A) = A [M, K], or
+// A^T with kTransA (A stored [K, M], as dgates in the weight gradients dgates^T x).
+template <typename scalar_t, bool kTransA>
+void small_gemm_impl(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+                     const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C, int64_t ldc) {
   if constexpr (kVectorized<scalar_t>) {
     constexpr int64_t W = Vectorized<scalar_t>::size();
     constexpr int64_t kCols = 2 * W;  // columns of a 4-row block; a thread's unit of work
     constexpr int kRows = 4;
     const int64_t col_blocks = (N + kCols - 1) / kCols;
+    // Row m of op(A) starts at A + m * lda, or A + m with kTransA.
+    const int64_t row_step = kTransA ? 1 : lda;
     // Threads split the columns; a block's B panel [K, kCols] stays in L1 across rows.
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(M * K * kCols, 1));
     auto run = [&](int64_t j0, int64_t j1) {
       const int64_t n_end = std::min(N, j1 * kCols), full_rows = M - M % kRows;
       for (int64_t n = j0 * kCols; n < n_end; n += kCols) {
         for (int64_t m = 0; m < full_rows; m += kRows) {
-          small_gemm_block<scalar_t, kRows, 2>(K, A + m * lda, lda, B + n, ldb, accumulate,
-                                               C + m * ldc + n, ldc, std::min(kCols, n_end - n));
+          small_gemm_block<scalar_t, kRows, 2, kTransA>(K, A + m * row_step, lda, B + n, ldb,
+                                                        accumulate, C + m * ldc + n, ldc,
+                                                        std::min(kCols, n_end - n));
         }
       }
       for (int64_t m = full_rows; m < M; ++m) {  // rows left over, one at a time, wider blocks
-        gemm_one_row(K, A + m * lda, B, ldb, accumulate, C + m * ldc, j0 * kCols, n_end);
+        gemm_one_row<scalar_t, kTransA>(K, A + m * row_step, B, ldb, accumulate, C + m * ldc,
+                                        j0 * kCols, n_end, lda);
       }
     };
     if (col_blocks <= grain) {
@@ -252,6 +264,19 @@ void small_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
       at::parallel_for(0, col_blocks, grain, run);
     }
   }
+}
+
+template <typename scalar_t>
+void small_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+                const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C, int64_t ldc) {
+  small_gemm_impl<scalar_t, false>(M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+}
+
+template <typename scalar_t>
+void small_gemm_trans_a(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+                        const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C,
+                        int64_t ldc) {
+  small_gemm_impl<scalar_t, true>(M, N, K, A, lda, B, ldb, accumulate, C, ldc);
 }
 
 // C[M, n0:n1) = A[M, K] B[K, n0:n1) (+ C when accumulate), on the calling thread: the
@@ -279,7 +304,7 @@ void gemm_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* 
     // Columns [n, n + cols) of rows [0, tiled) in blocks of kVecs vectors, slice by slice of K.
     const auto column_block = [&](auto vecs, int64_t n, int64_t cols) {
       constexpr int kVecs = decltype(vecs)::value;
-      constexpr int64_t kSlice = (int64_t{256} << 10) / (kVecs * W * int64_t(sizeof(scalar_t)));
+      constexpr int64_t kSlice = kGemmColumnsSliceBytes / (kVecs * W * int64_t(sizeof(scalar_t)));
       for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
         const int64_t k = std::min(kSlice, K - k0);
         const bool add = accumulate || k0 > 0;
@@ -411,6 +436,7 @@ template <typename scalar_t>
 CellKernels<scalar_t> cell_kernels() {
   return {&forward_step<scalar_t>, &backward_step<scalar_t>,
           kVectorized<scalar_t> ? &small_gemm<scalar_t> : nullptr,
+          kVectorized<scalar_t> ? &small_gemm_trans_a<scalar_t> : nullptr,
           kVectorized<scalar_t> ? &fused_step<scalar_t> : nullptr,
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) : 0,
           &backward_rows<scalar_t>,

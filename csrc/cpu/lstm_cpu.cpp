@@ -16,8 +16,9 @@
 
 #include "../lstm.h"
 #include "../weight_gradients.h"
-#include "blas.h"
 #include "cell_kernels.h"
+#include "gemm.h"
+#include "tuning.h"
 
 namespace fused_lstm::cpu {
 namespace {
@@ -38,38 +39,37 @@ inline void spin_until(const std::atomic<int64_t>& count, int64_t target) {
   }
 }
 
+// Whether a fused loop's step, B * 4H * H multiply-adds, is too little work to share
+// between threads: run_fused_loop then runs it on the calling thread.
+bool fused_step_too_small_to_share(int64_t B, int64_t H) {
+  return B * 4 * H * H <= cpu_tuning().fused_step_max_macs_one_thread;
+}
+
 // Runs a fused time loop (B rows, H hidden units in chunks of `width`), its work
 // shared between threads for the whole loop: one parallel region, no fork/join per
 // step. body(r0, r1, j0, j1, sync) runs rows [r0, r1) and chunks [j0, j1) of every step
 // (a step's rows past its batch excepted) and calls sync(n) after step n.
-//  - A row depends only on its own past. So where each thread gets 4 rows or more and
-//    every thread can keep all of W_hh (`weight_bytes`) in its core's L2 (1 MiB here),
+//  - A row depends only on its own past. So where each thread gets enough rows and
+//    every thread can keep all of W_hh (`weight_bytes`) in its core's L2 (tuning.h),
 //    threads own blocks of rows, balanced by the rows' lengths, and sync does nothing:
-//    no barrier, no h crossing between cores (layer backward B32 H256: 24.5 -> 19 ms).
-//  - Else threads own unit chunks, each reading only its part of W_hh per step (wide,
-//    W_hh 16 MB: backward 88 ms, 120 with rows), and sync(n) is a spin barrier: each
-//    step reads every unit of the step before. That needs every task to run
-//    concurrently: true of ATen's OpenMP backend (one task per team thread), not
-//    promised by its native pool, which gets the calling thread instead.
-//  - A step of 2^16 multiply-adds (B * 4H * H) or fewer: the calling thread.
-// Whether a fused loop's step, B * 4H * H multiply-adds, is too little work to share
-// between threads: run_fused_loop then runs it on the calling thread.
-bool fused_step_too_small_to_share(int64_t B, int64_t H) {
-  return B * 4 * H * H <= (int64_t{1} << 16);
-}
-
+//    no barrier, no h crossing between cores.
+//  - Else threads own unit chunks, each reading only its part of W_hh per step, and
+//    sync(n) is a spin barrier: each step reads every unit of the step before. That
+//    needs every task to run concurrently: true of ATen's OpenMP backend (one task per
+//    team thread), not promised by its native pool, which gets the calling thread instead.
+//  - A step too small to share (fused_step_too_small_to_share): the calling thread.
 template <typename Body>
 void run_fused_loop(const std::vector<Step>& steps, int64_t B, int64_t H, int64_t width,
                     int64_t weight_bytes, const Body& body) {
-  constexpr int64_t kMinRowsPerThread = 4;
-  constexpr int64_t kMaxRowSplitWeightBytes = int64_t{1} << 20;
+  const CpuTuning& tuning = cpu_tuning();
   const int64_t chunks = (H + width - 1) / width;
   const int64_t threads = at::get_num_threads();
   if (threads == 1 || fused_step_too_small_to_share(B, H)) {
     body(0, B, 0, chunks, [](size_t) {});
     return;
   }
-  if (B >= kMinRowsPerThread * threads && weight_bytes <= kMaxRowSplitWeightBytes) {
+  if (B >= tuning.row_split_min_rows * threads &&
+      weight_bytes <= tuning.row_split_max_weight_bytes) {
     // Row r runs at the steps whose batch exceeds r; blocks of equal total steps.
     std::vector<int64_t> work_before(B + 1, 0);  // steps run by rows [0, r)
     for (int64_t r = 0; r < B; ++r) {
@@ -116,17 +116,15 @@ void copy_rows(scalar_t* dst, const scalar_t* src, int64_t rows, int64_t cols) {
 // while another is free and there are steps enough to share the weight gradients with
 // it (weight_gradients_beside_loop).
 bool weight_gradients_beside_loop_pays(int64_t B, int64_t H, int64_t T) {
-  constexpr int64_t kMinSteps = 16;
   return kPersistentRegion && at::get_num_threads() >= 2 && !at::in_parallel_region() &&
-         B > 0 && fused_step_too_small_to_share(B, H) && T >= kMinSteps;
+         B > 0 && fused_step_too_small_to_share(B, H) && T >= cpu_tuning().beside_loop_min_steps;
 }
 
 // The fused backward loop on this thread, `loop(r0, r1, j0, j1, sync)` as run_fused_loop
 // calls it, and on a second thread the weight gradients (weight_gradients_of_steps) of
 // the steps it has finished, in 8 chunks of steps, while it goes on. Once done, the
 // loop's thread takes chunks too while 2 or more are left, into a dW buffer of its own
-// added at the end. Before, the weight GEMMs ran after the loop (stream, B1 H64: ~50 us
-// of a 135 us layer backward) while the second core waited.
+// added at the end: otherwise the second core would wait through the loop.
 template <typename scalar_t, typename Loop, typename Gemm, typename CopyRows>
 void weight_gradients_beside_loop(const LayerSizes& s, const std::vector<Step>& steps,
                                   int64_t unit_chunks, const WeightGradientArgs<scalar_t>& args,
@@ -170,8 +168,8 @@ void weight_gradients_beside_loop(const LayerSizes& s, const std::vector<Step>& 
 }
 
 // The GEMMs inside the time loop, C[b, N] (+)= A[b, K] op(B), go through the
-// register-blocked small_gemm when the batch is small and B fits in L2 (there a
-// BLAS call costs more in fixed overhead than in math), else through gemm().
+// register-blocked small_gemm when the batch is small and B fits in L2 (tuning.h:
+// there a library call costs more in fixed overhead than in math), else through gemm().
 // small_gemm wants B as row-major [K, N]: `b_kn` (may equal `b`, when not trans_b).
 template <typename scalar_t>
 struct StepGemm {
@@ -181,8 +179,9 @@ struct StepGemm {
   static StepGemm make(int64_t max_batch, int64_t N, int64_t K) {
     const auto& k = cell_kernels<scalar_t>();
     const auto setting = cpu_gemm_setting();
-    // Measured on the CI machine (benchmarks/PERF_LOG.md): faster up to batch 8 and 512 KiB of B.
-    const bool fits = max_batch <= 8 && N * K * int64_t(sizeof(scalar_t)) <= (int64_t{1} << 19);
+    const CpuTuning& tuning = cpu_tuning();
+    const bool fits = max_batch <= tuning.small_step_max_batch &&
+                      N * K * int64_t(sizeof(scalar_t)) <= tuning.small_step_max_weight_bytes;
     const bool small = k.small_gemm != nullptr &&
                        (setting == GemmSetting::kSmall || (setting == GemmSetting::kAuto && fits));
     return {small, &k};
@@ -202,14 +201,13 @@ struct StepGemm {
 
 // Whether the forward (without a projection) runs the fused step of cell_kernels.h
 // instead of a recurrent GEMM and an elementwise pass per step: always with the
-// "small" setting, never with the other explicit ones, and with "auto" where it
-// measured faster on the CI machine (benchmarks/PERF_LOG.md, row 17): wherever the
-// step GEMM is small (batch <= 8, W_hh in L2), and at H >= 128 for any batch. Below
-// that a step is too little work to share between threads.
+// "small" setting, never with "aten", and with "auto" wherever the step GEMM is small
+// or H reaches tuning.h's fused_min_hidden.
 bool use_fused_step(bool step_gemm_small, int64_t H) {
   const auto setting = cpu_gemm_setting();
   return setting == GemmSetting::kSmall ||
-         (setting == GemmSetting::kAuto && (step_gemm_small || H >= 128));
+         (setting == GemmSetting::kAuto &&
+          (step_gemm_small || H >= cpu_tuning().fused_min_hidden));
 }
 
 // Buffers that live only inside one op call (the inference gate buffer, and in

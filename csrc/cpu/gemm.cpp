@@ -1,0 +1,129 @@
+#include "gemm.h"
+
+#include <ATen/CPUFunctions.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <vector>
+
+#include "cell_kernels.h"
+#include "tuning.h"
+
+namespace fused_lstm::cpu {
+namespace {
+
+constexpr const char* kSettingNames[] = {"auto", "aten", "small"};
+std::atomic<int> gemm_setting{0};
+
+// Tensor views over the raw operands: A as op(A) [M, K], B as op(B) [K, N], C [M, N].
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> views(
+    bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+    const scalar_t* B, int64_t ldb, scalar_t* C, int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    // The stored matrix is [rows, cols], or [cols, rows] when trans; row stride ld.
+    return trans ? at::from_blob(const_cast<scalar_t*>(p), {cols, rows}, {ld, 1}, opts).t()
+                 : at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, opts);
+  };
+  return {view(A, M, K, lda, trans_a), view(B, K, N, ldb, trans_b),
+          at::from_blob(C, {M, N}, {ldc, 1}, opts)};
+}
+
+// Whether a row-major C [M, N] is narrower than one 512-bit vector and has rows to
+// spare: BLAS vectorises along C's contiguous dimension, so there it runs faster into
+// a column-major C (PERF_LOG.md row 20: dW_ih at input size 10, 3-5x).
+template <typename T>
+bool narrow_output(int64_t M, int64_t N) {
+  constexpr int64_t kVectorLanes = 64 / sizeof(T);
+  return N < kVectorLanes && M >= 64;
+}
+
+template <typename scalar_t>
+void aten_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const scalar_t* A,
+               int64_t lda, const scalar_t* B, int64_t ldb, at::opmath_type<scalar_t> beta,
+               scalar_t* C, int64_t ldc) {
+  auto [a, b, c] = views(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc);
+  if (narrow_output<scalar_t>(M, N)) {
+    at::Tensor product = at::empty({N, M}, c.options()).t();  // [M, N], column-major
+    at::cpu::mm_out(product, a, b);
+    if (beta == 0) {
+      c.copy_(product);
+    } else {
+      c.mul_(beta).add_(product);
+    }
+    return;
+  }
+  // beta == 0 ignores C (no NaN from it), as addmm documents.
+  at::cpu::addmm_out(c, c, a, b, beta, 1);
+}
+
+// op(B) as row-major [K, N], which our kernels read: B itself, or B^T gathered into
+// a per-thread scratch.
+template <typename scalar_t>
+const scalar_t* rows_of_op_b(bool trans_b, int64_t N, int64_t K, const scalar_t* B, int64_t ldb) {
+  if (!trans_b) return B;
+  thread_local std::vector<scalar_t> scratch;
+  scratch.resize(static_cast<size_t>(K * N));
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t k = 0; k < K; ++k) scratch[k * N + n] = B[n * ldb + k];
+  }
+  return scratch.data();
+}
+
+}  // namespace
+
+GemmSetting cpu_gemm_setting() {
+  return static_cast<GemmSetting>(gemm_setting.load(std::memory_order_relaxed));
+}
+
+std::string set_cpu_gemm(const std::string& setting) {
+  for (int s = 0; s < 3; ++s) {
+    if (setting == kSettingNames[s]) {
+      gemm_setting.store(s);
+      return setting;
+    }
+  }
+  TORCH_CHECK(false, "fused_lstm: unknown CPU GEMM setting '", setting,
+              "'; expected auto, aten or small");
+}
+
+template <typename scalar_t>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+          const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
+          at::opmath_type<scalar_t> beta, scalar_t* C, int64_t ldc) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (M == 0 || N == 0) return;
+  if (K == 0) {  // C = beta * C; beta == 0 must not propagate NaN from C
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = 0; n < N; ++n) {
+        scalar_t& c = C[m * ldc + n];
+        c = beta == opmath_t(0) ? scalar_t(0) : scalar_t(beta * opmath_t(c));
+      }
+    }
+    return;
+  }
+  const auto& kernels = cell_kernels<scalar_t>();
+  const bool ours = cpu_gemm_setting() != GemmSetting::kAten && kernels.small_gemm != nullptr &&
+                    (beta == opmath_t(0) || beta == opmath_t(1)) &&
+                    M * N * K <= cpu_tuning().own_gemm_max_macs;
+  if (ours) {
+    const scalar_t* b_rows = rows_of_op_b(trans_b, N, K, B, ldb);
+    const int64_t ld_rows = trans_b ? N : ldb;
+    const auto kernel = trans_a ? kernels.small_gemm_trans_a : kernels.small_gemm;
+    kernel(M, N, K, A, lda, b_rows, ld_rows, beta == opmath_t(1), C, ldc);
+    return;
+  }
+  aten_gemm<scalar_t>(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
+}
+
+#define FUSED_LSTM_INSTANTIATE_GEMM(scalar_t)                                          \
+  template void gemm<scalar_t>(bool, bool, int64_t, int64_t, int64_t, const scalar_t*, \
+                               int64_t, const scalar_t*, int64_t,                      \
+                               at::opmath_type<scalar_t>, scalar_t*, int64_t);
+FUSED_LSTM_INSTANTIATE_GEMM(float)
+FUSED_LSTM_INSTANTIATE_GEMM(double)
+FUSED_LSTM_INSTANTIATE_GEMM(at::Half)
+FUSED_LSTM_INSTANTIATE_GEMM(at::BFloat16)
+
+}  // namespace fused_lstm::cpu

@@ -1,0 +1,31 @@
+// Row-major GEMM on raw pointers for the CPU kernels:
+//   C[M, N] = op(A) @ op(B) + beta * C,  op(X) = X or X^T.
+// Two backends, both through supported interfaces:
+//   ours - the register-blocked kernels of cell_kernels.h (float, double), for GEMMs
+//          small enough that a library call's fixed cost dominates (tuning.h);
+//   aten - at::cpu::addmm_out: torch's own BLAS (MKL on x86-64 builds, else what
+//          torch was built with), every dtype.
+// The per-step GEMMs of the time loop choose for themselves (StepGemm, lstm_cpu.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <string>
+
+namespace fused_lstm::cpu {
+
+template <typename scalar_t>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+          const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
+          at::opmath_type<scalar_t> beta, scalar_t* C, int64_t ldc);
+
+// "auto": the fastest path by tuning.h; "aten": every GEMM through ATen and no fused
+// loops (the plain path: a GEMM and an elementwise pass per step); "small": the
+// per-step GEMMs through our kernel whatever their size, and the loops fused wherever
+// the kernels allow. Returns the setting now in force.
+enum class GemmSetting : int { kAuto = 0, kAten = 1, kSmall = 2 };
+std::string set_cpu_gemm(const std::string& setting);
+GemmSetting cpu_gemm_setting();
+
+}  // namespace fused_lstm::cpu

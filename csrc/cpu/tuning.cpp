@@ -1,0 +1,53 @@
+// The CPU dispatch rules per capability (tuning.h). Values measured on one machine
+// kind only say so; PERF_LOG.md ("Tuning") has the numbers.
+#include "tuning.h"
+
+#include <unistd.h>
+
+#include "cell_kernels.h"
+
+namespace fused_lstm::cpu {
+
+int64_t l2_cache_bytes() {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+  static const int64_t bytes = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? int64_t(v) : int64_t(0);
+  }();
+  return bytes;
+#else
+  return 0;
+#endif
+}
+
+namespace {
+
+CpuTuning make_tuning(int capability) {
+  // Where the L2 is unknown, 1 MiB (the AVX-512 machine's, where the rule was measured).
+  const int64_t l2 = l2_cache_bytes() > 0 ? l2_cache_bytes() : int64_t{1} << 20;
+  CpuTuning t{};
+  t.fused_min_hidden = 128;
+  t.small_step_max_batch = 8;
+  t.small_step_max_weight_bytes = int64_t{1} << 19;
+  t.fused_step_max_macs_one_thread = int64_t{1} << 16;
+  t.row_split_min_rows = 4;
+  t.row_split_max_weight_bytes = l2;
+  t.beside_loop_min_steps = 16;
+  t.own_gemm_max_macs = int64_t{1} << 20;
+  if (capability == kCapabilityDefault) {
+    // The portable build has no SIMD FMA: our kernels lose to torch's BLAS sooner.
+    t.own_gemm_max_macs = int64_t{1} << 16;
+  }
+  return t;
+}
+
+}  // namespace
+
+const CpuTuning& cpu_tuning() {
+  static const CpuTuning tunings[] = {make_tuning(kCapabilityDefault),
+                                      make_tuning(kCapabilityAvx2),
+                                      make_tuning(kCapabilityAvx512)};
+  return tunings[capability_in_use()];
+}
+
+}  // namespace fused_lstm::cpu

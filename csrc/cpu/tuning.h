@@ -1,0 +1,50 @@
+// Every CPU threshold in one place. The kernels' compile-time sizes are the
+// constants below; the dispatch rules are a CpuTuning, chosen at run time for the
+// build of the cell kernels in use (its capability: default, AVX2, AVX-512) and,
+// where a rule is about fitting in cache, the running CPU's L2. Each rule carries
+// its reason here; what each was measured on, and on which machine kind, is in
+// benchmarks/PERF_LOG.md ("Tuning").
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace fused_lstm::cpu {
+
+// gemm_columns takes K in slices of this many bytes of a block's columns of B, so the
+// row blocks after the first read them from L2.
+constexpr int64_t kGemmColumnsSliceBytes = int64_t{256} << 10;
+// parallel_rows (the unfused cell passes) gives a thread at least this many units.
+constexpr int64_t kCellPassUnitsPerTask = 16384;
+
+struct CpuTuning {
+  // The fused loops (no projection) run at any batch from this hidden size: below it a
+  // step is too little work per hidden-unit chunk to share between threads.
+  int64_t fused_min_hidden;
+  // Per-step GEMMs go through small_gemm, and the loops fuse at any hidden size, up to
+  // this batch with B (W_hh^T or W_hr^T) up to small_step_max_weight_bytes: there a
+  // library call costs more in fixed overhead than in math.
+  int64_t small_step_max_batch;
+  int64_t small_step_max_weight_bytes;
+  // A fused step of at most this many multiply-adds (B * 4H * H) runs on one thread.
+  int64_t fused_step_max_macs_one_thread;
+  // The fused loops split batch rows between threads (no barrier) where each gets at
+  // least this many rows and every core can keep all of W_hh in its L2
+  // (row_split_max_weight_bytes, the L2 size); else they split hidden units.
+  int64_t row_split_min_rows;
+  int64_t row_split_max_weight_bytes;
+  // The weight gradients go beside a one-thread backward loop from this many steps.
+  int64_t beside_loop_min_steps;
+  // GEMMs outside the time loop run our register-blocked kernel up to this many
+  // multiply-adds, torch's BLAS (at::addmm) above: below it ATen's fixed cost per call
+  // (and BLAS's fork/join) is more than the math.
+  int64_t own_gemm_max_macs;
+};
+
+// The rules for the capability in use (cell_kernels.h) on this CPU.
+const CpuTuning& cpu_tuning();
+
+// The running CPU's L2 size per core in bytes (sysconf), or 0 where it cannot be read.
+int64_t l2_cache_bytes();
+
+}  // namespace fused_lstm::cpu
