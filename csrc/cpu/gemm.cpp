@@ -58,17 +58,81 @@ void aten_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, cons
   at::cpu::addmm_out(c, c, a, b, beta, 1);
 }
 
+// dst[c, r] = src[r, c] for src [rows, cols] (row stride ld), dst [cols, rows]
+// contiguous, in 16 x 16 tiles so that reads and writes both go a cache line at a time.
+template <typename scalar_t>
+void transpose_into(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld, scalar_t* dst) {
+  constexpr int64_t kTile = 16;
+  at::parallel_for(0, (rows + kTile - 1) / kTile, std::max<int64_t>(1, 4096 / std::max<int64_t>(cols, 1)),
+                   [&](int64_t t0, int64_t t1) {
+    for (int64_t r0 = t0 * kTile; r0 < std::min(rows, t1 * kTile); r0 += kTile) {
+      const int64_t r1 = std::min(rows, r0 + kTile);
+      for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+        const int64_t c1 = std::min(cols, c0 + kTile);
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t c = c0; c < c1; ++c) dst[c * rows + r] = src[r * ld + c];
+        }
+      }
+    }
+  });
+}
+
+// A per-thread scratch of n elements, reused between calls.
+template <typename scalar_t>
+scalar_t* scratch_of(int slot, int64_t n) {
+  thread_local std::vector<scalar_t> scratch[2];
+  scratch[slot].resize(static_cast<size_t>(n));
+  return scratch[slot].data();
+}
+
 // op(B) as row-major [K, N], which our kernels read: B itself, or B^T gathered into
 // a per-thread scratch.
 template <typename scalar_t>
 const scalar_t* rows_of_op_b(bool trans_b, int64_t N, int64_t K, const scalar_t* B, int64_t ldb) {
   if (!trans_b) return B;
-  thread_local std::vector<scalar_t> scratch;
-  scratch.resize(static_cast<size_t>(K * N));
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t k = 0; k < K; ++k) scratch[k * N + n] = B[n * ldb + k];
+  scalar_t* rows = scratch_of<scalar_t>(0, K * N);
+  transpose_into(B, N, K, ldb, rows);
+  return rows;
+}
+
+// A large GEMM on our gemm_columns kernel, column blocks split between threads:
+// C (+)= op(A) op(B). With trans_a (A stored [K, M], the weight gradients dgates^T x)
+// it computes C^T = op(B)^T A instead, whose B operand is then A as stored.
+template <typename scalar_t>
+void own_large_gemm(const CellKernels<scalar_t>& kernels, bool trans_a, bool trans_b, int64_t M,
+                    int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B,
+                    int64_t ldb, bool accumulate, scalar_t* C, int64_t ldc) {
+  constexpr int64_t kColumns = 64;  // a thread's unit: 4 AVX-512 vectors of float
+  const auto run = [&](int64_t rows, int64_t cols, const scalar_t* a, int64_t ld_a,
+                       const scalar_t* b, int64_t ld_b, bool add, scalar_t* c, int64_t ld_c) {
+    const int64_t blocks = (cols + kColumns - 1) / kColumns;
+    at::parallel_for(0, blocks, 1, [&](int64_t j0, int64_t j1) {
+      kernels.gemm_columns(rows, j0 * kColumns, std::min(cols, j1 * kColumns), K, a, ld_a, b, ld_b,
+                           add, c, ld_c);
+    });
+  };
+  if (!trans_a) {
+    const scalar_t* b_rows = rows_of_op_b(trans_b, N, K, B, ldb);
+    run(M, N, A, lda, b_rows, trans_b ? N : ldb, accumulate, C, ldc);
+    return;
   }
-  return scratch.data();
+  // C^T [N, M] = op(B)^T [N, K] A [K, M]; op(B)^T as rows: B^T gathered, or B itself.
+  const scalar_t* bt = B;
+  int64_t ld_bt = ldb;
+  if (!trans_b) {
+    scalar_t* rows = scratch_of<scalar_t>(0, N * K);
+    transpose_into(B, K, N, ldb, rows);
+    bt = rows;
+    ld_bt = K;
+  }
+  scalar_t* ct = scratch_of<scalar_t>(1, N * M);
+  run(N, M, bt, ld_bt, A, lda, false, ct, M);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) {
+      scalar_t& c = C[m * ldc + n];
+      c = accumulate ? scalar_t(c + ct[n * M + m]) : ct[n * M + m];
+    }
+  }
 }
 
 }  // namespace
@@ -112,6 +176,12 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
     const int64_t ld_rows = trans_b ? N : ldb;
     const auto kernel = trans_a ? kernels.small_gemm_trans_a : kernels.small_gemm;
     kernel(M, N, K, A, lda, b_rows, ld_rows, beta == opmath_t(1), C, ldc);
+    return;
+  }
+  if (cpu_gemm_setting() != GemmSetting::kAten && kernels.gemm_columns != nullptr &&
+      (beta == opmath_t(0) || beta == opmath_t(1)) && cpu_tuning().own_large_gemm) {
+    own_large_gemm(kernels, trans_a, trans_b, M, N, K, A, lda, B, ldb, beta == opmath_t(1), C,
+                   ldc);
     return;
   }
   aten_gemm<scalar_t>(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);

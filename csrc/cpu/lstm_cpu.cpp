@@ -447,7 +447,9 @@ BackwardResult layer_backward(
     // dgates) its rows and units of dh = dgates W_hh, which only it reads next step.
     // No BLAS call, no fork/join.
     const bool fused = !has_proj && kernels.gemm_columns != nullptr &&
-                       use_fused_step(recurrent_gemm.small, H);
+                       use_fused_step(recurrent_gemm.small, H) &&
+                       (recurrent_gemm.small || cpu_gemm_setting() == GemmSetting::kSmall ||
+                        w_hh_c.nbytes() <= cpu_tuning().fused_backward_max_weight_bytes);
     // Weight gradients over all steps (weight_gradients.h, shared with the other backend).
     WeightGradientArgs<scalar_t> args{
         dgates, x.data_ptr<scalar_t>(), w_ih_c.data_ptr<scalar_t>(), output_c.data_ptr<scalar_t>(),

@@ -3,6 +3,12 @@
 #include "tuning.h"
 
 #include <unistd.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+
+#include <cstring>
+#include <limits>
 
 #include "cell_kernels.h"
 
@@ -20,6 +26,23 @@ int64_t l2_cache_bytes() {
 #endif
 }
 
+bool cpu_is_intel() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool intel = [] {
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (__get_cpuid(0, &eax, &ebx, &ecx, &edx) == 0) return false;
+    char vendor[13] = {};
+    std::memcpy(vendor, &ebx, 4);
+    std::memcpy(vendor + 4, &edx, 4);
+    std::memcpy(vendor + 8, &ecx, 4);
+    return std::strcmp(vendor, "GenuineIntel") == 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 CpuTuning make_tuning(int capability) {
@@ -34,7 +57,11 @@ CpuTuning make_tuning(int capability) {
   t.row_split_max_weight_bytes = l2;
   t.beside_loop_min_steps = 16;
   t.own_gemm_max_macs = int64_t{1} << 20;
-  if (capability == kCapabilityDefault) {
+  t.own_large_gemm = capability == kCapabilityAvx512 && !cpu_is_intel();
+  t.fused_backward_max_weight_bytes = std::numeric_limits<int64_t>::max();
+  if (capability == kCapabilityAvx2) {
+    t.fused_backward_max_weight_bytes = l2;
+  } else if (capability == kCapabilityDefault) {
     // The portable build has no SIMD FMA: our kernels lose to torch's BLAS sooner.
     t.own_gemm_max_macs = int64_t{1} << 16;
   }

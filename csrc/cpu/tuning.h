@@ -39,6 +39,13 @@ struct CpuTuning {
   // multiply-adds, torch's BLAS (at::addmm) above: below it ATen's fixed cost per call
   // (and BLAS's fork/join) is more than the math.
   int64_t own_gemm_max_macs;
+  // Larger GEMMs run our gemm_columns kernel too, else torch's BLAS: on AVX-512 where
+  // that BLAS is MKL on a CPU not made by Intel, which MKL runs at half the FMA width.
+  bool own_large_gemm;
+  // The backward loop fuses (cell backward + gemm_columns for dh) only where W_hh takes
+  // at most this many bytes, unless its step GEMM is small: on AVX2, gemm_columns'
+  // 4 x 2-vector blocks (16 registers) lose to BLAS once W_hh streams from L3 each step.
+  int64_t fused_backward_max_weight_bytes;
 };
 
 // The rules for the capability in use (cell_kernels.h) on this CPU.
@@ -46,5 +53,8 @@ const CpuTuning& cpu_tuning();
 
 // The running CPU's L2 size per core in bytes (sysconf), or 0 where it cannot be read.
 int64_t l2_cache_bytes();
+
+// Whether the CPU's vendor string (cpuid) is GenuineIntel.
+bool cpu_is_intel();
 
 }  // namespace fused_lstm::cpu
