@@ -47,9 +47,12 @@ def cpu_model():
 
 
 def machine(device):
+    import fused_lstm
     info = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            # what fused_lstm runs here: its kernel build, GEMM backends, rules, CPU flags
+            "fused_lstm": fused_lstm.backend_info()}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
@@ -497,6 +500,10 @@ def run(args):
     compare.print()
     print_table(records, peak, args.device)
     info = machine(args.device)
+    fl = info["fused_lstm"]
+    print(f"machine: {fl['cpu_model']} [{fl['cpu_flags']}], {info['threads']} threads; fused_lstm "
+          f"kernels {fl['cpu_capability']}, large GEMMs {fl['gemm_large']}, torch BLAS "
+          f"{fl['torch_blas']}")
     result = {"machine": info, "suite": args.suite, "device": args.device,
               "matmul_peak_gflops": {k: v / 1e9 for k, v in peak.items()},
               "cudnn_tf32": torch.backends.cudnn.allow_tf32 if args.device == "cuda" else None,

@@ -58,6 +58,8 @@ TORCH_LIBRARY(fused_lstm, m) {
   m.def("set_cpu_capability(str capability) -> str", &cpu::set_cpu_capability);
   // Which GEMM path the CPU kernels take: "auto", "aten" or "small" (cpu/gemm.h).
   m.def("set_cpu_gemm(str backend) -> str", &cpu::set_cpu_gemm);
+  // What the CPU kernels run on this machine (cpu/gemm.h), for fused_lstm.backend_info().
+  m.def("cpu_info() -> Dict(str, str)", &cpu::cpu_info);
   // Frees the CPU buffers this thread keeps between calls (up to 256 MiB each: the
   // inference gate buffer, and backward's gate gradients and previous h).
   m.def("release_cpu_scratch() -> ()", &cpu::release_scratch);

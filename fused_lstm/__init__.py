@@ -5,7 +5,10 @@
 """
 from . import functional
 from ._ops import ops
+from ._backend import backend_info, warn_about_fallbacks
 from .modules import LSTM, LSTMCell
 
-__all__ = ["LSTM", "LSTMCell", "functional", "ops"]
+__all__ = ["LSTM", "LSTMCell", "backend_info", "functional", "ops"]
+
+warn_about_fallbacks()
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="the benchmark's chart needs matplotlib")
 
+import fused_lstm  # noqa: E402
 from fused_lstm.bench import runner  # noqa: E402
 
 
@@ -18,6 +19,9 @@ def test_benchmark_tiny_cases_write_json_and_png(tmp_path, capsys):
 
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["machine"]["threads"] >= 1 and result["machine"]["torch"]
+    # The machine kind every number came from: CPU model and flags, kernels, GEMMs.
+    assert result["machine"]["fused_lstm"] == fused_lstm.backend_info()
+    assert "machine: " in printed and result["machine"]["fused_lstm"]["cpu_model"] in printed
     assert result["matmul_peak_gflops"]["float32"] > 0
     records = result["results"]
     assert [(r["case"], r["mode"]) for r in records] == [

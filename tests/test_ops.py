@@ -2,6 +2,7 @@
 implementation, autograd registration), torch.compile tracing, and the
 TORCH_CHECK errors for bad arguments."""
 import itertools
+import os
 
 import pytest
 import torch
@@ -355,3 +356,65 @@ def test_cpu_gemm_switch():
         with pytest.raises(RuntimeError, match=f"unknown CPU GEMM setting '{gone}'"):
             ops.set_cpu_gemm(gone)
     ops.set_cpu_gemm("auto")
+
+
+def test_backend_info_says_what_runs():
+    from conftest import CPU_CAPABILITIES
+    info = fused_lstm.backend_info()
+    for key in ("cpu_model", "cpu_flags", "torch_blas", "cpu_capability", "aten_cpu_capability",
+                "gemm_setting", "gemm_small", "gemm_large", "threads", "parallel_backend"):
+        assert info[key], key
+    assert info["threads"] == str(torch.get_num_threads())
+    try:
+        for capability in CPU_CAPABILITIES:
+            ops.set_cpu_capability(capability)
+            assert fused_lstm.backend_info()["cpu_capability"] == capability
+        ops.set_cpu_gemm("aten")
+        aten = fused_lstm.backend_info()
+        assert aten["gemm_setting"] == "aten" and "torch's BLAS" in aten["gemm_large"]
+        assert "torch's BLAS" in aten["gemm_small"]
+    finally:
+        ops.set_cpu_capability("")
+        ops.set_cpu_gemm("auto")
+    assert fused_lstm.backend_info() == info
+
+
+def _run_python(code, **env):
+    import os
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=os.path.dirname(os.__file__), check=True)
+
+
+def test_info_command_prints_backend_info():
+    out = _run_python("import runpy; runpy.run_module('fused_lstm.info', run_name='__main__')")
+    for key, value in fused_lstm.backend_info().items():
+        assert f"{key:32s} {value}" in out.stdout
+    assert "RuntimeWarning" not in out.stderr
+
+
+@pytest.mark.skipif("avx2" not in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else True,
+                    reason="needs an x86-64 CPU with AVX2 (the warning is for its portable fallback)")
+def test_portable_kernels_warn_once():
+    out = _run_python("import warnings; warnings.simplefilter('always'); import fused_lstm, torch; "
+                      "m = fused_lstm.LSTM(3, 4); m(torch.randn(2, 1, 3)); m(torch.randn(2, 1, 3)); "
+                      "print(fused_lstm.backend_info()['cpu_capability'])",
+                      ATEN_CPU_CAPABILITY="default")
+    assert out.stdout.split()[-1] == "default"
+    assert out.stderr.count("running the portable CPU kernels") == 1
+    quiet = _run_python("import warnings; warnings.simplefilter('always'); import fused_lstm")
+    assert "portable CPU kernels" not in quiet.stderr
+
+
+def test_no_private_symbol_lookups_in_csrc():
+    # Every GEMM goes through a supported interface: nothing is looked up by name.
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+    if not root.is_dir():
+        pytest.skip("the source tree is not beside the tests")
+    for path in root.rglob("*"):
+        if path.suffix in (".cpp", ".h", ".cu", ".cuh"):
+            text = path.read_text()
+            assert "dlsym" not in text and "dlopen" not in text, path
+            assert '"_ZN' not in text, path

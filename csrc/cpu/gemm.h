@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Dict.h>
 
 #include <string>
 
@@ -27,5 +28,10 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
 enum class GemmSetting : int { kAuto = 0, kAten = 1, kSmall = 2 };
 std::string set_cpu_gemm(const std::string& setting);
 GemmSetting cpu_gemm_setting();
+
+// What the CPU kernels run here, as key -> value (op cpu_info; fused_lstm.backend_info):
+// the kernel build in use and ATen's, the GEMM setting and each GEMM's backend, the
+// tuning rules in force, threads and the threading backend.
+c10::Dict<std::string, std::string> cpu_info();
 
 }  // namespace fused_lstm::cpu
