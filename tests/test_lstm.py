@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fused_lstm
-from testing import assert_close, lstm_outputs, lstm_outputs_and_grads, random_like_weights
+from testing import TOLERANCES, assert_close, lstm_outputs, lstm_outputs_and_grads, random_like_weights
 
 # Every reference test runs once per CPU code path (conftest.py).
 pytestmark = pytest.mark.usefixtures("cpu_path")
@@ -140,7 +140,7 @@ def test_small_batch_gemm_blocks(dtype, hidden, batch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_narrow_gemm_outputs(dtype, cpu_path):
+def test_narrow_gemm_outputs(dtype):
     # GEMMs whose output is narrower than a vector (input_size 5, then 2 * proj_size 8,
     # and proj_size 4 in dW_hh) with 64+ rows: through ATen ("aten") they run into a
     # column-major product added into C (gemm.cpp, narrow_output), else through our
@@ -300,3 +300,55 @@ def test_gradients_from_one_output(used, proj_size):
             assert a is None or not a.any()
         else:
             assert_close(a, e)
+
+
+class _WordLanguageModel(nn.Module):
+    """pytorch/examples' word language model: embedding, 2-layer LSTM, linear decoder."""
+
+    def __init__(self, lstm_class, vocab, size, dtype):
+        super().__init__()
+        self.encoder = nn.Embedding(vocab, size, dtype=dtype)
+        self.rnn = lstm_class(size, size, num_layers=2, dropout=0.0, dtype=dtype)
+        self.decoder = nn.Linear(size, vocab, dtype=dtype)
+
+    def forward(self, tokens, hidden):
+        output, hidden = self.rnn(self.encoder(tokens), hidden)
+        return self.decoder(output), hidden
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_word_language_model_trains_like_nn(dtype):
+    # Its sizes: 200 units, batch 20, 35 steps of BPTT; SGD (lr 20) with gradient
+    # clipping 0.25 and the hidden state carried (detached) between batches, as there.
+    # Large enough for every GEMM backend and the fused loops (the shape that crashed
+    # on AVX2-only CPUs through the private oneDNN call).
+    vocab, size, batch, bptt, steps = 500, 200, 20, 35, 4
+    gen = torch.Generator().manual_seed(200)
+    data = torch.randint(vocab, (steps * bptt + 1, batch), generator=gen)
+    models = []
+    for lstm_class in (nn.LSTM, fused_lstm.LSTM):
+        torch.manual_seed(0)
+        models.append(_WordLanguageModel(lstm_class, vocab, size, dtype))
+    models[1].load_state_dict(models[0].state_dict())
+    losses = []
+    for model in models:
+        run = []
+        hidden = tuple(torch.zeros(2, batch, size, dtype=dtype) for _ in range(2))
+        for i in range(0, steps * bptt, bptt):
+            tokens, targets = data[i:i + bptt], data[i + 1:i + 1 + bptt]
+            hidden = tuple(h.detach() for h in hidden)
+            model.zero_grad()
+            out, hidden = model(tokens, hidden)
+            loss = nn.functional.cross_entropy(out.view(-1, vocab), targets.reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(p.grad, alpha=-20)
+            run.append(loss.item())
+        losses.append(run)
+    rtol, atol = TOLERANCES[dtype]
+    for step, (e, a) in enumerate(zip(*losses)):
+        assert abs(a - e) <= atol + rtol * abs(e), f"step {step}: fused {a} vs nn {e}"
+    for (name, p), q in zip(models[1].named_parameters(), models[0].parameters()):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=name)
