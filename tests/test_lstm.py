@@ -197,10 +197,11 @@ def test_small_batch_threads(threads):
     _bidirectional_matches_nn(5, 128, 12, 8, [lengths], threads, seed=threads)
 
 
-@pytest.mark.parametrize("batch", [13, 64])
+@pytest.mark.parametrize("batch", [10, 13, 64])
 def test_fused_step_larger_batches(batch):
     # At H >= 128 the forward and backward run fused steps at any batch (cpu_path "auto"
-    # and "small"): 6-row, 4-row and 1-row tiles per hidden-unit chunk, dense input and
+    # and "small"): AVX-512's 6-, 4-, 2- and 1-row tiles per hidden-unit chunk, AVX2's
+    # 3- and 2-row (a last 3 + 1 as 2 + 2), dense input and
     # a packed batch shrinking forward and growing in reverse, 2 threads owning blocks of
     # rows balanced by their lengths (W_hh, 0.66 MB, fits the row split's limit).
     gen = torch.Generator().manual_seed(batch + 1000)

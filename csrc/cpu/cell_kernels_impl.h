@@ -341,6 +341,9 @@ void gemm_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* 
 
 // fused_step's tile: kRows rows x one vector of hidden units [u, u + n), all four
 // gates: 4 * kRows FMA chains over K = H, then the cell update in registers.
+// Per k, the 4 weight vectors stay in registers across the rows where 4 * kRows
+// accumulators + 4 + a broadcast fit (AVX-512's 6 rows: 29 of 32); else the rows'
+// broadcasts do, and one weight vector at a time (AVX2's 3 rows: 12 + 3 + 1 of 16).
 // w_tile: this tile's packed weights, [H][4][W].
 template <typename scalar_t, int kRows>
 C10_ALWAYS_INLINE void fused_step_tile(int64_t H, const scalar_t* const* a_rows,
@@ -349,6 +352,8 @@ C10_ALWAYS_INLINE void fused_step_tile(int64_t H, const scalar_t* const* a_rows,
                                        int64_t row0, int64_t u, int64_t n) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
+  constexpr int kRegisters = sizeof(Vec) >= 64 ? 32 : 16;
+  constexpr bool kWeightsInRegisters = 4 * kRows + 4 + 1 <= kRegisters;
   const int64_t G = 4 * H;
   Vec acc[kRows][4];
   for (int r = 0; r < kRows; ++r) {
@@ -356,14 +361,20 @@ C10_ALWAYS_INLINE void fused_step_tile(int64_t H, const scalar_t* const* a_rows,
   }
   for (int64_t k = 0; k < H; ++k) {
     const scalar_t* w_row = w_tile + k * 4 * W;
-    const Vec w_i = Vec::loadu(w_row), w_f = Vec::loadu(w_row + W);
-    const Vec w_g = Vec::loadu(w_row + 2 * W), w_o = Vec::loadu(w_row + 3 * W);
-    for (int r = 0; r < kRows; ++r) {
-      const Vec a(a_rows[r][k]);
-      acc[r][0] = at::vec::fmadd(a, w_i, acc[r][0]);
-      acc[r][1] = at::vec::fmadd(a, w_f, acc[r][1]);
-      acc[r][2] = at::vec::fmadd(a, w_g, acc[r][2]);
-      acc[r][3] = at::vec::fmadd(a, w_o, acc[r][3]);
+    if constexpr (kWeightsInRegisters) {
+      Vec w[4];
+      for (int q = 0; q < 4; ++q) w[q] = Vec::loadu(w_row + q * W);
+      for (int r = 0; r < kRows; ++r) {
+        const Vec a(a_rows[r][k]);
+        for (int q = 0; q < 4; ++q) acc[r][q] = at::vec::fmadd(a, w[q], acc[r][q]);
+      }
+    } else {
+      Vec a[kRows];
+      for (int r = 0; r < kRows; ++r) a[r] = Vec(a_rows[r][k]);
+      for (int q = 0; q < 4; ++q) {
+        const Vec w = Vec::loadu(w_row + q * W);
+        for (int r = 0; r < kRows; ++r) acc[r][q] = at::vec::fmadd(a[r], w, acc[r][q]);
+      }
     }
   }
   for (int r = 0; r < kRows; ++r) {
@@ -396,36 +407,39 @@ void fused_step(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
   if constexpr (kVectorized<scalar_t>) {
     using Vec = Vectorized<scalar_t>;
     constexpr int64_t W = Vec::size();
-    // 4 gates x kRows accumulators + 4 weight vectors + a broadcast: 21 of AVX-512's 32
-    // registers at 4 rows (29 in its 6-row tiles below), 13 of AVX2's 16 at 2.
-    constexpr int kRows = sizeof(Vec) >= 64 ? 4 : 2;
+    constexpr bool kWide = sizeof(Vec) >= 64;
     const auto a_row = [&](int64_t r) { return r < split ? a_main + r * H : a_rest + (r - split) * H; };
+    const auto tile = [&](auto rows, int64_t r, const scalar_t* w_tile, int64_t u,
+                          int64_t n) FUSED_LSTM_INLINE_LAMBDA {
+      constexpr int kTileRows = decltype(rows)::value;
+      const scalar_t* a[kTileRows];
+      for (int i = 0; i < kTileRows; ++i) a[i] = a_row(r + i);
+      fused_step_tile<scalar_t, kTileRows>(H, a, w_tile, gates, store_gates, c_state, cells,
+                                           h_out, r, u, n);
+    };
+    // Row tiles: AVX-512 6 while more than 8 rows remain (8 go as 4 + 4), then 4; AVX2 3,
+    // but a last 3 + 1 as 2 + 2. Then 2 and 1: a 1-row tile has only 4 FMA chains, too
+    // few to hide the FMA latency (PERF_LOG.md row 31).
+    int64_t big = 0;  // rows in the big tiles
+    if constexpr (kWide) {
+      while (b - big >= 6 && b - big != 8) big += 6;
+      big += (b - big) / 4 * 4;
+    } else {
+      big = b / 3 * 3;
+      if (b - big == 1 && big > 0) big -= 3;
+    }
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t u = j * W, n = std::min(W, H - u);
       const scalar_t* w_tile = w_packed + j * H * 4 * W;
       int64_t r = 0;
-      if constexpr (kRows == 4) {
-        // 6-row tiles while more than 8 rows remain (8 go as 4 + 4): 24 accumulators and
-        // 4 weight vectors of the 32 registers, each weight load serving 6 FMAs
-        // (wide-shape forward 55-57 -> 53-56 ms, PERF_LOG.md row 19).
-        for (; b - r >= 6 && b - r != 8; r += 6) {
-          const scalar_t* rows[6];
-          for (int i = 0; i < 6; ++i) rows[i] = a_row(r + i);
-          fused_step_tile<scalar_t, 6>(H, rows, w_tile, gates, store_gates, c_state, cells,
-                                       h_out, r, u, n);
-        }
+      if constexpr (kWide) {
+        for (; big - r >= 6 && big - r != 8; r += 6) tile(std::integral_constant<int, 6>{}, r, w_tile, u, n);
+        for (; r < big; r += 4) tile(std::integral_constant<int, 4>{}, r, w_tile, u, n);
+      } else {
+        for (; r < big; r += 3) tile(std::integral_constant<int, 3>{}, r, w_tile, u, n);
       }
-      for (; r + kRows <= b; r += kRows) {
-        const scalar_t* rows[kRows];
-        for (int i = 0; i < kRows; ++i) rows[i] = a_row(r + i);
-        fused_step_tile<scalar_t, kRows>(H, rows, w_tile, gates, store_gates, c_state, cells,
-                                         h_out, r, u, n);
-      }
-      for (; r < b; ++r) {
-        const scalar_t* rows[1] = {a_row(r)};
-        fused_step_tile<scalar_t, 1>(H, rows, w_tile, gates, store_gates, c_state, cells, h_out,
-                                     r, u, n);
-      }
+      for (; r + 2 <= b; r += 2) tile(std::integral_constant<int, 2>{}, r, w_tile, u, n);
+      for (; r < b; ++r) tile(std::integral_constant<int, 1>{}, r, w_tile, u, n);
     }
   }
 }
