@@ -38,7 +38,7 @@ def backend_info():
     nn.LSTM), ``cpu_capability`` (the build of fused_lstm's CPU kernels in use: avx512,
     avx2 or default), ``aten_cpu_capability``, ``gemm_setting``, ``gemm_small`` /
     ``gemm_large`` / ``gemm_half`` (what runs each kind of GEMM), the tuning rules in
-    force (``fused_forward_min_hidden``, ``fused_backward_max_weight_bytes``,
+    force (``fused_forward_min_hidden``, ``fused_backward_weights``,
     ``l2_cache_bytes``), ``threads``, ``parallel_backend`` and ``cuda_kernels``.
     """
     model, flags = _cpu_model_and_flags()

@@ -62,7 +62,30 @@ struct CellKernels {
   void (*gemm_columns)(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A,
                        int64_t lda, const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C,
                        int64_t ldc);
+  // Columns of gemm_columns' widest block (a multiple of fused_width; 0 without it).
+  int64_t gemm_columns_width;
 };
+
+// Packs b [K, N] (row-major) in panels of `width` columns, each contiguous:
+// out[p][k][w] = b[k][p * width + w] (0 past column N), ceil(N / width) * K * width
+// elements; the panels split between threads. A panel as gemm_columns' B (ldb =
+// width) streams through memory in order, where b's rows, N apart, touch a new page
+// per k once N * sizeof(scalar_t) reaches 4 KiB.
+template <typename scalar_t>
+void pack_column_panels(const scalar_t* b, int64_t K, int64_t N, int64_t width, scalar_t* out) {
+  const int64_t panels = (N + width - 1) / width;
+  at::parallel_for(0, panels, std::max<int64_t>(1, (int64_t{1} << 16) / (K * width)),
+                   [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t cols = std::min(width, N - p * width);
+      scalar_t* dst = out + p * K * width;
+      for (int64_t k = 0; k < K; ++k) {
+        std::copy(b + k * N + p * width, b + k * N + p * width + cols, dst + k * width);
+        std::fill(dst + k * width + cols, dst + (k + 1) * width, scalar_t(0));
+      }
+    }
+  });
+}
 
 // Packs w_hh [4H, H] (row-major) for fused_step: out has ceil(H / width) * H * 4 * width
 // elements, each tile's weights contiguous in the order the step reads them:

@@ -454,7 +454,10 @@ CellKernels<scalar_t> cell_kernels() {
           kVectorized<scalar_t> ? &fused_step<scalar_t> : nullptr,
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) : 0,
           &backward_rows<scalar_t>,
-          kVectorized<scalar_t> ? &gemm_columns<scalar_t> : nullptr};
+          kVectorized<scalar_t> ? &gemm_columns<scalar_t> : nullptr,
+          kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) *
+                                      (sizeof(Vectorized<scalar_t>) >= 64 ? 4 : 2)
+                                : 0};
 }
 
 template CellKernels<float> cell_kernels<float>();

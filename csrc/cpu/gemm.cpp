@@ -6,7 +6,6 @@
 #include <c10/util/Exception.h>
 
 #include <atomic>
-#include <limits>
 #include <vector>
 
 #include "cell_kernels.h"
@@ -171,10 +170,7 @@ c10::Dict<std::string, std::string> cpu_info() {
                                                            : torch_blas);
   info.insert("gemm_half", torch_blas);
   info.insert("fused_forward_min_hidden", std::to_string(t.fused_min_hidden));
-  info.insert("fused_backward_max_weight_bytes",
-              t.fused_backward_max_weight_bytes == std::numeric_limits<int64_t>::max()
-                  ? "unlimited"
-                  : std::to_string(t.fused_backward_max_weight_bytes));
+  info.insert("fused_backward_weights", t.fused_backward_panels ? "column panels" : "in place");
   info.insert("l2_cache_bytes", std::to_string(l2_cache_bytes()));
   info.insert("cpu_vendor_intel", cpu_is_intel() ? "yes" : "no");
   info.insert("threads", std::to_string(at::get_num_threads()));

@@ -447,9 +447,7 @@ BackwardResult layer_backward(
     // dgates) its rows and units of dh = dgates W_hh, which only it reads next step.
     // No BLAS call, no fork/join.
     const bool fused = !has_proj && kernels.gemm_columns != nullptr &&
-                       use_fused_step(recurrent_gemm.small, H) &&
-                       (recurrent_gemm.small || cpu_gemm_setting() == GemmSetting::kSmall ||
-                        w_hh_c.nbytes() <= cpu_tuning().fused_backward_max_weight_bytes);
+                       use_fused_step(recurrent_gemm.small, H);
     // Weight gradients over all steps (weight_gradients.h, shared with the other backend).
     WeightGradientArgs<scalar_t> args{
         dgates, x.data_ptr<scalar_t>(), w_ih_c.data_ptr<scalar_t>(), output_c.data_ptr<scalar_t>(),
@@ -464,7 +462,15 @@ BackwardResult layer_backward(
       copy_rows(dst, src, rows, cols);
     };
     if (fused) {
-      const int64_t width = kernels.fused_width;
+      // Threads own whole panels (tuning.h's fused_backward_panels) or fused_width units.
+      const bool panels = cpu_tuning().fused_backward_panels;
+      const int64_t width = panels ? kernels.gemm_columns_width : kernels.fused_width;
+      at::Tensor w_panels;  // [ceil(H / width)][4H][width]
+      if (panels) {
+        w_panels = at::empty({(H + width - 1) / width * width * 4 * H}, opts);
+        pack_column_panels(w_hh_p, 4 * H, H, width, w_panels.data_ptr<scalar_t>());
+      }
+      const scalar_t* w_panels_p = panels ? w_panels.data_ptr<scalar_t>() : nullptr;
       const auto loop = [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1, const auto& sync) {
         const int64_t u0 = j0 * width, u1 = std::min(H, j1 * width);
         for (size_t n = 0; n < steps.size(); ++n) {
@@ -476,8 +482,16 @@ BackwardResult layer_backward(
                                  step.prev_batch, c0_p, dh, go + step.offset * H, dc, dgates_t);
           sync(n);
           // dL/dh_prev[rows, u0:u1) = dgates[t][rows] W_hh[:, u0:u1)
-          kernels.gemm_columns(row1 - row0, u0, u1, 4 * H, dgates_t + row0 * 4 * H, 4 * H,
-                               w_hh_p, H, false, dh + row0 * H, H);
+          if (panels) {
+            for (int64_t u = u0; u < u1; u += width) {
+              kernels.gemm_columns(row1 - row0, 0, std::min(width, u1 - u), 4 * H,
+                                   dgates_t + row0 * 4 * H, 4 * H, w_panels_p + u * 4 * H, width,
+                                   false, dh + row0 * H + u, H);
+            }
+          } else {
+            kernels.gemm_columns(row1 - row0, u0, u1, 4 * H, dgates_t + row0 * 4 * H, 4 * H,
+                                 w_hh_p, H, false, dh + row0 * H, H);
+          }
         }
       };
       if (beside_loop) {

@@ -8,7 +8,6 @@
 #endif
 
 #include <cstring>
-#include <limits>
 
 #include "cell_kernels.h"
 
@@ -58,10 +57,9 @@ CpuTuning make_tuning(int capability) {
   t.beside_loop_min_steps = 16;
   t.own_gemm_max_macs = int64_t{1} << 20;
   t.own_large_gemm = capability == kCapabilityAvx512 && !cpu_is_intel();
-  t.fused_backward_max_weight_bytes = std::numeric_limits<int64_t>::max();
-  if (capability == kCapabilityAvx2) {
-    t.fused_backward_max_weight_bytes = l2;
-  } else if (capability == kCapabilityDefault) {
+  // Measured on AVX2 only; AVX-512 keeps the in-place W_hh it was measured with.
+  t.fused_backward_panels = capability == kCapabilityAvx2;
+  if (capability == kCapabilityDefault) {
     // The portable build has no SIMD FMA: our kernels lose to torch's BLAS sooner.
     t.own_gemm_max_macs = int64_t{1} << 16;
   }

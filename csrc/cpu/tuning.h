@@ -42,10 +42,10 @@ struct CpuTuning {
   // Larger GEMMs run our gemm_columns kernel too, else torch's BLAS: on AVX-512 where
   // that BLAS is MKL on a CPU not made by Intel, which MKL runs at half the FMA width.
   bool own_large_gemm;
-  // The backward loop fuses (cell backward + gemm_columns for dh) only where W_hh takes
-  // at most this many bytes, unless its step GEMM is small: on AVX2, gemm_columns'
-  // 4 x 2-vector blocks (16 registers) lose to BLAS once W_hh streams from L3 each step.
-  int64_t fused_backward_max_weight_bytes;
+  // The fused backward loop's dh = dgates W_hh reads W_hh packed in column panels
+  // (pack_column_panels), not in place: W_hh's rows, H apart, touch a new page per k
+  // from H = 1024 floats, and on AVX2 the in-place loop lost to BLAS once W_hh left L2.
+  bool fused_backward_panels;
 };
 
 // The rules for the capability in use (cell_kernels.h) on this CPU.
