@@ -39,7 +39,8 @@ struct CellKernels {
   // it): the recurrent GEMM and the cell update fused per tile of rows and fused_width
   // hidden units, the gates never leaving registers in between. h_prev row r is
   // a_main[r] for r < split, else a_rest[r - split] (rows of H). w_packed: W_hh as
-  // [ceil(H / fused_width)][H][4 gates][fused_width], zero past H
+  // [ceil(H / fused_width)][H][4 gates][fused_width], or with fused_gate_halves
+  // [ceil(H / fused_width)][2][H][2 gates][fused_width], zero past H
   // (pack_w_hh_for_fused_step). gates: [b, 4H] input part in, activated out when
   // store_gates; c_state: [b, H] in/out; cells, h_out: [b, H] out. h_out must not
   // overlap h_prev. Runs the tiles of hidden-unit chunks [j0, j1) (chunk j: units
@@ -62,6 +63,8 @@ struct CellKernels {
   void (*gemm_columns)(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A,
                        int64_t lda, const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C,
                        int64_t ldc);
+  // Whether fused_step reads w_packed in gate halves (pack_w_hh_for_fused_step).
+  bool fused_gate_halves;
   // Columns of gemm_columns' widest block (a multiple of fused_width; 0 without it).
   int64_t gemm_columns_width;
 };
@@ -89,20 +92,23 @@ void pack_column_panels(const scalar_t* b, int64_t K, int64_t N, int64_t width, 
 
 // Packs w_hh [4H, H] (row-major) for fused_step: out has ceil(H / width) * H * 4 * width
 // elements, each tile's weights contiguous in the order the step reads them:
-// out[j][k][q][w] = w_hh[q * H + j * width + w][k] (0 past unit H). Copied in tiles of
-// 16 k by `width` units, so that reads and writes both go a cache line at a time
-// (a gather along w_hh's columns took 12 ms for wide's 16 MB, a fifth of its forward),
-// the chunks j split between threads.
+// out[j][k][q][w] = w_hh[q * H + j * width + w][k] (0 past unit H), or with gate_halves
+// out[j][q / 2][k][q % 2][w]: gates i, f, then g, o, each half one stream. Copied in
+// tiles of 16 k by `width` units, so that reads and writes both go a cache line at a
+// time (a gather along w_hh's columns took 12 ms for wide's 16 MB, a fifth of its
+// forward), the chunks j split between threads.
 template <typename scalar_t>
-void pack_w_hh_for_fused_step(const scalar_t* w_hh, int64_t H, int64_t width, scalar_t* out) {
+void pack_w_hh_for_fused_step(const scalar_t* w_hh, int64_t H, int64_t width, bool gate_halves,
+                              scalar_t* out) {
   constexpr int64_t kTile = 16;
   const int64_t chunks = (H + width - 1) / width;
-  const int64_t row = 4 * width;  // elements per k in a chunk
-  at::parallel_for(0, chunks, std::max<int64_t>(1, (int64_t{1} << 16) / (H * row)),
+  const int64_t row = (gate_halves ? 2 : 4) * width;  // elements per k in a stream
+  at::parallel_for(0, chunks, std::max<int64_t>(1, (int64_t{1} << 16) / (H * 4 * width)),
                    [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       for (int64_t q = 0; q < 4; ++q) {
-        scalar_t* dst = out + j * H * row + q * width;
+        scalar_t* dst = out + j * H * 4 * width +
+                        (gate_halves ? (q / 2) * H * row + (q % 2) * width : q * width);
         for (int64_t k0 = 0; k0 < H; k0 += kTile) {
           const int64_t k1 = std::min(H, k0 + kTile);
           for (int64_t w = 0; w < width; ++w) {

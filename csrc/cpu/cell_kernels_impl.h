@@ -339,12 +339,18 @@ void gemm_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* 
   }
 }
 
+// Whether fused_step's packed weights come in gate halves (AVX2 and the portable build):
+// per k, two streams of 2 vectors (i f, g o) instead of one of 4; at B16 H1024 the
+// weights, a chunk's 128 KB, come from L2 faster so (PERF_LOG.md row 33).
+template <typename S>
+constexpr bool kFusedGateHalves = sizeof(Vectorized<S>) < 64;
+
 // fused_step's tile: kRows rows x one vector of hidden units [u, u + n), all four
 // gates: 4 * kRows FMA chains over K = H, then the cell update in registers.
 // Per k, the 4 weight vectors stay in registers across the rows where 4 * kRows
 // accumulators + 4 + a broadcast fit (AVX-512's 6 rows: 29 of 32); else the rows'
 // broadcasts do, and one weight vector at a time (AVX2's 3 rows: 12 + 3 + 1 of 16).
-// w_tile: this tile's packed weights, [H][4][W].
+// w_tile: this tile's packed weights, [H][4][W] or, in gate halves, [2][H][2][W].
 template <typename scalar_t, int kRows>
 C10_ALWAYS_INLINE void fused_step_tile(int64_t H, const scalar_t* const* a_rows,
                                        const scalar_t* w_tile, scalar_t* gates, bool store_gates,
@@ -354,16 +360,21 @@ C10_ALWAYS_INLINE void fused_step_tile(int64_t H, const scalar_t* const* a_rows,
   constexpr int64_t W = Vec::size();
   constexpr int kRegisters = sizeof(Vec) >= 64 ? 32 : 16;
   constexpr bool kWeightsInRegisters = 4 * kRows + 4 + 1 <= kRegisters;
+  constexpr bool kGateHalves = kFusedGateHalves<scalar_t>;
   const int64_t G = 4 * H;
   Vec acc[kRows][4];
   for (int r = 0; r < kRows; ++r) {
     for (int q = 0; q < 4; ++q) acc[r][q] = load(Vec{}, gates + (row0 + r) * G + q * H + u, n);
   }
+  // Gate q's weights at k: [H][4][W], or with kGateHalves [2][H][2][W] (two streams).
+  const auto w_at = [&](int64_t k, int q) {
+    return kGateHalves ? w_tile + (q / 2) * H * 2 * W + k * 2 * W + (q % 2) * W
+                       : w_tile + k * 4 * W + q * W;
+  };
   for (int64_t k = 0; k < H; ++k) {
-    const scalar_t* w_row = w_tile + k * 4 * W;
     if constexpr (kWeightsInRegisters) {
       Vec w[4];
-      for (int q = 0; q < 4; ++q) w[q] = Vec::loadu(w_row + q * W);
+      for (int q = 0; q < 4; ++q) w[q] = Vec::loadu(w_at(k, q));
       for (int r = 0; r < kRows; ++r) {
         const Vec a(a_rows[r][k]);
         for (int q = 0; q < 4; ++q) acc[r][q] = at::vec::fmadd(a, w[q], acc[r][q]);
@@ -372,7 +383,7 @@ C10_ALWAYS_INLINE void fused_step_tile(int64_t H, const scalar_t* const* a_rows,
       Vec a[kRows];
       for (int r = 0; r < kRows; ++r) a[r] = Vec(a_rows[r][k]);
       for (int q = 0; q < 4; ++q) {
-        const Vec w = Vec::loadu(w_row + q * W);
+        const Vec w = Vec::loadu(w_at(k, q));
         for (int r = 0; r < kRows; ++r) acc[r][q] = at::vec::fmadd(a[r], w, acc[r][q]);
       }
     }
@@ -455,6 +466,7 @@ CellKernels<scalar_t> cell_kernels() {
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) : 0,
           &backward_rows<scalar_t>,
           kVectorized<scalar_t> ? &gemm_columns<scalar_t> : nullptr,
+          kVectorized<scalar_t> && kFusedGateHalves<scalar_t>,
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) *
                                       (sizeof(Vectorized<scalar_t>) >= 64 ? 4 : 2)
                                 : 0};

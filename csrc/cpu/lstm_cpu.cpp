@@ -307,7 +307,8 @@ ForwardResult layer_forward(
       // direction) from h_state, which holds h0 until the loop ends.
       const int64_t width = kernels.fused_width;
       at::Tensor w_packed = at::empty({(H + width - 1) / width * width * 4 * H}, opts);
-      pack_w_hh_for_fused_step(w_hh_p, H, width, w_packed.data_ptr<scalar_t>());
+      pack_w_hh_for_fused_step(w_hh_p, H, width, kernels.fused_gate_halves,
+                               w_packed.data_ptr<scalar_t>());
       const scalar_t* w_t = w_packed.data_ptr<scalar_t>();
       run_fused_loop(steps, B, H, width, w_hh_c.nbytes(),
                      [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1, const auto& sync) {
