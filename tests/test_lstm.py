@@ -244,7 +244,7 @@ def test_fused_backward_k_slices():
     # gemm_columns over each thread's units (W_hh is too large for the row split), in
     # slices of K = 4H of at most 1024 rows (AVX-512) or 4096 (AVX2, default): H = 1030
     # takes two slices on every build, and its last 6 units a masked column block (on
-    # AVX2 read from W_hh packed in 16-column panels, the last one 6 wide).
+    # the SIMD builds read from W_hh packed in column panels, the last one 6 wide).
     # Batch 7 and a packed batch shrinking to 1 run 6-, 4- and 1-row blocks.
     lengths = torch.tensor([3, 3, 3, 2, 2, 1, 1])
     _bidirectional_matches_nn(5, 1030, 3, 7, [None, lengths], 2, seed=1030)

@@ -57,8 +57,8 @@ CpuTuning make_tuning(int capability) {
   t.beside_loop_min_steps = 16;
   t.own_gemm_max_macs = int64_t{1} << 20;
   t.own_large_gemm = capability == kCapabilityAvx512 && !cpu_is_intel();
-  // Measured on AVX2 only; AVX-512 keeps the in-place W_hh it was measured with.
-  t.fused_backward_panels = capability == kCapabilityAvx2;
+  // Both SIMD builds (measured on each); the portable build keeps W_hh in place (not measured).
+  t.fused_backward_panels = capability != kCapabilityDefault;
   if (capability == kCapabilityDefault) {
     // The portable build has no SIMD FMA: our kernels lose to torch's BLAS sooner.
     t.own_gemm_max_macs = int64_t{1} << 16;

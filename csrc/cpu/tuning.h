@@ -44,7 +44,7 @@ struct CpuTuning {
   bool own_large_gemm;
   // The fused backward loop's dh = dgates W_hh reads W_hh packed in column panels
   // (pack_column_panels), not in place: W_hh's rows, H apart, touch a new page per k
-  // from H = 1024 floats, and on AVX2 the in-place loop lost to BLAS once W_hh left L2.
+  // from H = 1024 floats, and the in-place loop lost to BLAS once W_hh left L2.
   bool fused_backward_panels;
 };
 
