@@ -12,6 +12,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")  # includes are written from here: "cpu/gemm.h"
 DEBUG = os.environ.get("DEBUG", "0") == "1"
 FORCE_CUDA = os.environ.get("FORCE_CUDA", "0") == "1"
 WITH_CUDA = FORCE_CUDA or (torch.cuda.is_available() and CUDA_HOME is not None)
@@ -40,7 +41,8 @@ def runtime_libstdcxx():
 
 
 def sources(pattern):
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    return sorted(os.path.relpath(p, ROOT)
+                  for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
 def openmp_flags():
@@ -52,21 +54,22 @@ def openmp_flags():
 
 def extension():
     cxx_flags = (["-O0", "-g"] if DEBUG else ["-O3"]) + ["-Wno-psabi"] + openmp_flags()
-    srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+    srcs = sources("csrc/**/*.cpp")
     define_macros = []
     link_args = runtime_libstdcxx() + openmp_flags()
     if not WITH_CUDA:
         return CppExtension("fused_lstm._C", srcs, extra_compile_args={"cxx": cxx_flags},
-                            define_macros=define_macros, extra_link_args=link_args)
+                            define_macros=define_macros, include_dirs=[CSRC],
+                            extra_link_args=link_args)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     nvcc_flags = ["-O0", "-g", "-lineinfo"] if DEBUG else ["-O3", "-lineinfo"]
     nvcc_flags += ["--use_fast_math"] if os.environ.get("FUSED_LSTM_FAST_MATH") == "1" else []
     define_macros.append(("FUSED_LSTM_WITH_CUDA", None))
     # cuBLAS itself is loaded with libtorch_cuda, which links it.
-    return CUDAExtension("fused_lstm._C", srcs + sources("csrc/cuda/*.cu"),
+    return CUDAExtension("fused_lstm._C", srcs + sources("csrc/cuda/**/*.cu"),
                          extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-                         define_macros=define_macros, include_dirs=nvidia_wheel_includes(),
+                         define_macros=define_macros, include_dirs=[CSRC] + nvidia_wheel_includes(),
                          extra_link_args=link_args)
 
 

@@ -1,5 +1,5 @@
-// Declarations shared by the op schemas (ops.cpp) and the backends
-// (cpu/lstm_cpu.cpp, cuda/lstm_cuda.cu).
+// What the ops and every backend share: sizes, the step schedule's Step, the params
+// structs the backends' kernels take, and the op signatures.
 //
 // One op call runs one LSTM layer in one direction over a packed sequence:
 //   input:       [N, I]  rows of all timesteps, time-major; N = sum(batch_sizes)
@@ -35,37 +35,55 @@ struct Step {
   int64_t prev_batch;   // rows [0, prev_batch) carry state from that step; the rest start from h0/c0
 };
 
-// Forward order: t = 0..T-1, or T-1..0 when reverse. The batch can only shrink
-// going forward in time, so in reverse it grows and new rows start from h0/c0.
-std::vector<Step> make_schedule(const at::Tensor& batch_sizes, bool reverse);
-
-// dW_hh = sum over steps of dgates[t]^T h_prev[t]. Where the batch never changes
-// (dense input), h_prev is the output shifted by one step, with h0 for the first
-// step run: two GEMMs read it in place, dgates[rows]^T @ (output or h0)[src_row...].
-// Returns those terms, or nothing when the batch varies (packed input): then
-// h_prev is gathered first (gather_prev_state in each backend).
-struct PrevHiddenTerm {
-  int64_t dgates_row;  // first row of dgates
-  int64_t rows;
-  bool from_h0;        // else from the output
-  int64_t src_row;     // first row of the output or h0
+// One layer forward's arguments, checked and made contiguous once (make_forward_params,
+// ops/checks.cpp), with its schedule: what every backend's forward takes.
+struct LayerForwardParams {
+  LayerSizes s;
+  std::vector<Step> steps;  // in the order they run (make_schedule)
+  bool reverse;
+  // Training: the activated gates, the cells and (with a projection) the hiddens are
+  // returned for backward; inference: kept only as long as a step needs them.
+  bool keep_workspace;
+  at::Tensor input;  // [N, I]
+  at::Tensor h0;     // [B, P]
+  at::Tensor c0;     // [B, H]
+  at::Tensor w_ih;   // [4H, I]
+  at::Tensor w_hh;   // [4H, P]
+  at::Tensor b_ih, b_hh;  // [4H] each, undefined without biases
+  at::Tensor w_hr;   // [P, H], undefined without a projection
 };
-std::vector<PrevHiddenTerm> prev_hidden_terms(const std::vector<Step>& steps, bool reverse);
 
-LayerSizes check_forward_args(
-    const at::Tensor& input, const at::Tensor& batch_sizes,
-    const at::Tensor& h0, const at::Tensor& c0,
-    const at::Tensor& w_ih, const at::Tensor& w_hh,
+// One layer backward's arguments, likewise (make_backward_params).
+struct LayerBackwardParams {
+  LayerSizes s;
+  std::vector<Step> steps;  // in the forward's order
+  bool reverse;
+  bool need_grad_input;
+  // The gate gradients go over `gates` (op lstm_layer_backward_overwrite_gates: each
+  // step reads its gates before it writes their gradients), else into a buffer.
+  bool overwrite_gates;
+  at::Tensor grad_output, grad_h_n, grad_c_n;  // [N, P], [B, P], [B, H]
+  at::Tensor input, h0, c0, w_ih, w_hh;        // as in LayerForwardParams
+  at::Tensor w_hr;                             // [P, H], undefined without a projection
+  at::Tensor output;                           // [N, P]
+  at::Tensor gates;                            // [N, 4H] activated i, f, g, o
+  at::Tensor cells;                            // [N, H] c_t
+  at::Tensor hiddens;                          // [N, H] h_t before the projection, or [0]
+};
+
+LayerForwardParams make_forward_params(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr);
+    const std::optional<at::Tensor>& w_hr, bool reverse, bool keep_workspace);
 
-LayerSizes check_backward_args(
+LayerBackwardParams make_backward_params(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-    const at::Tensor& input, const at::Tensor& batch_sizes,
-    const at::Tensor& h0, const at::Tensor& c0,
-    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-    const at::Tensor& hiddens);
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
+    const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input,
+    bool overwrite_gates);
 
 // (output [N, P], h_n [B, P], c_n [B, H],
 //  gates [N, 4H] activated i, f, g, o, cells [N, H] c_t, hiddens [N, H] h_t before
@@ -107,7 +125,7 @@ struct LayerWeights {
 };
 LayerWeights layer_weights(const StackLayout& layout, at::TensorList weights, int64_t k);
 
-// Runs a stack's layers and directions in order (stack.cpp): per layer-direction k,
+// Runs a stack's layers and directions in order (ops/stack.cpp): per layer-direction k,
 // layer_call(layer_input [N, I or D*P], k, weights, h0 [B, P], c0 [B, H]) -> (output, h_n,
 // c_n), the reverse direction being k odd when bidirectional. Returns the last layer's
 // output [N, D*P] and h_n [L*D, B, P], c_n [L*D, B, H].
@@ -122,12 +140,7 @@ StackLayout check_stack_args(const at::Tensor& h0, const at::Tensor& c0, at::Ten
                              bool has_biases, bool has_proj, int64_t num_layers,
                              bool bidirectional);
 
-namespace cpu {
-// Frees the calling thread's reused CPU buffers (cpu/lstm_cpu.cpp).
-void release_scratch();
-}  // namespace cpu
-
-// The op signatures, for typed dispatcher calls (autograd.cpp).
+// The op signatures, for typed dispatcher calls (ops/autograd.cpp, ops/autocast.cpp).
 using ForwardSignature = ForwardResult(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,

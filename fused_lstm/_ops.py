@@ -1,6 +1,6 @@
 """Loads the compiled ops and registers, for each, its fake (shape-only)
-implementation. Schemas live in csrc/ops.cpp; autograd is registered in C++
-(csrc/autograd.cpp), so that a call costs no Python."""
+implementation. Schemas live in csrc/ops/schemas.cpp; autograd is registered in C++
+(csrc/ops/autograd.cpp), so that a call costs no Python."""
 import torch
 
 try:

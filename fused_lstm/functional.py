@@ -19,6 +19,24 @@ def _dense_batch_sizes(T: int, B: int) -> Tensor:
     return torch.full((T,), B, dtype=torch.long)
 
 
+# The flat weight list (nn.LSTM._flat_weights order): for each layer, for each direction,
+# w_ih, w_hh[, b_ih, b_hh][, w_hr]. The C++ side reads it through StackLayout (csrc/lstm.h).
+def weights_per_layer(has_biases: bool, has_proj: bool) -> int:
+    """How many tensors one layer and direction holds in the flat weight list."""
+    return 2 + (2 if has_biases else 0) + (1 if has_proj else 0)
+
+
+def layer_weights(
+    weights: Sequence[Tensor], k: int, has_biases: bool, has_proj: bool
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(w_ih, w_hh, b_ih, b_hh, w_hr)`` of layer-direction ``k = layer * D + direction``,
+    the absent ones None."""
+    n = weights_per_layer(has_biases, has_proj)
+    w = list(weights[k * n:(k + 1) * n])
+    b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+    return w[0], w[1], b_ih, b_hh, w[-1] if has_proj else None
+
+
 def lstm_layer(
     input: Tensor,
     hx: Tuple[Tensor, Tensor],
@@ -107,9 +125,9 @@ def lstm(
         direction.
     """
     directions = 2 if bidirectional else 1
-    per_layer = 2 + (2 if has_biases else 0) + (1 if has_proj else 0)
-    if len(weights) != num_layers * directions * per_layer:
-        raise ValueError(f"lstm: expected {num_layers * directions * per_layer} weights, got {len(weights)}")
+    expected = num_layers * directions * weights_per_layer(has_biases, has_proj)
+    if len(weights) != expected:
+        raise ValueError(f"lstm: expected {expected} weights, got {len(weights)}")
     h0, c0 = hx
     h_n: List[Tensor] = []
     c_n: List[Tensor] = []
@@ -133,10 +151,7 @@ def lstm(
         outputs = []
         for direction in range(directions):
             k = layer * directions + direction
-            w = list(weights[k * per_layer:(k + 1) * per_layer])
-            w_ih, w_hh = w[0], w[1]
-            b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
-            w_hr = w[-1] if has_proj else None
+            w_ih, w_hh, b_ih, b_hh, w_hr = layer_weights(weights, k, has_biases, has_proj)
             out, (h, c) = lstm_layer(layer_input, (h0[k], c0[k]), w_ih, w_hh, b_ih, b_hh, w_hr,
                                      batch_sizes=batch_sizes, reverse=direction == 1)
             outputs.append(out)

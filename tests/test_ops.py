@@ -90,16 +90,14 @@ def layer_by_layer(input, batch_sizes, h0, c0, weights, has_biases, has_proj, nu
     """The reference for lstm_stack: one lstm_layer call (and autograd node) per layer and
     direction, as the dropout path of fused_lstm.functional.lstm runs them."""
     directions = 2 if bidirectional else 1
-    per_layer = 2 + 2 * has_biases + has_proj
     h_n, c_n, layer_input = [], [], input
     for layer in range(num_layers):
         outputs = []
         for direction in range(directions):
             k = layer * directions + direction
-            w = weights[k * per_layer:(k + 1) * per_layer]
-            b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
-            out, h, c = ops.lstm_layer(layer_input, batch_sizes, h0[k], c0[k], w[0], w[1], b_ih,
-                                       b_hh, w[-1] if has_proj else None, direction == 1)
+            w_ih, w_hh, b_ih, b_hh, w_hr = F.layer_weights(weights, k, has_biases, has_proj)
+            out, h, c = ops.lstm_layer(layer_input, batch_sizes, h0[k], c0[k], w_ih, w_hh, b_ih,
+                                       b_hh, w_hr, direction == 1)
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)
@@ -121,7 +119,7 @@ def test_stack_op_matches_layer_by_layer(packed, bias, proj, bidirectional):
         for a, e in zip(ops.lstm_stack(**args), expected):
             torch.testing.assert_close(a, e, rtol=0, atol=0)
     got = ops.lstm_stack(**args)
-    assert "StackForward" in got[0].grad_fn.name()  # one node for the stack
+    assert "StackNode" in got[0].grad_fn.name()  # one node for the stack
     for a, e in zip(got, expected):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
     wrt = [args["input"], args["h0"], args["c0"], *args["weights"]]

@@ -1,20 +1,20 @@
-#include "gemm.h"
+#include "cpu/gemm.h"
 
 #include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <c10/util/Exception.h>
 
 #include <atomic>
 #include <vector>
 
-#include "cell_kernels.h"
-#include "tuning.h"
+#include "cpu/kernels/kernels.h"
+#include "cpu/tuning.h"
 
 namespace fused_lstm::cpu {
 namespace {
 
 constexpr const char* kSettingNames[] = {"auto", "aten", "small"};
+
 std::atomic<int> gemm_setting{0};
 
 // Tensor views over the raw operands: A as op(A) [M, K], B as op(B) [K, N], C [M, N].
@@ -101,7 +101,7 @@ const scalar_t* rows_of_op_b(bool trans_b, int64_t N, int64_t K, const scalar_t*
 // C (+)= op(A) op(B). With trans_a (A stored [K, M], the weight gradients dgates^T x)
 // it computes C^T = op(B)^T A instead, whose B operand is then A as stored.
 template <typename scalar_t>
-void own_large_gemm(const CellKernels<scalar_t>& kernels, bool trans_a, bool trans_b, int64_t M,
+void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool trans_b, int64_t M,
                     int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B,
                     int64_t ldb, bool accumulate, scalar_t* C, int64_t ldc) {
   constexpr int64_t kColumns = 64;  // a thread's unit: 4 AVX-512 vectors of float
@@ -139,6 +139,10 @@ void own_large_gemm(const CellKernels<scalar_t>& kernels, bool trans_a, bool tra
 
 }  // namespace
 
+const char* cpu_gemm_setting_name() {
+  return kSettingNames[static_cast<int>(cpu_gemm_setting())];
+}
+
 GemmSetting cpu_gemm_setting() {
   return static_cast<GemmSetting>(gemm_setting.load(std::memory_order_relaxed));
 }
@@ -152,35 +156,6 @@ std::string set_cpu_gemm(const std::string& setting) {
   }
   TORCH_CHECK(false, "fused_lstm: unknown CPU GEMM setting '", setting,
               "'; expected auto, aten or small");
-}
-
-c10::Dict<std::string, std::string> cpu_info() {
-  const CpuTuning& t = cpu_tuning();
-  const bool aten_only = cpu_gemm_setting() == GemmSetting::kAten;
-  const std::string torch_blas = "torch's BLAS (at::addmm)";
-  c10::Dict<std::string, std::string> info;
-  info.insert("cpu_capability", cpu_capability());
-  info.insert("aten_cpu_capability", at::get_cpu_capability());
-  info.insert("gemm_setting", kSettingNames[static_cast<int>(cpu_gemm_setting())]);
-  info.insert("gemm_small", aten_only ? torch_blas
-                                      : "fused_lstm register-blocked (up to " +
-                                            std::to_string(t.own_gemm_max_macs) +
-                                            " multiply-adds)");
-  info.insert("gemm_large", !aten_only && t.own_large_gemm ? "fused_lstm gemm_columns"
-                                                           : torch_blas);
-  info.insert("gemm_half", torch_blas);
-  info.insert("fused_forward_min_hidden", std::to_string(t.fused_min_hidden));
-  info.insert("fused_backward_weights", t.fused_backward_panels ? "column panels" : "in place");
-  info.insert("l2_cache_bytes", std::to_string(l2_cache_bytes()));
-  info.insert("cpu_vendor_intel", cpu_is_intel() ? "yes" : "no");
-  info.insert("threads", std::to_string(at::get_num_threads()));
-  info.insert("parallel_backend", AT_PARALLEL_OPENMP ? "OpenMP" : "ATen native pool");
-#if defined(FUSED_LSTM_WITH_CUDA)
-  info.insert("cuda_kernels", "built");
-#else
-  info.insert("cuda_kernels", "not built");
-#endif
-  return info;
 }
 
 template <typename scalar_t>
@@ -198,7 +173,7 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
     }
     return;
   }
-  const auto& kernels = cell_kernels<scalar_t>();
+  const auto& kernels = cpu_kernels<scalar_t>();
   const bool ours = cpu_gemm_setting() != GemmSetting::kAten && kernels.small_gemm != nullptr &&
                     (beta == opmath_t(0) || beta == opmath_t(1)) &&
                     M * N * K <= cpu_tuning().own_gemm_max_macs;

@@ -1,16 +1,15 @@
 // Row-major GEMM on raw pointers for the CPU kernels:
 //   C[M, N] = op(A) @ op(B) + beta * C,  op(X) = X or X^T.
 // Two backends, both through supported interfaces:
-//   ours - the register-blocked kernels of cell_kernels.h (float, double), for GEMMs
+//   ours - the register-blocked kernels of kernels/kernels.h (float, double), for GEMMs
 //          small enough that a library call's fixed cost dominates (tuning.h);
 //   aten - at::cpu::addmm_out: torch's own BLAS (MKL on x86-64 builds, else what
 //          torch was built with), every dtype.
-// The per-step GEMMs of the time loop choose for themselves (StepGemm, lstm_cpu.cpp).
+// The per-step GEMMs of the time loop choose for themselves (StepGemm, cpu/backend.h).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/core/Dict.h>
 
 #include <string>
 
@@ -29,9 +28,7 @@ enum class GemmSetting : int { kAuto = 0, kAten = 1, kSmall = 2 };
 std::string set_cpu_gemm(const std::string& setting);
 GemmSetting cpu_gemm_setting();
 
-// What the CPU kernels run here, as key -> value (op cpu_info; fused_lstm.backend_info):
-// the kernel build in use and ATen's, the GEMM setting and each GEMM's backend, the
-// tuning rules in force, threads and the threading backend.
-c10::Dict<std::string, std::string> cpu_info();
+// The name of the setting in force ("auto", "aten", "small").
+const char* cpu_gemm_setting_name();
 
 }  // namespace fused_lstm::cpu

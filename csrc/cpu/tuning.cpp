@@ -1,6 +1,6 @@
 // The CPU dispatch rules per capability (tuning.h). Values measured on one machine
 // kind only say so; PERF_LOG.md ("Tuning") has the numbers.
-#include "tuning.h"
+#include "cpu/tuning.h"
 
 #include <unistd.h>
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -9,7 +9,7 @@
 
 #include <cstring>
 
-#include "cell_kernels.h"
+#include "cpu/kernels/kernels.h"
 
 namespace fused_lstm::cpu {
 

@@ -48,7 +48,7 @@ struct CpuTuning {
   bool fused_backward_panels;
 };
 
-// The rules for the capability in use (cell_kernels.h) on this CPU.
+// The rules for the capability in use (kernels/kernels.h) on this CPU.
 const CpuTuning& cpu_tuning();
 
 // The running CPU's L2 size per core in bytes (sysconf), or 0 where it cannot be read.

@@ -2,7 +2,7 @@
 // small model pays the Python and dispatcher cost once, not once per layer and
 // direction. This kernel, for every backend (CompositeExplicitAutograd), is the
 // inference: each layer and direction is the lstm_layer op. With a gradient the
-// Autograd kernel (autograd.cpp) runs lstm_layer_forward per layer instead.
+// Autograd kernel (ops/autograd.cpp) runs lstm_layer_forward per layer instead.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -11,6 +11,13 @@
 #include "lstm.h"
 
 namespace fused_lstm {
+
+LayerWeights layer_weights(const StackLayout& layout, at::TensorList weights, int64_t k) {
+  const at::Tensor* w = weights.data() + k * layout.per_layer;
+  const auto bias = [&](int i) { return layout.has_biases ? std::optional(w[i]) : std::nullopt; };
+  return {w[0], w[1], bias(2), bias(3),
+          layout.has_proj ? std::optional(w[layout.per_layer - 1]) : std::nullopt};
+}
 
 LayerResult run_stack(const StackLayout& layout, const at::Tensor& input, const at::Tensor& h0,
                       const at::Tensor& c0, at::TensorList weights, LayerCall layer_call) {

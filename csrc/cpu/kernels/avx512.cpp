@@ -1,5 +1,5 @@
 // The AVX-512 (F, BW, VL, DQ) build of the CPU cell kernels.
-#include "cell_kernels_prelude.h"
+#include "cpu/kernels/prelude.h"
 
 #if defined(FUSED_LSTM_SIMD_BUILDS)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
@@ -15,5 +15,5 @@
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #define FUSED_LSTM_CAPABILITY_NS avx512
-#include "cell_kernels_impl.h"
+#include "cpu/kernels/impl.h"
 #endif

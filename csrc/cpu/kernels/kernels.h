@@ -1,5 +1,5 @@
-// The fused elementwise passes of one step on the CPU, built once per CPU
-// capability (cell_kernels_{default,avx2,avx512}.cpp) from cell_kernels_impl.h
+// The CPU kernels (elementwise passes, small GEMMs, the fused step), built once per CPU
+// capability (kernels/{default,avx2,avx512}.cpp) from kernels/impl.h
 // and chosen at run time for the running CPU, as ATen does.
 #pragma once
 
@@ -12,7 +12,7 @@
 namespace fused_lstm::cpu {
 
 template <typename scalar_t>
-struct CellKernels {
+struct CpuKernels {
   // gates: [b, 4H] pre-activations in, activated out; c_state: [b, H] c_prev in, c out;
   // cells, h_out: [b, H] out; h_state: [b, H] h out as well, or null.
   void (*forward)(int64_t b, int64_t H, scalar_t* gates, scalar_t* c_state, scalar_t* cells,
@@ -35,7 +35,7 @@ struct CellKernels {
   void (*small_gemm_trans_a)(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
                              const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C,
                              int64_t ldc);
-  // A whole forward step (no projection; where use_fused_step in lstm_cpu.cpp picks
+  // A whole forward step (no projection; where use_fused_step in cpu/backend.h picks
   // it): the recurrent GEMM and the cell update fused per tile of rows and fused_width
   // hidden units, the gates never leaving registers in between. h_prev row r is
   // a_main[r] for r < split, else a_rest[r - split] (rows of H). w_packed: W_hh as
@@ -95,8 +95,8 @@ void pack_column_panels(const scalar_t* b, int64_t K, int64_t N, int64_t width, 
 // out[j][k][q][w] = w_hh[q * H + j * width + w][k] (0 past unit H), or with gate_halves
 // out[j][q / 2][k][q % 2][w]: gates i, f, then g, o, each half one stream. Copied in
 // tiles of 16 k by `width` units, so that reads and writes both go a cache line at a
-// time (a gather along w_hh's columns took 12 ms for wide's 16 MB, a fifth of its
-// forward), the chunks j split between threads.
+// time (a gather along w_hh's columns cost a fifth of a wide forward: PERF_LOG.md
+// row 27), the chunks j split between threads.
 template <typename scalar_t>
 void pack_w_hh_for_fused_step(const scalar_t* w_hh, int64_t H, int64_t width, bool gate_halves,
                               scalar_t* out) {
@@ -127,7 +127,7 @@ void pack_w_hh_for_fused_step(const scalar_t* w_hh, int64_t H, int64_t width, bo
 #define FUSED_LSTM_DECLARE_CAPABILITY(ns) \
   namespace ns {                          \
   template <typename scalar_t>            \
-  CellKernels<scalar_t> cell_kernels();   \
+  CpuKernels<scalar_t> cpu_kernels();     \
   }
 FUSED_LSTM_DECLARE_CAPABILITY(default_cpu)
 FUSED_LSTM_DECLARE_CAPABILITY(avx2)
@@ -137,7 +137,7 @@ FUSED_LSTM_DECLARE_CAPABILITY(avx512)
 // The kernels for the capability in use: ATen's choice for this CPU (which
 // honours ATEN_CPU_CAPABILITY), unless overridden by set_cpu_capability.
 template <typename scalar_t>
-const CellKernels<scalar_t>& cell_kernels();
+const CpuKernels<scalar_t>& cpu_kernels();
 
 // "default", "avx2", "avx512", or "" to follow ATen again. Returns the capability now in use.
 std::string set_cpu_capability(const std::string& capability);

@@ -71,7 +71,7 @@ variable_list run_layer_backward(
 
 // The layer backward as a node of its own, for create_graph: its gradients then say,
 // when differentiated, that there is no double backward.
-class LayerBackward : public torch::autograd::Function<LayerBackward> {
+class LayerBackwardNode : public torch::autograd::Function<LayerBackwardNode> {
  public:
   template <typename... Args>
   static variable_list forward(AutogradContext*, Args&&... args) {
@@ -85,15 +85,15 @@ class LayerBackward : public torch::autograd::Function<LayerBackward> {
   }
 };
 
-// The layer backward from a node's backward: through LayerBackward under create_graph
-// (grad mode on), else the op itself (no node would be recorded anyway).
+// The layer backward from a node's backward: through LayerBackwardNode under
+// create_graph (grad mode on), else the op itself (no node would be recorded anyway).
 template <typename... Args>
 variable_list layer_backward(Args&&... args) {
-  if (at::GradMode::is_enabled()) return LayerBackward::apply(std::forward<Args>(args)...);
+  if (at::GradMode::is_enabled()) return LayerBackwardNode::apply(std::forward<Args>(args)...);
   return run_layer_backward(std::forward<Args>(args)...);
 }
 
-class LayerForward : public torch::autograd::Function<LayerForward> {
+class LayerNode : public torch::autograd::Function<LayerNode> {
  public:
   static variable_list forward(
       AutogradContext* ctx, const at::Tensor& input, const at::Tensor& batch_sizes,
@@ -143,11 +143,11 @@ class LayerForward : public torch::autograd::Function<LayerForward> {
 };
 
 // The whole stack (op lstm_stack) as one autograd node: one node, not one per layer
-// and direction plus the stack of h_n/c_n and the views between them (session 10's
-// stream train step: ~200 us of ~480 outside the ops; PERF_LOG row 25). Each layer and
+// and direction plus the stack of h_n/c_n and the views between them, which cost more
+// than the ops at small shapes (benchmarks/PERF_LOG.md, row 25). Each layer and
 // direction runs lstm_layer_forward, its backward lstm_layer_backward, as in
-// LayerForward; every workspace is private.
-class StackForward : public torch::autograd::Function<StackForward> {
+// LayerNode; every workspace is private.
+class StackNode : public torch::autograd::Function<StackNode> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
                                const at::Tensor& batch_sizes, const at::Tensor& h0,
@@ -259,7 +259,7 @@ ForwardResult lstm_layer_forward_autograd(
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, bool reverse) {
-  auto r = LayerForward::apply(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+  auto r = LayerNode::apply(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
                                /*private_workspace=*/false);
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
@@ -282,13 +282,13 @@ LayerResult lstm_layer_autograd(
     at::AutoDispatchBelowADInplaceOrView guard;
     return layer_op().call(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse);
   }
-  auto r = LayerForward::apply(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+  auto r = LayerNode::apply(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
                                /*private_workspace=*/true);
   return {r[0], r[1], r[2]};
 }
 
-// lstm_stack: one StackForward node when a gradient is needed, else the inference
-// kernel (stack.cpp) below autograd.
+// lstm_stack: one StackNode when a gradient is needed, else the inference
+// kernel (ops/stack.cpp) below autograd.
 LayerResult lstm_stack_autograd(const at::Tensor& input, const at::Tensor& batch_sizes,
                                 const at::Tensor& h0, const at::Tensor& c0,
                                 at::TensorList weights, bool has_biases, bool has_proj,
@@ -305,8 +305,8 @@ LayerResult lstm_stack_autograd(const at::Tensor& input, const at::Tensor& batch
     return stack_op.call(input, batch_sizes, h0, c0, weights, has_biases, has_proj, num_layers,
                          bidirectional);
   }
-  auto r = StackForward::apply(input, batch_sizes, h0, c0, weights, has_biases, has_proj,
-                               num_layers, bidirectional);
+  auto r = StackNode::apply(input, batch_sizes, h0, c0, weights, has_biases, has_proj,
+                            num_layers, bidirectional);
   return {r[0], r[1], r[2]};
 }
 
@@ -317,9 +317,9 @@ BackwardResult lstm_layer_backward_autograd(
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
     const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input) {
-  auto r = LayerBackward::apply(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih,
-                                w_hh, w_hr, output, gates, cells, hiddens, reverse,
-                                need_grad_input, kOverwriteGates);
+  auto r = LayerBackwardNode::apply(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0,
+                                    w_ih, w_hh, w_hr, output, gates, cells, hiddens, reverse,
+                                    need_grad_input, kOverwriteGates);
   return {r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
 }
 

@@ -4,9 +4,9 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
-#include "../cell_math.h"
-#include "cell_kernels.h"
-#include "tuning.h"
+#include "core/cell_math.h"
+#include "cpu/kernels/kernels.h"
+#include "cpu/tuning.h"
 
 namespace fused_lstm::cpu::FUSED_LSTM_CAPABILITY_NS {
 namespace {
@@ -58,7 +58,7 @@ C10_ALWAYS_INLINE void for_each_unit(int64_t u0, int64_t u1, const Body& body) {
 
 // Calls unit(T{}, r, k, n) for rows [r0, r1) and each unit group of units [u0, u1),
 // two rows side by side: two independent chains of exps and divisions for the core
-// to overlap (a seed-shape layer call: 32 -> 30 us; four rows gained nothing more).
+// to overlap (PERF_LOG.md row 18; four rows gained nothing more).
 template <typename scalar_t, typename Unit>
 C10_ALWAYS_INLINE void for_each_row_unit(int64_t r0, int64_t r1, int64_t u0, int64_t u1,
                                          const Unit& unit) {
@@ -458,7 +458,7 @@ void fused_step(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
 }  // namespace
 
 template <typename scalar_t>
-CellKernels<scalar_t> cell_kernels() {
+CpuKernels<scalar_t> cpu_kernels() {
   return {&forward_step<scalar_t>, &backward_step<scalar_t>,
           kVectorized<scalar_t> ? &small_gemm<scalar_t> : nullptr,
           kVectorized<scalar_t> ? &small_gemm_trans_a<scalar_t> : nullptr,
@@ -472,9 +472,9 @@ CellKernels<scalar_t> cell_kernels() {
                                 : 0};
 }
 
-template CellKernels<float> cell_kernels<float>();
-template CellKernels<double> cell_kernels<double>();
-template CellKernels<at::Half> cell_kernels<at::Half>();
-template CellKernels<at::BFloat16> cell_kernels<at::BFloat16>();
+template CpuKernels<float> cpu_kernels<float>();
+template CpuKernels<double> cpu_kernels<double>();
+template CpuKernels<at::Half> cpu_kernels<at::Half>();
+template CpuKernels<at::BFloat16> cpu_kernels<at::BFloat16>();
 
 }  // namespace fused_lstm::cpu::FUSED_LSTM_CAPABILITY_NS

@@ -1,5 +1,5 @@
 // Picks the build of the cell kernels for the running CPU.
-#include "cell_kernels.h"
+#include "cpu/kernels/kernels.h"
 
 #include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
@@ -8,7 +8,7 @@
 
 #include <atomic>
 
-#include "cell_kernels_prelude.h"
+#include "cpu/kernels/prelude.h"
 
 namespace fused_lstm::cpu {
 namespace {
@@ -39,21 +39,21 @@ int in_use() {
 }  // namespace
 
 template <typename scalar_t>
-const CellKernels<scalar_t>& cell_kernels() {
+const CpuKernels<scalar_t>& cpu_kernels() {
 #if defined(FUSED_LSTM_SIMD_BUILDS)
-  static const CellKernels<scalar_t> builds[] = {default_cpu::cell_kernels<scalar_t>(),
-                                                 avx2::cell_kernels<scalar_t>(),
-                                                 avx512::cell_kernels<scalar_t>()};
+  static const CpuKernels<scalar_t> builds[] = {default_cpu::cpu_kernels<scalar_t>(),
+                                                 avx2::cpu_kernels<scalar_t>(),
+                                                 avx512::cpu_kernels<scalar_t>()};
 #else
-  static const CellKernels<scalar_t> builds[] = {default_cpu::cell_kernels<scalar_t>()};
+  static const CpuKernels<scalar_t> builds[] = {default_cpu::cpu_kernels<scalar_t>()};
 #endif
   return builds[in_use()];
 }
 
-template const CellKernels<float>& cell_kernels<float>();
-template const CellKernels<double>& cell_kernels<double>();
-template const CellKernels<at::Half>& cell_kernels<at::Half>();
-template const CellKernels<at::BFloat16>& cell_kernels<at::BFloat16>();
+template const CpuKernels<float>& cpu_kernels<float>();
+template const CpuKernels<double>& cpu_kernels<double>();
+template const CpuKernels<at::Half>& cpu_kernels<at::Half>();
+template const CpuKernels<at::BFloat16>& cpu_kernels<at::BFloat16>();
 
 std::string set_cpu_capability(const std::string& capability) {
   if (capability.empty()) {

@@ -1,70 +1,11 @@
-// The op schemas, declared once, and the argument checks every backend shares.
-// Kernels register beside these: cpu/lstm_cpu.cpp (CPU), cuda/lstm_cuda.cu (CUDA).
-#include <Python.h>
-#include <torch/library.h>
+// The argument checks every backend shares: they raise nn.LSTM-like errors on direct
+// op calls (TORCH_CHECK) and fill the params structs the kernels take (lstm.h).
+#include <ATen/ATen.h>
 
-#include "cpu/gemm.h"
-#include "cpu/cell_kernels.h"
+#include "core/schedule.h"
 #include "lstm.h"
 
-// Importing fused_lstm._C loads this library, which registers the ops.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-
 namespace fused_lstm {
-
-TORCH_LIBRARY(fused_lstm, m) {
-  m.def(
-      "lstm_layer_forward(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, "
-      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse) "
-      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor hiddens)");
-  // One layer: (output, h_n, c_n), what fused_lstm.functional calls. The backend
-  // kernels run without the workspace (inference). When a gradient is needed its
-  // Autograd kernel (autograd.cpp) runs lstm_layer_forward and keeps the workspace to
-  // itself, so that a backward which does not keep the graph may overwrite it.
-  m.def(
-      "lstm_layer(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, "
-      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse) "
-      "-> (Tensor output, Tensor h_n, Tensor c_n)");
-  m.def(
-      "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
-      "Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
-      "Tensor? w_hr, Tensor output, Tensor gates, Tensor cells, Tensor hiddens, bool reverse, "
-      "bool need_grad_input) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
-      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
-  // The same backward, writing the gate gradients over `gates` (the forward's workspace,
-  // [N, 4H]) instead of a buffer of their own: what autograd calls when the graph is not
-  // kept, as the workspace is then read for the last time.
-  m.def(
-      "lstm_layer_backward_overwrite_gates(Tensor grad_output, Tensor grad_h_n, "
-      "Tensor grad_c_n, Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, "
-      "Tensor w_hh, Tensor? w_hr, Tensor output, Tensor(a!) gates, Tensor cells, "
-      "Tensor hiddens, bool reverse, bool need_grad_input) -> (Tensor grad_input, "
-      "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, "
-      "Tensor grad_w_hr)");
-  // Every layer and direction in one call (stack.cpp), what fused_lstm.LSTM runs:
-  // weights in nn.LSTM's _flat_weights order, h0 [L*D, B, P], c0 [L*D, B, H] ->
-  // output [N, D*P], h_n [L*D, B, P], c_n [L*D, B, H]. Its backend kernel loops the
-  // lstm_layer op (inference); when a gradient is needed its Autograd kernel
-  // (autograd.cpp) keeps every layer's workspace in one autograd node.
-  m.def(
-      "lstm_stack(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, "
-      "Tensor[] weights, bool has_biases, bool has_proj, int num_layers, bool bidirectional) "
-      "-> (Tensor output, Tensor h_n, Tensor c_n)");
-  // Which build of the CPU cell kernels runs: "default", "avx2", "avx512", or
-  // "" for the best this CPU supports. Returns the one now in use.
-  m.def("set_cpu_capability(str capability) -> str", &cpu::set_cpu_capability);
-  // Which GEMM path the CPU kernels take: "auto", "aten" or "small" (cpu/gemm.h).
-  m.def("set_cpu_gemm(str backend) -> str", &cpu::set_cpu_gemm);
-  // What the CPU kernels run on this machine (cpu/gemm.h), for fused_lstm.backend_info().
-  m.def("cpu_info() -> Dict(str, str)", &cpu::cpu_info);
-  // Frees the CPU buffers this thread keeps between calls (up to 256 MiB each: the
-  // inference gate buffer, and backward's gate gradients and previous h).
-  m.def("release_cpu_scratch() -> ()", &cpu::release_scratch);
-}
-
 namespace {
 
 void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
@@ -102,8 +43,6 @@ void check_batch_sizes(const at::Tensor& batch_sizes, int64_t N) {
   TORCH_CHECK(total == N, "fused_lstm: batch_sizes sum to ", total, " but input has ", N,
               " rows");
 }
-
-}  // namespace
 
 LayerSizes check_forward_args(
     const at::Tensor& input, const at::Tensor& batch_sizes,
@@ -186,6 +125,63 @@ LayerSizes check_backward_args(
   return s;
 }
 
+}  // namespace
+
+LayerForwardParams make_forward_params(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, bool reverse, bool keep_workspace) {
+  LayerForwardParams p;
+  p.s = check_forward_args(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  p.steps = make_schedule(batch_sizes, reverse);
+  p.reverse = reverse;
+  p.keep_workspace = keep_workspace;
+  p.input = input.contiguous();
+  p.h0 = h0.contiguous();
+  p.c0 = c0.contiguous();
+  p.w_ih = w_ih.contiguous();
+  p.w_hh = w_hh.contiguous();
+  if (b_ih.has_value()) {
+    p.b_ih = b_ih->contiguous();
+    p.b_hh = b_hh->contiguous();
+  }
+  if (p.s.has_proj) p.w_hr = w_hr->contiguous();
+  return p;
+}
+
+LayerBackwardParams make_backward_params(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
+    const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input,
+    bool overwrite_gates) {
+  LayerBackwardParams p;
+  p.s = check_backward_args(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih,
+                            w_hh, w_hr, output, gates, cells, hiddens);
+  p.steps = make_schedule(batch_sizes, reverse);
+  p.reverse = reverse;
+  p.need_grad_input = need_grad_input;
+  p.overwrite_gates = overwrite_gates;
+  p.grad_output = grad_output.contiguous();
+  p.grad_h_n = grad_h_n.contiguous();
+  p.grad_c_n = grad_c_n.contiguous();
+  p.input = input.contiguous();
+  p.h0 = h0.contiguous();
+  p.c0 = c0.contiguous();
+  p.w_ih = w_ih.contiguous();
+  p.w_hh = w_hh.contiguous();
+  if (p.s.has_proj) p.w_hr = w_hr->contiguous();
+  p.output = output.contiguous();
+  // With overwrite_gates the gradients go over this: `gates` itself, or a contiguous
+  // copy of our own.
+  p.gates = gates.contiguous();
+  p.cells = cells.contiguous();
+  p.hiddens = hiddens.contiguous();
+  return p;
+}
+
 StackLayout check_stack_args(const at::Tensor& h0, const at::Tensor& c0, at::TensorList weights,
                              bool has_biases, bool has_proj, int64_t num_layers,
                              bool bidirectional) {
@@ -199,50 +195,6 @@ StackLayout check_stack_args(const at::Tensor& h0, const at::Tensor& c0, at::Ten
                 name, " of shape [", layer_directions, ", batch, size], got ", state->sizes());
   }
   return layout;
-}
-
-LayerWeights layer_weights(const StackLayout& layout, at::TensorList weights, int64_t k) {
-  const at::Tensor* w = weights.data() + k * layout.per_layer;
-  const auto bias = [&](int i) { return layout.has_biases ? std::optional(w[i]) : std::nullopt; };
-  return {w[0], w[1], bias(2), bias(3),
-          layout.has_proj ? std::optional(w[layout.per_layer - 1]) : std::nullopt};
-}
-
-std::vector<Step> make_schedule(const at::Tensor& batch_sizes, bool reverse) {
-  const auto sizes = batch_sizes.contiguous();
-  const int64_t* bs = sizes.data_ptr<int64_t>();
-  const int64_t T = sizes.numel();
-  std::vector<int64_t> offsets(T);
-  int64_t offset = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    offsets[t] = offset;
-    offset += bs[t];
-  }
-  std::vector<Step> steps;
-  steps.reserve(T);
-  for (int64_t n = 0; n < T; ++n) {
-    const int64_t t = reverse ? T - 1 - n : n;
-    Step step{bs[t], offsets[t], 0, 0};
-    if (n > 0) {
-      const int64_t prev_t = reverse ? t + 1 : t - 1;
-      step.prev_offset = offsets[prev_t];
-      step.prev_batch = std::min(bs[t], bs[prev_t]);
-    }
-    steps.push_back(step);
-  }
-  return steps;
-}
-
-std::vector<PrevHiddenTerm> prev_hidden_terms(const std::vector<Step>& steps, bool reverse) {
-  if (steps.empty()) return {};
-  const int64_t B = steps.front().batch;
-  for (const Step& s : steps) {
-    if (s.batch != B) return {};
-  }
-  const int64_t N = B * static_cast<int64_t>(steps.size());
-  // Forward: step t (rows t*B) began from output step t-1; reverse: from step t+1.
-  return {{reverse ? 0 : B, N - B, false, reverse ? B : 0},
-          {steps.front().offset, B, true, 0}};
 }
 
 }  // namespace fused_lstm

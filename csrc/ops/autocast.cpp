@@ -8,13 +8,15 @@
 namespace fused_lstm {
 namespace {
 
-// Result(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih?, b_hh?, w_hr?, reverse): the
-// lstm_layer_forward and lstm_layer share their arguments.
-template <typename Signature, typename Result>
-Result autocast_layer(const char* op_name, const at::Tensor& input, const at::Tensor& batch_sizes,
-                      const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-                      const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                      const std::optional<at::Tensor>& b_hh,
+// lstm_layer_forward and lstm_layer share their arguments (input, batch_sizes, h0, c0,
+// w_ih, w_hh, b_ih?, b_hh?, w_hr?, reverse); one caster serves both.
+constexpr char kForwardOp[] = "fused_lstm::lstm_layer_forward";
+constexpr char kLayerOp[] = "fused_lstm::lstm_layer";
+
+template <typename Signature, typename Result, const char* kOpName>
+Result layer_autocast(const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+                      const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                      const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                       const std::optional<at::Tensor>& w_hr, bool reverse) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(at::kCUDA);
@@ -23,31 +25,10 @@ Result autocast_layer(const char* op_name, const at::Tensor& input, const at::Te
   auto cast_optional = [&](const std::optional<at::Tensor>& t) {
     return t.has_value() ? std::optional<at::Tensor>(cast(*t)) : std::nullopt;
   };
-  const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow(op_name, "").typed<Signature>();
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow(kOpName, "").typed<Signature>();
   return op.call(cast(input), batch_sizes, cast(h0), cast(c0), cast(w_ih), cast(w_hh),
                  cast_optional(b_ih), cast_optional(b_hh), cast_optional(w_hr), reverse);
-}
-
-ForwardResult forward_autocast(const at::Tensor& input, const at::Tensor& batch_sizes,
-                               const at::Tensor& h0, const at::Tensor& c0,
-                               const at::Tensor& w_ih, const at::Tensor& w_hh,
-                               const std::optional<at::Tensor>& b_ih,
-                               const std::optional<at::Tensor>& b_hh,
-                               const std::optional<at::Tensor>& w_hr, bool reverse) {
-  return autocast_layer<ForwardSignature, ForwardResult>(
-      "fused_lstm::lstm_layer_forward", input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-      reverse);
-}
-
-LayerResult layer_autocast(const at::Tensor& input, const at::Tensor& batch_sizes,
-                           const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-                           const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                           const std::optional<at::Tensor>& b_hh,
-                           const std::optional<at::Tensor>& w_hr, bool reverse) {
-  return autocast_layer<LayerSignature, LayerResult>(
-      "fused_lstm::lstm_layer", input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-      reverse);
 }
 
 // The stack casts once, before its autograd node: the node then saves and
@@ -72,8 +53,8 @@ LayerResult stack_autocast(const at::Tensor& input, const at::Tensor& batch_size
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lstm, AutocastCUDA, m) {
-  m.impl("lstm_layer_forward", &forward_autocast);
-  m.impl("lstm_layer", &layer_autocast);
+  m.impl("lstm_layer_forward", &layer_autocast<ForwardSignature, ForwardResult, kForwardOp>);
+  m.impl("lstm_layer", &layer_autocast<LayerSignature, LayerResult, kLayerOp>);
   m.impl("lstm_stack", &stack_autocast);
 }
 

@@ -1,5 +1,5 @@
 // The AVX2 + FMA build of the CPU cell kernels.
-#include "cell_kernels_prelude.h"
+#include "cpu/kernels/prelude.h"
 
 #if defined(FUSED_LSTM_SIMD_BUILDS)
 #pragma GCC target("avx2,fma,f16c")
@@ -11,5 +11,5 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #define FUSED_LSTM_CAPABILITY_NS avx2
-#include "cell_kernels_impl.h"
+#include "cpu/kernels/impl.h"
 #endif

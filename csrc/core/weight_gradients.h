@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "core/schedule.h"
 #include "lstm.h"
 
 namespace fused_lstm {
@@ -65,32 +66,6 @@ void weight_gradients(const LayerSizes& s, const std::vector<Step>& steps, bool 
          i == 0 ? 0 : 1, a.grad_w_hh, P);
   }
   if (a.grad_w_hr != nullptr) gemm(true, false, P, H, N, a.grad_r, P, a.hiddens, H, 0, a.grad_w_hr, H);
-}
-
-// The same gradients from steps [first, last) of the schedule alone (no projection),
-// added into grad_w_ih and grad_w_hh if accumulate: the weight gradients of a part of
-// the sequence, which the CPU backward computes while its time loop goes on. Those
-// steps' rows are contiguous; h_prev is gathered for them.
-template <typename scalar_t, typename Gemm, typename CopyRows>
-void weight_gradients_of_steps(const LayerSizes& s, const Step* first, const Step* last,
-                               bool accumulate, const WeightGradientArgs<scalar_t>& a,
-                               const Gemm& gemm, const CopyRows& copy_rows) {
-  const int64_t I = s.I, P = s.P, G = 4 * s.H;
-  int64_t row0 = s.N, row1 = 0;
-  for (const Step* step = first; step != last; ++step) {
-    row0 = std::min(row0, step->offset);
-    row1 = std::max(row1, step->offset + step->batch);
-  }
-  const int64_t rows = std::max<int64_t>(row1 - row0, 0);
-  const scalar_t* dgates = a.dgates + row0 * G;
-  if (a.grad_input != nullptr) {
-    gemm(false, false, rows, I, G, dgates, G, a.w_ih, I, 0, a.grad_input + row0 * I, I);
-  }
-  gemm(true, false, G, I, rows, dgates, G, a.input + row0 * I, I, accumulate ? 1 : 0,
-       a.grad_w_ih, I);
-  gather_prev_state(first, last, a.output, a.h0, P, a.h_prev, copy_rows);
-  gemm(true, false, G, P, rows, dgates, G, a.h_prev + row0 * P, P, accumulate ? 1 : 0,
-       a.grad_w_hh, P);
 }
 
 }  // namespace fused_lstm

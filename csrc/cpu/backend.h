@@ -1,0 +1,110 @@
+// The CPU backend of the layer driver (core/layer_driver.h): its GEMMs (cpu/gemm.h,
+// and per step StepGemm), the cell passes of the build in use (cpu/kernels), and the
+// reused scratch buffers. CpuForward (cpu/forward.cpp) and CpuBackward
+// (cpu/backward.cpp) are one call's state; their fused() is the CPU's fused loop.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstring>
+
+#include "core/layer_driver.h"
+#include "cpu/fused_loop.h"
+#include "cpu/gemm.h"
+#include "cpu/kernels/kernels.h"
+#include "cpu/scratch.h"
+#include "cpu/tuning.h"
+#include "lstm.h"
+
+namespace fused_lstm::cpu {
+
+template <typename scalar_t>
+void copy_rows(scalar_t* dst, const scalar_t* src, int64_t rows, int64_t cols) {
+  if (rows > 0) std::memcpy(dst, src, sizeof(scalar_t) * rows * cols);
+}
+
+// The GEMMs inside the time loop, C[b, N] (+)= A[b, K] op(B), go through the
+// register-blocked small_gemm when the batch is small and B fits in L2 (tuning.h:
+// there a library call costs more in fixed overhead than in math), else through gemm().
+// small_gemm wants B as row-major [K, N]: `b_kn` (may equal `b`, when not trans_b).
+template <typename scalar_t>
+struct StepGemm {
+  bool small;
+  const CpuKernels<scalar_t>* kernels;
+
+  static StepGemm make(int64_t max_batch, int64_t N, int64_t K) {
+    const auto& k = cpu_kernels<scalar_t>();
+    const auto setting = cpu_gemm_setting();
+    const CpuTuning& tuning = cpu_tuning();
+    const bool fits = max_batch <= tuning.small_step_max_batch &&
+                      N * K * int64_t(sizeof(scalar_t)) <= tuning.small_step_max_weight_bytes;
+    const bool small = k.small_gemm != nullptr &&
+                       (setting == GemmSetting::kSmall || (setting == GemmSetting::kAuto && fits));
+    return {small, &k};
+  }
+
+  void operator()(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+                  const scalar_t* B, bool trans_b, const scalar_t* b_kn, bool accumulate,
+                  scalar_t* C, int64_t ldc) const {
+    if (small) {
+      kernels->small_gemm(M, N, K, A, lda, b_kn, N, accumulate, C, ldc);
+    } else {
+      gemm<scalar_t>(false, trans_b, M, N, K, A, lda, B, trans_b ? K : N, accumulate ? 1 : 0,
+                     C, ldc);
+    }
+  }
+};
+
+// Whether the loops (without a projection) run fused, the recurrent GEMM and the cell
+// update per step in one pass (kernels/kernels.h), instead of a recurrent GEMM and an
+// elementwise pass per step: always with the "small" setting, never with "aten", and
+// with "auto" wherever the step GEMM is small or H reaches tuning.h's fused_min_hidden.
+inline bool use_fused_step(bool step_gemm_small, int64_t H) {
+  const auto setting = cpu_gemm_setting();
+  return setting == GemmSetting::kSmall ||
+         (setting == GemmSetting::kAuto &&
+          (step_gemm_small || H >= cpu_tuning().fused_min_hidden));
+}
+
+// What CpuForward and CpuBackward share: the GEMM outside the time loop, the copies,
+// the kernels of the build in use.
+template <typename scalar_t>
+struct CpuLayerBase {
+  const CpuKernels<scalar_t>& kernels = cpu_kernels<scalar_t>();
+
+  void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const scalar_t* A,
+            int64_t lda, const scalar_t* B, int64_t ldb, at::opmath_type<scalar_t> beta,
+            scalar_t* C, int64_t ldc) const {
+    cpu::gemm<scalar_t>(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  }
+  void copy_rows(scalar_t* dst, const scalar_t* src, int64_t rows, int64_t cols) const {
+    cpu::copy_rows(dst, src, rows, cols);
+  }
+};
+
+template <typename scalar_t>
+struct CpuForward;
+template <typename scalar_t>
+struct CpuBackward;
+
+struct CpuBackend {
+  // Inference (op lstm_layer) keeps no workspace: its gate buffer is a reused scratch.
+  static constexpr bool kInferenceKeepsWorkspace = false;
+  struct DeviceGuard {
+    explicit DeviceGuard(const at::Tensor&) {}
+  };
+  static at::Tensor scratch(Scratch slot, int64_t rows, int64_t cols,
+                            const at::TensorOptions& opts) {
+    return scratch_buffer(slot, rows, cols, opts);
+  }
+  // The weight gradients beside a one-thread fused backward loop read h_prev gathered.
+  static bool gathers_prev_hidden(const LayerBackwardParams& p) {
+    return !p.s.has_proj && weight_gradients_beside_loop_pays(p.s.B, p.s.H, p.s.T);
+  }
+  template <typename scalar_t>
+  using Forward = CpuForward<scalar_t>;
+  template <typename scalar_t>
+  using Backward = CpuBackward<scalar_t>;
+};
+
+}  // namespace fused_lstm::cpu

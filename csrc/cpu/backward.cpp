@@ -1,0 +1,112 @@
+// The CPU layer backward: the driver's reverse loop (core/layer_driver.h) over
+// CpuBackward's step GEMMs and cell pass, or, where the forward fused its steps, the
+// fused backward loop, its work shared the same way (fused_loop.h): per step the cell
+// backward of a thread's rows and units, then (after a barrier when threads own
+// units: dh needs all of dgates) its rows and units of dh = dgates W_hh, which only it
+// reads next step. No BLAS call, no fork/join.
+#include <torch/library.h>
+
+#include "cpu/backend.h"
+
+namespace fused_lstm::cpu {
+
+template <typename scalar_t>
+struct CpuBackward : CpuLayerBase<scalar_t> {
+  using CpuLayerBase<scalar_t>::kernels;
+  const LayerBackwardParams& p;
+  const int64_t H, P;
+  const StepGemm<scalar_t> recurrent, projection;
+
+  explicit CpuBackward(const LayerBackwardParams& params)
+      : p(params),
+        H(p.s.H),
+        P(p.s.P),
+        recurrent(StepGemm<scalar_t>::make(p.s.B, P, 4 * H)),
+        projection(StepGemm<scalar_t>::make(p.s.B, H, P)) {}
+
+  // out[e] = a[e] + b[e] over n elements.
+  void add(int64_t n, const scalar_t* a, const scalar_t* b, scalar_t* out) const {
+    for (int64_t e = 0; e < n; ++e) out[e] = a[e] + b[e];
+  }
+
+  // dh [b, H] = dr [b, P] W_hr
+  void projection_gemm(int64_t b, const scalar_t* dr, scalar_t* dh) const {
+    const scalar_t* w_hr = p.w_hr.data_ptr<scalar_t>();
+    projection(b, H, P, dr, P, w_hr, false, w_hr, false, dh, H);
+  }
+
+  void cell_backward(int64_t b, const scalar_t* gates, const scalar_t* cells,
+                     const scalar_t* c_prev_step, int64_t prev_batch, const scalar_t* c0,
+                     const scalar_t* dh, const scalar_t* dh_extra, scalar_t* dc,
+                     scalar_t* dgates) const {
+    kernels.backward(b, H, gates, cells, c_prev_step, prev_batch, c0, dh, dh_extra, dc, dgates);
+  }
+
+  // dh [b, P] = dgates [b, 4H] W_hh
+  void recurrent_gemm(int64_t b, const scalar_t* dgates, scalar_t* dh) const {
+    const scalar_t* w_hh = p.w_hh.data_ptr<scalar_t>();
+    recurrent(b, P, 4 * H, dgates, 4 * H, w_hh, false, w_hh, false, dh, P);
+  }
+
+  // The fused loop, where the forward fused its steps (no projection).
+  FusedBackward fused(const BackwardBuffers<scalar_t>& buf,
+                      const WeightGradientArgs<scalar_t>& args) const {
+    if (p.s.has_proj || kernels.gemm_columns == nullptr || !use_fused_step(recurrent.small, H)) {
+      return FusedBackward::kNotRun;
+    }
+    const auto& steps = p.steps;
+    // Threads own whole panels (tuning.h's fused_backward_panels) or fused_width units.
+    const bool panels = cpu_tuning().fused_backward_panels;
+    const int64_t width = panels ? kernels.gemm_columns_width : kernels.fused_width;
+    const scalar_t* w_hh = p.w_hh.data_ptr<scalar_t>();
+    at::Tensor w_panels;  // [ceil(H / width)][4H][width]
+    if (panels) {
+      w_panels = at::empty({(H + width - 1) / width * width * 4 * H}, p.input.options());
+      pack_column_panels(w_hh, 4 * H, H, width, w_panels.data_ptr<scalar_t>());
+    }
+    const scalar_t* w_panels_p = panels ? w_panels.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dh = buf.dh;
+    const auto loop = [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1, const auto& sync) {
+      const int64_t u0 = j0 * width, u1 = std::min(H, j1 * width);
+      for (size_t n = 0; n < steps.size(); ++n) {
+        const Step& step = steps[steps.size() - 1 - n];
+        const int64_t row0 = std::min(r0, step.batch), row1 = std::min(r1, step.batch);
+        scalar_t* dgates_t = buf.dgates + step.offset * 4 * H;
+        kernels.backward_block(row0, row1, u0, u1, H, buf.gates + step.offset * 4 * H,
+                               buf.cells + step.offset * H, buf.cells + step.prev_offset * H,
+                               step.prev_batch, buf.c0, dh, buf.grad_output + step.offset * H,
+                               buf.dc, dgates_t);
+        sync(n);
+        // dL/dh_prev[rows, u0:u1) = dgates[t][rows] W_hh[:, u0:u1)
+        if (panels) {
+          for (int64_t u = u0; u < u1; u += width) {
+            kernels.gemm_columns(row1 - row0, 0, std::min(width, u1 - u), 4 * H,
+                                 dgates_t + row0 * 4 * H, 4 * H, w_panels_p + u * 4 * H, width,
+                                 false, dh + row0 * H + u, H);
+          }
+        } else {
+          kernels.gemm_columns(row1 - row0, u0, u1, 4 * H, dgates_t + row0 * 4 * H, 4 * H, w_hh,
+                               H, false, dh + row0 * H, H);
+        }
+      }
+    };
+    if (CpuBackend::gathers_prev_hidden(p)) {
+      weight_gradients_beside_loop(
+          p.s, steps, (H + width - 1) / width, args, loop,
+          [this](auto... gemm_args) { this->gemm(gemm_args...); },
+          [](scalar_t* dst, const scalar_t* src, int64_t rows, int64_t cols) {
+            cpu::copy_rows(dst, src, rows, cols);
+          });
+      return FusedBackward::kLoopAndWeightGradients;
+    }
+    run_fused_loop(steps, p.s.B, H, width, p.w_hh.nbytes(), loop);
+    return FusedBackward::kLoop;
+  }
+};
+
+TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
+  m.impl("lstm_layer_backward", &lstm_layer_backward_kernel<CpuBackend, false>);
+  m.impl("lstm_layer_backward_overwrite_gates", &lstm_layer_backward_kernel<CpuBackend, true>);
+}
+
+}  // namespace fused_lstm::cpu

@@ -1,0 +1,105 @@
+// The CPU layer forward: the driver's loop (core/layer_driver.h) over CpuForward's
+// step GEMMs and cell pass, or, where the step is small or H large enough
+// (use_fused_step), the fused loop: per step the recurrent GEMM and the cell update in
+// one pass (kernels/kernels.h), threads sharing it for the whole loop (fused_loop.h).
+#include <torch/library.h>
+
+#include "cpu/backend.h"
+
+namespace fused_lstm::cpu {
+
+template <typename scalar_t>
+struct CpuForward : CpuLayerBase<scalar_t> {
+  using CpuLayerBase<scalar_t>::kernels;
+  const LayerForwardParams& p;
+  const int64_t H, P;
+  const StepGemm<scalar_t> recurrent, projection;
+  const bool fused_step;
+  // small_gemm reads B as [K, N]: the transposed weights, made once per call.
+  const at::Tensor w_hh_t, w_hr_t;  // [P, 4H], [H, P], or undefined
+
+  explicit CpuForward(const LayerForwardParams& params)
+      : p(params),
+        H(p.s.H),
+        P(p.s.P),
+        recurrent(StepGemm<scalar_t>::make(p.s.B, 4 * H, P)),
+        projection(StepGemm<scalar_t>::make(p.s.B, P, H)),
+        fused_step(!p.s.has_proj && kernels.fused_step != nullptr &&
+                   use_fused_step(recurrent.small, H)),
+        w_hh_t(recurrent.small && !fused_step ? p.w_hh.t().contiguous() : at::Tensor()),
+        w_hr_t(p.s.has_proj && projection.small ? p.w_hr.t().contiguous() : at::Tensor()) {}
+
+  // Every row of gates [N, 4H] = b_ih + b_hh.
+  void fill_bias(scalar_t* gates) const {
+    const scalar_t* b1 = p.b_ih.data_ptr<scalar_t>();
+    const scalar_t* b2 = p.b_hh.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < 4 * H; ++k) gates[k] = b1[k] + b2[k];
+    for (int64_t n = 1; n < p.s.N; ++n) cpu::copy_rows(gates + n * 4 * H, gates, 1, 4 * H);
+  }
+
+  // g [b, 4H] += h [b, P] W_hh^T
+  void recurrent_gemm(int64_t b, const scalar_t* h, scalar_t* g) const {
+    recurrent(b, 4 * H, P, h, P, p.w_hh.data_ptr<scalar_t>(), true,
+              recurrent.small ? w_hh_t.data_ptr<scalar_t>() : nullptr, true, g, 4 * H);
+  }
+
+  void cell_forward(int64_t b, scalar_t* g, scalar_t* c_state, scalar_t* cells, scalar_t* h_out,
+                    scalar_t* h_state) const {
+    kernels.forward(b, H, g, c_state, cells, h_out, h_state);
+  }
+
+  // r [b, P] = h [b, H] W_hr^T
+  void projection_gemm(int64_t b, const scalar_t* h, scalar_t* r) const {
+    projection(b, P, H, h, H, p.w_hr.data_ptr<scalar_t>(), true,
+               projection.small ? w_hr_t.data_ptr<scalar_t>() : nullptr, false, r, P);
+  }
+
+  // The fused loop, where use_fused_step picks it. Step n reads h_prev from step n-1's
+  // output rows, and rows that start later (reverse direction) from h_state, which
+  // holds h0 until the loop ends.
+  bool fused(const ForwardBuffers<scalar_t>& buf) const {
+    if (!fused_step) return false;
+    const int64_t B = p.s.B;
+    const auto& steps = p.steps;
+    const int64_t width = kernels.fused_width;
+    at::Tensor w_packed = at::empty({(H + width - 1) / width * width * 4 * H}, p.input.options());
+    pack_w_hh_for_fused_step(p.w_hh.data_ptr<scalar_t>(), H, width, kernels.fused_gate_halves,
+                             w_packed.data_ptr<scalar_t>());
+    const scalar_t* w_t = w_packed.data_ptr<scalar_t>();
+    scalar_t* out = buf.output;
+    run_fused_loop(steps, B, H, width, p.w_hh.nbytes(),
+                   [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1, const auto& sync) {
+      for (size_t n = 0; n < steps.size(); ++n) {
+        const Step& step = steps[n];
+        // Rows [row0, row1) of the step; h_prev from step n - 1's output for rows below
+        // `split`, from h_state (h0 until the loop ends) for the rest.
+        const int64_t row0 = std::min(r0, step.batch), row1 = std::min(r1, step.batch);
+        const int64_t split = n == 0 ? 0 : step.prev_batch;
+        const int64_t own_split = std::max<int64_t>(split - row0, 0);
+        kernels.fused_step(row1 - row0, H, out + (step.prev_offset + row0) * H, own_split,
+                           buf.h_state + (row0 + own_split) * H, w_t,
+                           buf.gates + (step.offset + row0) * 4 * H, p.keep_workspace,
+                           buf.c_state + row0 * H,
+                           buf.cells + step.offset * buf.cells_step + row0 * H,
+                           out + (step.offset + row0) * H, j0, j1);
+        sync(n);
+      }
+    });
+    // h_n: each row's h at its last step (rows [next batch, batch) end at a step).
+    for (size_t n = 0; n < steps.size(); ++n) {
+      const int64_t b = steps[n].batch, b_next = n + 1 < steps.size() ? steps[n + 1].batch : 0;
+      if (b_next < b) {
+        cpu::copy_rows(buf.h_state + b_next * H, out + (steps[n].offset + b_next) * H,
+                       b - b_next, H);
+      }
+    }
+    return true;
+  }
+};
+
+TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
+  m.impl("lstm_layer_forward", &lstm_layer_forward_kernel<CpuBackend>);
+  m.impl("lstm_layer", &lstm_layer_kernel<CpuBackend>);
+}
+
+}  // namespace fused_lstm::cpu

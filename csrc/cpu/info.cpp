@@ -1,0 +1,42 @@
+// What the CPU kernels run on this machine (op cpu_info; fused_lstm.backend_info()).
+#include "cpu/info.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+
+#include "cpu/gemm.h"
+#include "cpu/kernels/kernels.h"
+#include "cpu/tuning.h"
+
+namespace fused_lstm::cpu {
+
+c10::Dict<std::string, std::string> cpu_info() {
+  const CpuTuning& t = cpu_tuning();
+  const bool aten_only = cpu_gemm_setting() == GemmSetting::kAten;
+  const std::string torch_blas = "torch's BLAS (at::addmm)";
+  c10::Dict<std::string, std::string> info;
+  info.insert("cpu_capability", cpu_capability());
+  info.insert("aten_cpu_capability", at::get_cpu_capability());
+  info.insert("gemm_setting", cpu_gemm_setting_name());
+  info.insert("gemm_small", aten_only ? torch_blas
+                                      : "fused_lstm register-blocked (up to " +
+                                            std::to_string(t.own_gemm_max_macs) +
+                                            " multiply-adds)");
+  info.insert("gemm_large", !aten_only && t.own_large_gemm ? "fused_lstm gemm_columns"
+                                                           : torch_blas);
+  info.insert("gemm_half", torch_blas);
+  info.insert("fused_forward_min_hidden", std::to_string(t.fused_min_hidden));
+  info.insert("fused_backward_weights", t.fused_backward_panels ? "column panels" : "in place");
+  info.insert("l2_cache_bytes", std::to_string(l2_cache_bytes()));
+  info.insert("cpu_vendor_intel", cpu_is_intel() ? "yes" : "no");
+  info.insert("threads", std::to_string(at::get_num_threads()));
+  info.insert("parallel_backend", AT_PARALLEL_OPENMP ? "OpenMP" : "ATen native pool");
+#if defined(FUSED_LSTM_WITH_CUDA)
+  info.insert("cuda_kernels", "built");
+#else
+  info.insert("cuda_kernels", "not built");
+#endif
+  return info;
+}
+
+}  // namespace fused_lstm::cpu

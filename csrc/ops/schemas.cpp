@@ -1,0 +1,71 @@
+// The op schemas, declared once. Kernels register beside them: cpu/forward.cpp and
+// cpu/backward.cpp (CPU), cuda/forward.cu and cuda/backward.cu (CUDA), ops/autograd.cpp
+// (Autograd), ops/autocast.cpp (AutocastCUDA), ops/stack.cpp (the stack's inference).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/gemm.h"
+#include "cpu/info.h"
+#include "cpu/kernels/kernels.h"
+#include "cpu/scratch.h"
+#include "lstm.h"
+
+// Importing fused_lstm._C loads this library, which registers the ops.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace fused_lstm {
+
+TORCH_LIBRARY(fused_lstm, m) {
+  m.def(
+      "lstm_layer_forward(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, "
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor hiddens)");
+  // One layer: (output, h_n, c_n), what fused_lstm.functional calls. The backend
+  // kernels run without the workspace (inference). When a gradient is needed its
+  // Autograd kernel (ops/autograd.cpp) runs lstm_layer_forward and keeps the workspace to
+  // itself, so that a backward which does not keep the graph may overwrite it.
+  m.def(
+      "lstm_layer(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, "
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n)");
+  m.def(
+      "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
+      "Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? w_hr, Tensor output, Tensor gates, Tensor cells, Tensor hiddens, bool reverse, "
+      "bool need_grad_input) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
+      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
+  // The same backward, writing the gate gradients over `gates` (the forward's workspace,
+  // [N, 4H]) instead of a buffer of their own: what autograd calls when the graph is not
+  // kept, as the workspace is then read for the last time.
+  m.def(
+      "lstm_layer_backward_overwrite_gates(Tensor grad_output, Tensor grad_h_n, "
+      "Tensor grad_c_n, Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, "
+      "Tensor w_hh, Tensor? w_hr, Tensor output, Tensor(a!) gates, Tensor cells, "
+      "Tensor hiddens, bool reverse, bool need_grad_input) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, "
+      "Tensor grad_w_hr)");
+  // Every layer and direction in one call (ops/stack.cpp), what fused_lstm.LSTM runs:
+  // weights in nn.LSTM's _flat_weights order, h0 [L*D, B, P], c0 [L*D, B, H] ->
+  // output [N, D*P], h_n [L*D, B, P], c_n [L*D, B, H]. Its backend kernel loops the
+  // lstm_layer op (inference); when a gradient is needed its Autograd kernel
+  // (ops/autograd.cpp) keeps every layer's workspace in one autograd node.
+  m.def(
+      "lstm_stack(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, "
+      "Tensor[] weights, bool has_biases, bool has_proj, int num_layers, bool bidirectional) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n)");
+  // Which build of the CPU cell kernels runs: "default", "avx2", "avx512", or
+  // "" for the best this CPU supports. Returns the one now in use.
+  m.def("set_cpu_capability(str capability) -> str", &cpu::set_cpu_capability);
+  // Which GEMM path the CPU kernels take: "auto", "aten" or "small" (cpu/gemm.h).
+  m.def("set_cpu_gemm(str backend) -> str", &cpu::set_cpu_gemm);
+  // What the CPU kernels run on this machine (cpu/gemm.h), for fused_lstm.backend_info().
+  m.def("cpu_info() -> Dict(str, str)", &cpu::cpu_info);
+  // Frees the CPU buffers this thread keeps between calls (up to 256 MiB each: the
+  // inference gate buffer, and backward's gate gradients and previous h).
+  m.def("release_cpu_scratch() -> ()", &cpu::release_scratch);
+}
+
+}  // namespace fused_lstm
