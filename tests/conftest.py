@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-import fused_lstm  # noqa: F401  (registers torch.ops.fused_lstm)
+import fused_lstm
 
 # Under qemu-x86_64 (.ci/run's emulated AVX2-only CPU) nn.LSTM's oneDNN path computes
 # wrong float32 results (0.44 off float64 on LSTM(16, 64); ATen's native LSTM and
@@ -40,12 +40,49 @@ if ("avx512", "auto") not in CPU_PATHS:
     CPU_PATHS.append((CPU_CAPABILITIES[-1], "auto"))
 
 
+
+def _set_cpu_path(capability, gemm):
+    assert torch.ops.fused_lstm.set_cpu_capability(capability) == capability
+    assert torch.ops.fused_lstm.set_cpu_gemm(gemm) == gemm
+
+
+def _reset_cpu_path():
+    torch.ops.fused_lstm.set_cpu_capability("")
+    torch.ops.fused_lstm.set_cpu_gemm("auto")
+
+
 @pytest.fixture(params=CPU_PATHS, ids=[f"{c}-{g}" for c, g in CPU_PATHS])
 def cpu_path(request):
     """Runs a test once per CPU code path: (cell-kernel build, GEMM backend)."""
-    capability, gemm = request.param
-    assert torch.ops.fused_lstm.set_cpu_capability(capability) == capability
-    assert torch.ops.fused_lstm.set_cpu_gemm(gemm) == gemm
+    _set_cpu_path(*request.param)
     yield request.param
-    torch.ops.fused_lstm.set_cpu_capability("")
-    torch.ops.fused_lstm.set_cpu_gemm("auto")
+    _reset_cpu_path()
+
+
+# Why the CUDA cases skip here, or None where they run.
+CUDA_SKIP_REASON = (
+    "needs a CUDA device" if not torch.cuda.is_available() else
+    "fused_lstm was built without CUDA kernels (no nvcc, or FORCE_CUDA unset)"
+    if fused_lstm.backend_info()["cuda_kernels"] != "built" else None)
+CUDA_MARKS = [pytest.mark.cuda,
+              pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=CUDA_SKIP_REASON or "")]
+
+# The devices the shared reference tests run on: every CPU code path, and CUDA.
+DEVICES = [pytest.param(("cpu",) + p, id=f"{p[0]}-{p[1]}") for p in CPU_PATHS] + [
+    pytest.param(("cuda", None, None), id="cuda", marks=CUDA_MARKS)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Runs a test once per CPU code path and once on CUDA; yields "cpu" or "cuda". On
+    CUDA, float32 GEMMs run without TF32, so that float32 is compared as float32."""
+    kind, capability, gemm = request.param
+    if kind == "cpu":
+        _set_cpu_path(capability, gemm)
+        yield "cpu"
+        _reset_cpu_path()
+        return
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield "cuda"
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

@@ -1,6 +1,7 @@
-"""The CUDA kernels: against torch.nn.LSTM on CUDA (cuDNN) and against our own
-CPU path, in every dtype; streams, NaN-poisoned memory, 64-bit indexing,
-autocast and device errors. Skipped without a GPU or without a CUDA build."""
+"""CUDA-only checks: against cuDNN in float32 and the half dtypes, streams, NaN-poisoned
+memory, 64-bit indexing, autocast and device errors. The reference grids against
+nn.LSTM run on CUDA too, from test_lstm.py (conftest.py's DEVICES). Skipped without a
+GPU or without a CUDA build."""
 import itertools
 
 import pytest
@@ -8,22 +9,13 @@ import torch
 from torch import nn
 
 import fused_lstm
-from testing import (assert_close, lstm_outputs, lstm_outputs_and_grads,
+from testing import (CUDNN_FLOAT32, HALF_VS_FLOAT64, assert_close, lstm_outputs_and_grads,
                      random_like_weights, random_tensor)
 
-HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key(
-    "fused_lstm::lstm_layer_forward", "CUDA")
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(not HAS_CUDA_KERNELS,
-                       reason="fused_lstm was built without CUDA kernels (no nvcc, or FORCE_CUDA unset)"),
-]
+from conftest import CUDA_MARKS
 
-# Half-precision storage, float32 math: errors against a float64 reference on the
-# same (rounded) weights and inputs, over these small sizes. cuDNN in the same
-# dtype is held to the same bound in test_half_precision_against_float64.
-HALF_TOLERANCES = {torch.float16: (2e-2, 2e-2), torch.bfloat16: (8e-2, 8e-2)}
+pytestmark = CUDA_MARKS
+
 
 I, H = 6, 8
 KINDS = ["dense", "unbatched", "packed_sorted", "packed_unsorted"]
@@ -62,29 +54,10 @@ def make_case(dtype, num_layers, bidirectional, batch_first, bias, proj, kind, T
 GRID = list(itertools.product([1, 2], [False, True], [False, True], [False, True], [0, 3], KINDS))
 
 
-@pytest.mark.parametrize("case", GRID, ids=["-".join(map(str, c)) for c in GRID])
-def test_cuda_matches_cpu_float64(case):
-    layers, bidir, bf, bias, proj, kind = case
-    kwargs, cpu_module, x, hx, lengths = make_case(torch.float64, layers, bidir, bf, bias, proj,
-                                                   kind, seed=len(GRID))
-    cuda_module = fused_lstm.LSTM(**kwargs, dtype=torch.float64).cuda()
-    cuda_module.load_state_dict(cpu_module.state_dict())
-    sorted_ = kind != "packed_unsorted"
-    exp_out, exp_grads = lstm_outputs_and_grads(cpu_module, x, hx, lengths, sorted_)
-    got_out, got_grads = lstm_outputs_and_grads(cuda_module, x.cuda(), tuple(h.cuda() for h in hx),
-                                                lengths, sorted_)
-    for a, e in zip(got_out + got_grads, exp_out + exp_grads):
-        assert a.is_cuda
-        assert_close(a.cpu(), e)
-    inference = lstm_outputs(cuda_module, x.cuda(), tuple(h.cuda() for h in hx), lengths, sorted_)
-    for a, e in zip(inference, exp_out):
-        assert_close(a.cpu(), e)
-
-
 # cuDNN's own float32 error (seen on an H200, cuDNN 9.19: up to 1.6e-5 of the max
 # for dense input without projection) exceeds the float32 tolerance, so float32 is
-# held to float64 truth, as on the CPU; cuDNN must agree with us to its own error.
-CUDNN_FLOAT32_ERROR = 1e-4
+# held to float64 truth, as on the CPU; cuDNN must agree with us to its own error
+# (CUDNN_FLOAT32).
 
 
 @pytest.mark.parametrize("case", GRID[::3], ids=["-".join(map(str, c)) for c in GRID[::3]])
@@ -106,7 +79,7 @@ def test_cuda_matches_cudnn_float32(case):
     for a, c, e in zip(got_out + got_grads, cudnn_out + cudnn_grads, exp_out + exp_grads):
         assert a.dtype == torch.float32
         assert_close(a.double().cpu(), e, dtype=torch.float32)
-        torch.testing.assert_close(a, c, rtol=CUDNN_FLOAT32_ERROR, atol=CUDNN_FLOAT32_ERROR)
+        torch.testing.assert_close(a, c, rtol=CUDNN_FLOAT32[0], atol=CUDNN_FLOAT32[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -120,7 +93,7 @@ def test_half_precision_against_float64(dtype, proj, kind):
     sorted_ = kind != "packed_unsorted"
     got_out, got_grads = lstm_outputs_and_grads(ours, x.cuda(), tuple(h.cuda() for h in hx), lengths, sorted_)
     exp_out, exp_grads = lstm_outputs_and_grads(exact, x.double(), tuple(h.double() for h in hx), lengths, sorted_)
-    rtol, atol = HALF_TOLERANCES[dtype]
+    rtol, atol = HALF_VS_FLOAT64[dtype]
     for a, e in zip(got_out + got_grads, exp_out + exp_grads):
         assert a.dtype == dtype
         torch.testing.assert_close(a.double().cpu(), e, rtol=rtol, atol=atol * max(1.0, e.abs().max().item()))
@@ -137,7 +110,7 @@ def test_autocast_like_nn(dtype):
         out, (h, c) = ours(x)
         ref_out, (ref_h, ref_c) = ref(x)
     assert out.dtype == h.dtype == c.dtype == dtype
-    rtol, atol = HALF_TOLERANCES[dtype]
+    rtol, atol = HALF_VS_FLOAT64[dtype]
     for a, e in ((out, ref_out), (h, ref_h), (c, ref_c)):
         torch.testing.assert_close(a.float(), e.float(), rtol=rtol, atol=atol)
     out.float().sum().backward()
@@ -194,10 +167,10 @@ def test_64bit_indexing():
     x2, h2, c2 = (t.detach()[rows].clone().requires_grad_() for t in (x, h0, c0))
     out2, (_, c_n2) = fused_lstm.functional.lstm_layer(x2.unsqueeze(0), (h2, c2), w_ih, w_hh)
     (out2.float().sum() + c_n2.float().sum()).backward()
-    torch.testing.assert_close(out[0, rows], out2[0], rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(c_n[rows], c_n2, rtol=1e-2, atol=1e-2)
+    assert_close(out[0, rows], out2[0], what="output")
+    assert_close(c_n[rows], c_n2, what="c_n")
     for a, e in ((x.grad[rows], x2.grad), (h0.grad[rows], h2.grad), (c0.grad[rows], c2.grad)):
-        torch.testing.assert_close(a, e, rtol=1e-2, atol=1e-2)
+        assert_close(a, e, what="gradient")
 
 
 def test_cell_on_cuda():

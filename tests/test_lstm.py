@@ -1,5 +1,7 @@
 """fused_lstm.LSTM against torch.nn.LSTM with the same weights: outputs, final
-states and the gradients of input, h0, c0 and every parameter."""
+states and the gradients of input, h0, c0 and every parameter. The reference grids
+run on every device (conftest.py's DEVICES: each CPU code path, and CUDA); the rest
+on each CPU code path. CUDA-only checks are in test_cuda.py."""
 import itertools
 import zlib
 
@@ -10,8 +12,9 @@ from torch import nn
 import fused_lstm
 from testing import TOLERANCES, assert_close, lstm_outputs, lstm_outputs_and_grads, random_like_weights
 
-# Every reference test runs once per CPU code path (conftest.py).
-pytestmark = pytest.mark.usefixtures("cpu_path")
+
+# The tests below the grids run once per CPU code path (conftest.py).
+on_each_cpu_path = pytest.mark.usefixtures("cpu_path")
 
 I, H = 6, 8
 SHAPES = {"T5-B3": (5, 3), "B1": (4, 1), "T1": (1, 3)}
@@ -28,15 +31,19 @@ def _random(shape, dtype, gen):
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
 
 
-def run_and_compare(dtype, num_layers, bidirectional, batch_first, bias, proj_size, kind,
+def run_and_compare(device, dtype, num_layers, bidirectional, batch_first, bias, proj_size, kind,
                     give_hx, T, B, seed=0):
+    """On CUDA the reference is nn.LSTM on the CPU in float64 (cuDNN's own float32 error
+    exceeds the float32 tolerance: test_cuda.py), compared at `dtype`'s tolerance."""
     gen = torch.Generator().manual_seed(seed)
     kwargs = dict(input_size=I, hidden_size=H, num_layers=num_layers, bias=bias,
                   batch_first=batch_first, bidirectional=bidirectional, proj_size=proj_size)
     ref = nn.LSTM(**kwargs, dtype=dtype)
     random_like_weights(ref, seed)
-    ours = fused_lstm.LSTM(**kwargs, dtype=dtype)
+    ours = fused_lstm.LSTM(**kwargs, dtype=dtype, device=device)
     ours.load_state_dict(ref.state_dict())
+    if device != "cpu":
+        ref = ref.double()
 
     LD, P = num_layers * (2 if bidirectional else 1), proj_size or H
     packed = kind.startswith("packed")
@@ -48,23 +55,32 @@ def run_and_compare(dtype, num_layers, bidirectional, batch_first, bias, proj_si
         hx = (_random((LD, B, P), dtype, gen), _random((LD, B, H), dtype, gen))
     lengths = _lengths(T, B, kind == "packed_sorted", gen) if packed else None
 
-    def run(module):
-        return lstm_outputs_and_grads(module, x, hx if give_hx else None, lengths,
+    def inputs(on, as_dtype):
+        return (x.to(on, as_dtype),
+                tuple(h.to(on, as_dtype) for h in hx) if give_hx else None)
+
+    def run(module, on, as_dtype):
+        return lstm_outputs_and_grads(module, *inputs(on, as_dtype), lengths,
                                       enforce_sorted=kind == "packed_sorted", seed=seed)
 
-    (ref_out, ref_grads), (our_out, our_grads) = run(ref), run(ours)
+    def check(a, e, what):
+        assert a.device.type == device, f"{what}: on {a.device}, expected {device}"
+        assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+        assert_close(a.cpu().to(e.dtype), e, dtype=dtype, what=what)
+
+    ref_dtype = dtype if device == "cpu" else torch.float64
+    (ref_out, ref_grads), (our_out, our_grads) = run(ref, "cpu", ref_dtype), run(ours, device, dtype)
     for name, a, e in zip(["output", "h_n", "c_n"], our_out, ref_out):
-        assert a.shape == e.shape, f"{name}: shape {a.shape} != {e.shape}"
-        assert_close(a, e, what=name)
+        check(a, e, name)
     # Inference (no_grad) runs its own op, without the workspace: the same results.
-    inference = lstm_outputs(ours, x, hx if give_hx else None, lengths,
+    inference = lstm_outputs(ours, *inputs(device, dtype), lengths,
                              enforce_sorted=kind == "packed_sorted")
     for name, a, e in zip(["output", "h_n", "c_n"], inference, ref_out):
-        assert_close(a, e, what=f"no_grad {name}")
+        check(a, e, f"no_grad {name}")
     names = ["input"] + (["h0", "c0"] if give_hx else []) + [n for n, _ in ref.named_parameters()]
     assert len(our_grads) == len(ref_grads) == len(names)
     for name, a, e in zip(names, our_grads, ref_grads):
-        assert_close(a, e, what=f"grad {name}")
+        check(a, e, f"grad {name}")
 
 
 GRID = list(itertools.product([1, 2, 3], [False, True], [False, True], [False, True], [0, 3],
@@ -78,9 +94,9 @@ def _id(case):
 
 
 @pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
-def test_lstm_matches_nn_float64(case):
+def test_lstm_matches_nn_float64(device, case):
     layers, bidir, bf, bias, proj, kind, hx, shape = case
-    run_and_compare(torch.float64, layers, bidir, bf, bias, proj, kind, hx, *SHAPES[shape],
+    run_and_compare(device, torch.float64, layers, bidir, bf, bias, proj, kind, hx, *SHAPES[shape],
                     seed=zlib.crc32(repr(case).encode()) % 10000)
 
 
@@ -88,9 +104,9 @@ GRID32 = list(itertools.product([1, 2], [False, True], [False, True], [0, 3], IN
 
 
 @pytest.mark.parametrize("case", GRID32, ids=["-".join(map(str, c)) for c in GRID32])
-def test_lstm_matches_nn_float32(case):
+def test_lstm_matches_nn_float32(device, case):
     layers, bidir, bf, proj, kind, shape = case
-    run_and_compare(torch.float32, layers, bidir, bf, True, proj, kind, True, *SHAPES[shape],
+    run_and_compare(device, torch.float32, layers, bidir, bf, True, proj, kind, True, *SHAPES[shape],
                     seed=zlib.crc32(repr(case).encode()) % 10000)
 
 
@@ -101,6 +117,7 @@ def _larger_case_results(module, x):
     return (out, h, c) + torch.autograd.grad(loss, [x] + list(module.parameters()))
 
 
+@on_each_cpu_path
 def test_lstm_larger_shape_float64():
     # Sizes past a few SIMD widths and BLAS blocks, with a ragged hidden size.
     gen = torch.Generator().manual_seed(3)
@@ -114,6 +131,7 @@ def test_lstm_larger_shape_float64():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("hidden,batch", [(40, 1), (56, 3), (40, 5), (56, 8)])
+@on_each_cpu_path
 def test_small_batch_gemm_blocks(dtype, hidden, batch):
     # Batches of 1-8 run the per-step GEMMs through small_gemm (cpu_path "small" and
     # "auto"): 4-row blocks, then the rows left over in 8-, 4- and 2-vector column
@@ -140,6 +158,7 @@ def test_small_batch_gemm_blocks(dtype, hidden, batch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@on_each_cpu_path
 def test_narrow_gemm_outputs(dtype):
     # GEMMs whose output is narrower than a vector (input_size 5, then 2 * proj_size 8,
     # and proj_size 4 in dW_hh) with 64+ rows: through ATen ("aten") they run into a
@@ -187,6 +206,7 @@ def _bidirectional_matches_nn(I_, H_, T, batch, lengths, threads, seed, dtype=to
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
+@on_each_cpu_path
 def test_small_batch_threads(threads):
     # At B = 8 and H = 128 the fused forward and backward loops run on 1 thread, on 2
     # that own 4 rows each, or on 3 that split the hidden units with a barrier per step
@@ -198,6 +218,7 @@ def test_small_batch_threads(threads):
 
 
 @pytest.mark.parametrize("batch", [10, 13, 64])
+@on_each_cpu_path
 def test_fused_step_larger_batches(batch):
     # At H >= 128 the forward and backward run fused steps at any batch (cpu_path "auto"
     # and "small"): AVX-512's 6-, 4-, 2- and 1-row tiles per hidden-unit chunk, AVX2's
@@ -212,6 +233,7 @@ def test_fused_step_larger_batches(batch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("T", [16, 21])
+@on_each_cpu_path
 def test_weight_gradients_beside_the_loop(T, dtype):
     # A step of 2^16 multiply-adds or fewer (here B3 H24) runs the fused backward loop
     # on one thread; with 2 threads and 16 steps or more the other computes the weight
@@ -239,6 +261,7 @@ def test_weight_gradients_beside_the_loop(T, dtype):
         torch.set_num_threads(before)
 
 
+@on_each_cpu_path
 def test_fused_backward_k_slices():
     # Where the forward fuses its steps, the backward loop's dh = dgates W_hh runs
     # gemm_columns over each thread's units (W_hh is too large for the row split), in
@@ -250,6 +273,7 @@ def test_fused_backward_k_slices():
     _bidirectional_matches_nn(5, 1030, 3, 7, [None, lengths], 2, seed=1030)
 
 
+@on_each_cpu_path
 def test_lstm_larger_shape_float32():
     # Here the weight gradients sum 660 rows, and nn.LSTM's own float32 error
     # (measured: ~1e-4) exceeds 1e-5. So both are measured against the float64
@@ -270,6 +294,7 @@ def test_lstm_larger_shape_float32():
         assert our_err <= max(nn_err, 1e-5 * scale), (our_err, nn_err, scale)
 
 
+@on_each_cpu_path
 def test_zero_batch_matches_nn():
     ref, ours = nn.LSTM(4, 5), fused_lstm.LSTM(4, 5)
     ours.load_state_dict(ref.state_dict())
@@ -280,6 +305,7 @@ def test_zero_batch_matches_nn():
 
 @pytest.mark.parametrize("proj_size", [0, 3])
 @pytest.mark.parametrize("used", ["output", "h_n", "c_n"])
+@on_each_cpu_path
 def test_gradients_from_one_output(used, proj_size):
     # A loss on one of output, h_n, c_n: the others get no gradient at all (undefined,
     # not materialised as zeros), and the gradients still equal nn.LSTM's.
@@ -319,6 +345,7 @@ class _WordLanguageModel(nn.Module):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@on_each_cpu_path
 def test_word_language_model_trains_like_nn(dtype):
     # Its sizes: 200 units, batch 20, 35 steps of BPTT; SGD (lr 20) with gradient
     # clipping 0.25 and the hidden state carried (detached) between batches, as there.

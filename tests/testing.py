@@ -1,18 +1,9 @@
-"""Shared test helpers: per-dtype tolerances (the one place they are written
-down), reference comparisons and random inputs."""
+"""Shared test helpers: reference comparisons and random inputs. The tolerances live in
+fused_lstm.testing, with the benchmark's."""
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-# (rtol, atol) for fused_lstm against torch.nn on the same device and dtype.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (1e-5, 1e-5),
-    # Half precision storage, float32 math: bounded by bf16's 8-bit mantissa
-    # (eps 7.8e-3) compounded over a few steps of a small LSTM.
-    torch.bfloat16: (5e-2, 5e-2),
-    torch.float16: (1e-2, 1e-2),
-}
-
+from fused_lstm.testing import CUDNN_FLOAT32, HALF_VS_FLOAT64, TOLERANCES  # noqa: F401
 
 def assert_close(actual, expected, dtype=None, what=""):
     dtype = dtype or expected.dtype
