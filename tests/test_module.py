@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.utils.checkpoint
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_lstm
 from testing import assert_close
@@ -92,21 +92,80 @@ def test_dropout_train_and_eval():
     assert torch.equal(ours(x)[0], ours(x)[0])
 
 
-@pytest.mark.parametrize("kwargs", [{}, dict(num_layers=2, bidirectional=True),
-                                    dict(num_layers=2, dropout=0.5)],
-                         ids=["one-layer", "stack", "dropout-layer-by-layer"])
-def test_double_backward_raises(kwargs):
-    # create_graph gives the right first derivatives, and differentiating them again
-    # raises instead of returning wrong numbers.
+DOUBLE_BACKWARD_CASES = {
+    "one-layer": dict(),
+    "stack-bidir-proj": dict(num_layers=2, bidirectional=True, proj_size=2),
+    "no-bias": dict(bias=False),
+    "dropout-layer-by-layer": dict(num_layers=2, dropout=0.5),
+}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("kwargs", DOUBLE_BACKWARD_CASES.values(), ids=DOUBLE_BACKWARD_CASES)
+def test_double_backward_matches_nn(kwargs, packed):
+    # A gradient penalty: d/dtheta of |dL/dx|^2 + |dL/dh0|^2, against nn.LSTM's (CPU).
+    torch.manual_seed(0)
     ref = nn.LSTM(3, 4, dtype=torch.float64, **kwargs)
     m = fused_lstm.LSTM(3, 4, dtype=torch.float64, **kwargs)
     m.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 1, 3, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(m(x)[0].sum(), x, create_graph=True)
-    if "dropout" not in kwargs:
-        assert_close(g, torch.autograd.grad(ref(x)[0].sum(), x)[0])
-    with pytest.raises(RuntimeError, match="double backward is not supported"):
-        g.sum().backward()
+    LD, P = ref.num_layers * (2 if ref.bidirectional else 1), ref.proj_size or 4
+    x = torch.randn(5, 3, 3, dtype=torch.float64)
+    hx = (torch.randn(LD, 3, P, dtype=torch.float64), torch.randn(LD, 3, 4, dtype=torch.float64))
+    w = torch.randn(5, 3, 2 * P if ref.bidirectional else P, dtype=torch.float64)
+
+    def penalty_grads(module):
+        module.zero_grad(set_to_none=True)
+        x_ = x.clone().requires_grad_()
+        h0 = hx[0].clone().requires_grad_()
+        inp = pack_padded_sequence(x_, [5, 3, 2]) if packed else x_
+        torch.manual_seed(1)  # the same dropout masks
+        out, (h_n, c_n) = module(inp, (h0, hx[1]))
+        out = pad_packed_sequence(out)[0] if packed else out
+        loss = (out * w).sum() + h_n.sin().sum() + c_n.square().sum()
+        gx, gh = torch.autograd.grad(loss, (x_, h0), create_graph=True)
+        (gx.square().sum() + gh.square().sum()).backward()
+        return [gx.detach(), gh.detach()] + [p.grad for p in module.parameters()]
+
+    got, expected = penalty_grads(m), penalty_grads(ref)
+    names = ["dL/dx", "dL/dh0"] + [n for n, _ in ref.named_parameters()]
+    for name, a, e in zip(names, got, expected):
+        assert a is not None, name
+        assert_close(a, e, what=name)
+
+
+@pytest.mark.parametrize("op", ["stack", "layer"])
+def test_gradgradcheck(op):
+    # Second derivatives of the stack op (what LSTM runs) and of the layer op (what the
+    # dropout path runs), in float64, packed input with a shrinking batch.
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+    batch_sizes = torch.tensor([3, 2, 2, 1])
+    x, h0, c0 = rnd(8, 3), rnd(2, 3, 2), rnd(2, 3, 4)
+    weights = [rnd(16, 3), rnd(16, 2), rnd(16), rnd(16), rnd(2, 4),
+               rnd(16, 3), rnd(16, 2), rnd(16), rnd(16), rnd(2, 4)]
+    if op == "stack":
+        def fn(x, h0, c0, *weights):
+            return fused_lstm.ops.lstm_stack(x, batch_sizes, h0, c0, list(weights), True, True, 1,
+                                             True)
+    else:
+        def fn(x, h0, c0, *weights):
+            return fused_lstm.ops.lstm_layer(x, batch_sizes, h0[1], c0[1], *weights[5:], True)
+    assert torch.autograd.gradgradcheck(fn, (x, h0, c0, *weights))
+
+
+def test_backward_op_called_directly_is_not_differentiable():
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    bs = torch.tensor([2, 2])
+    x, h0, c0, w_ih, w_hh = rnd(4, 3), rnd(2, 4), rnd(2, 4), rnd(16, 3), rnd(16, 4)
+    out, h, c, gates, cells, hiddens = fused_lstm.ops.lstm_layer_forward(
+        x, bs, h0, c0, w_ih, w_hh, None, None, None, False)
+    grad_out = rnd(4, 4).requires_grad_()
+    zeros = torch.zeros(2, 4, dtype=torch.float64)
+    r = fused_lstm.ops.lstm_layer_backward(grad_out, zeros, zeros, x, bs, h0, c0, w_ih, w_hh,
+                                           None, out, gates, cells, hiddens, False, True)
+    with pytest.raises(RuntimeError, match="lstm_layer_backward op is not differentiable"):
+        r[3].sum().backward()
 
 
 def test_unsorted_packed_permutes_hidden_like_nn():

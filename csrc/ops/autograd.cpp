@@ -1,11 +1,15 @@
 // Autograd for the ops, registered to the Autograd key in C++ so that a call
-// costs no Python. The layer forward saves only what its backward reads; the
-// layer backward is not itself differentiable and says so when asked.
+// costs no Python. The layer forward saves only what its backward reads. Under
+// create_graph the layer and stack nodes differentiate a recomputation from ATen ops
+// instead (ops/recompute.h), so that double backward works; the backward op itself,
+// called directly, is not differentiable and says so when asked.
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include "core/schedule.h"
 #include "lstm.h"
+#include "ops/recompute.h"
 
 namespace fused_lstm {
 namespace {
@@ -69,8 +73,9 @@ variable_list run_layer_backward(
   return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
-// The layer backward as a node of its own, for create_graph: its gradients then say,
-// when differentiated, that there is no double backward.
+// The backward op called directly with grad mode on (its Autograd kernel, below): a
+// node whose gradients say, when differentiated, that the op has no derivative. The
+// layer and stack nodes' own double backward goes through ops/recompute.h instead.
 class LayerBackwardNode : public torch::autograd::Function<LayerBackwardNode> {
  public:
   template <typename... Args>
@@ -80,18 +85,11 @@ class LayerBackwardNode : public torch::autograd::Function<LayerBackwardNode> {
 
   static variable_list backward(AutogradContext*, variable_list) {
     TORCH_CHECK(false,
-                "fused_lstm: double backward is not supported (the LSTM backward is not itself "
-                "differentiable); use torch.nn.LSTM where second derivatives are needed");
+                "fused_lstm: the lstm_layer_backward op is not differentiable; for second "
+                "derivatives, differentiate the forward ops (or fused_lstm.LSTM) with "
+                "create_graph=True");
   }
 };
-
-// The layer backward from a node's backward: through LayerBackwardNode under
-// create_graph (grad mode on), else the op itself (no node would be recorded anyway).
-template <typename... Args>
-variable_list layer_backward(Args&&... args) {
-  if (at::GradMode::is_enabled()) return LayerBackwardNode::apply(std::forward<Args>(args)...);
-  return run_layer_backward(std::forward<Args>(args)...);
-}
 
 class LayerNode : public torch::autograd::Function<LayerNode> {
  public:
@@ -106,9 +104,11 @@ class LayerNode : public torch::autograd::Function<LayerNode> {
     ctx->set_materialize_grads(false);
     auto [output, h_n, c_n, gates, cells, hiddens] =
         forward_op().call(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse);
-    // Only what backward reads: no forward GEMM is recomputed.
+    // Only what backward reads: no forward GEMM is recomputed (the biases only under
+    // create_graph).
     ctx->save_for_backward({input, h0, c0, w_ih, w_hh, w_hr.value_or(at::Tensor()), output,
-                            gates, cells, hiddens});
+                            gates, cells, hiddens, b_ih.value_or(at::Tensor()),
+                            b_hh.value_or(at::Tensor())});
     ctx->saved_data["batch_sizes"] = batch_sizes;
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["has_bias"] = b_ih.has_value();
@@ -124,12 +124,27 @@ class LayerNode : public torch::autograd::Function<LayerNode> {
     const at::Tensor &input = saved[0], &h0 = saved[1], &c0 = saved[2], &w_ih = saved[3],
                      &w_hh = saved[4], &output = saved[6], &gates = saved[7], &cells = saved[8],
                      &hiddens = saved[9];
-    const std::optional<at::Tensor> w_hr =
-        saved[5].defined() ? std::optional<at::Tensor>(saved[5]) : std::nullopt;
+    const auto optional = [](const at::Tensor& t) {
+      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    const std::optional<at::Tensor> w_hr = optional(saved[5]);
+    if (at::GradMode::is_enabled()) {
+      // create_graph: differentiable gradients (forward arguments 0, 2..8).
+      const std::optional<at::Tensor> b_ih = optional(saved[10]), b_hh = optional(saved[11]);
+      auto [out, h_n, c_n] = recompute_layer(
+          input, make_schedule(ctx->saved_data["batch_sizes"].toTensor(),
+                               ctx->saved_data["reverse"].toBool()),
+          h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+      auto g = differentiable_gradients({out, h_n, c_n}, {grads[0], grads[1], grads[2]},
+                                        {input, h0, c0, w_ih, w_hh, saved[10], saved[11],
+                                         saved[5]});
+      return {g[0], at::Tensor(), g[1], g[2], g[3], g[4], g[5], g[6], g[7], at::Tensor(),
+              at::Tensor()};
+    }
     const bool need_grad_input = ctx->needs_input_grad(0);
     const bool overwrite_gates =
         ctx->saved_data["private_workspace"].toBool() && may_overwrite_workspace(gates);
-    auto result = layer_backward(
+    auto result = run_layer_backward(
         zeros_if_undefined(grads[0], output), zeros_if_undefined(grads[1], h0),
         zeros_if_undefined(grads[2], c0), input, ctx->saved_data["batch_sizes"].toTensor(), h0,
         c0, w_ih, w_hh, w_hr, output, gates, cells, hiddens,
@@ -201,10 +216,28 @@ class StackNode : public torch::autograd::Function<StackNode> {
     const auto layer_input = [&](int64_t layer) -> const at::Tensor& {
       return layer == 0 ? input : saved[3 + num_weights + 4 * layer_directions + layer - 1];
     };
+    if (at::GradMode::is_enabled()) {
+      // create_graph: differentiable gradients of a recomputation, for input, h0, c0
+      // and each weight.
+      auto [out, h_n, c_n] = run_stack(
+          layout, input, h0, c0, weights,
+          [&](const at::Tensor& layer_input, int64_t k, const LayerWeights& w,
+              const at::Tensor& h0_k, const at::Tensor& c0_k) {
+            return recompute_layer(layer_input,
+                                   make_schedule(batch_sizes, k % layout.directions == 1), h0_k,
+                                   c0_k, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr);
+          });
+      std::vector<at::Tensor> inputs{input, h0, c0};
+      inputs.insert(inputs.end(), weights.begin(), weights.end());
+      auto g = differentiable_gradients({out, h_n, c_n}, {grads[0], grads[1], grads[2]}, inputs);
+      variable_list result{g[0], at::Tensor(), g[1], g[2]};
+      result.insert(result.end(), g.begin() + 3, g.end());
+      result.resize(result.size() + 4);  // has_biases, has_proj, num_layers, bidirectional
+      return result;
+    }
     const bool overwrite_gates = may_overwrite_workspace(saved_layer(0, 1));
-    // Without create_graph nothing here is differentiated: run below autograd.
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-    if (!at::GradMode::is_enabled()) below_autograd.emplace();
+    // Nothing here is differentiated: run below autograd.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
 
     std::vector<at::Tensor> grad_weights(num_weights), grad_h0(layer_directions),
         grad_c0(layer_directions);
@@ -222,7 +255,7 @@ class StackNode : public torch::autograd::Function<StackNode> {
             : layout.directions == 1     ? grad_layer_output
                                          : grad_layer_output.narrow(1, direction * P, P);
         const at::Tensor h0_k = h0[k], c0_k = c0[k];
-        auto r = layer_backward(
+        auto r = run_layer_backward(
             grad_output, grads[1].defined() ? grads[1][k] : at::zeros_like(h0_k),
             grads[2].defined() ? grads[2][k] : at::zeros_like(c0_k), layer_input(layer),
             batch_sizes, h0_k, c0_k, w.w_ih, w.w_hh, w.w_hr, output, saved_layer(k, 1),
