@@ -44,6 +44,19 @@ class LSTM(nn.LSTM):
     def flatten_parameters(self) -> None:
         """No-op: the fused kernels read the parameters where they are."""
 
+    def _check_packed_traced(self, input: Tensor, hx: Tuple[Tensor, Tensor], batch_sizes: Tensor,
+                             batch) -> None:
+        # nn.LSTM.check_forward_args with the batch read once: it reads batch_sizes[0]
+        # per check, and under torch.compile two reads are two unrelated sizes. The
+        # kernels still check h0 and c0 against batch_sizes' data when they run.
+        self.check_input(input, batch_sizes)
+        directions = 2 if self.bidirectional else 1
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        self.check_hidden_size(hx[0], (self.num_layers * directions, batch, real_hidden),
+                               "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(hx[1], (self.num_layers * directions, batch, self.hidden_size),
+                               "Expected hidden[1] size {}, got {}")
+
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
         # The current parameters by name (nn.LSTM's weakref check costs ~10 us a call;
         # Module.__getattr__ 0.6 us a name, so registered parameters are read directly,
@@ -59,7 +72,14 @@ class LSTM(nn.LSTM):
         is_batched = True
         if packed:
             input, batch_sizes, sorted_indices, unsorted_indices = input
-            batch = int(batch_sizes[0])
+            # The batch from a size where one has it: under torch.compile a read of
+            # batch_sizes' data is a size of its own, which no other size can match.
+            if sorted_indices is not None:
+                batch = sorted_indices.size(0)
+            elif hx is not None and hx[0].dim() == 3:
+                batch = hx[0].size(1)
+            else:
+                batch = int(batch_sizes[0])
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
@@ -82,7 +102,10 @@ class LSTM(nn.LSTM):
                         f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
                 if not is_batched:
                     hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        self.check_forward_args(input, hx, batch_sizes)
+        if packed and torch.compiler.is_compiling():
+            self._check_packed_traced(input, hx, batch_sizes, batch)
+        else:
+            self.check_forward_args(input, hx, batch_sizes)
         hx = self.permute_hidden(hx, sorted_indices)
         _check_devices(input, hx, weights)
 

@@ -277,17 +277,6 @@ def test_forward_op_workspace_is_not_overwritten():
     assert torch.equal(gates, before)
 
 
-def test_torch_compile_traces_the_module():
-    m = fused_lstm.LSTM(5, 6, num_layers=2, batch_first=True)
-    x = torch.randn(3, 4, 5)
-    compiled = torch.compile(m, backend="aot_eager", fullgraph=False)
-    expected = m(x)
-    got = compiled(x)
-    torch.testing.assert_close(got[0], expected[0])
-    got[0].sum().backward()
-    assert m.weight_ih_l0.grad is not None and m.weight_ih_l0.grad.abs().sum() > 0
-
-
 def _bad(**overrides):
     args = layer_args(packed=True, proj=True, requires_grad=False)
     args.update(overrides)

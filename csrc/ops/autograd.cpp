@@ -249,7 +249,9 @@ class StackNode : public torch::autograd::Function<StackNode> {
         const int64_t k = layer * layout.directions + direction;
         const LayerWeights w = layer_weights(layout, weights, k);
         const at::Tensor& output = saved_layer(k, 0);
-        const int64_t P = output.size(1);
+        // (Sizes from the weights: under torch.compile's dynamic shapes, reading one of
+        // an activation's would specialize the traced graph on its batch and length.)
+        const int64_t P = w.w_hh.size(1);
         const at::Tensor grad_output =
             !grad_layer_output.defined() ? at::zeros_like(output)
             : layout.directions == 1     ? grad_layer_output

@@ -191,8 +191,11 @@ StackLayout check_stack_args(const at::Tensor& h0, const at::Tensor& c0, at::Ten
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == layout.num_weights(),
               "fused_lstm: expected ", layout.num_weights(), " weights, got ", weights.size());
   for (const auto& [state, name] : {std::pair{&h0, "h0"}, {&c0, "c0"}}) {
-    TORCH_CHECK(state->dim() == 3 && state->size(0) == layer_directions, "fused_lstm: expected ",
-                name, " of shape [", layer_directions, ", batch, size], got ", state->sizes());
+    // sym_size: this runs in the Autograd kernel, traced by torch.compile, where size()
+    // would specialize the graph on every dimension, the batch too.
+    TORCH_CHECK(state->dim() == 3 && state->sym_size(0) == layer_directions,
+                "fused_lstm: expected ", name, " of shape [", layer_directions,
+                ", batch, size], got ", state->sizes());
   }
   return layout;
 }
