@@ -14,8 +14,10 @@ try:
 except ImportError:
     pass
 else:
-    settings.register_profile("ci", max_examples=200, deadline=None,
-                              suppress_health_check=[HealthCheck.too_slow])
+    # "ci" draws the same examples every run (derandomize) and keeps no database; "deep"
+    # draws fresh ones.
+    settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True,
+                              database=None, suppress_health_check=[HealthCheck.too_slow])
     settings.register_profile("deep", max_examples=5000, deadline=None,
                               suppress_health_check=[HealthCheck.too_slow])
     settings.load_profile("ci")
