@@ -45,7 +45,10 @@ step build build.log "${BUILD_S:-300}" env FORCE_CUDA=1 MAX_JOBS=$(nproc) TORCH_
 # From a folder outside the checkout, so the installed package is the one tested;
 # with pytest-xdist where installed (a crashing test then loses only its worker).
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
-step cuda-tests cuda_tests.log "${CUDA_TESTS_S:-240}" env -C /tmp "$PY" -m pytest -v -rs $XDIST "$PWD/tests/test_cuda.py"
+# The CUDA tests: test_cuda.py, and the reference grids' CUDA cases (test_lstm.py), all
+# marked `cuda`.
+step cuda-tests cuda_tests.log "${CUDA_TESTS_S:-360}" env -C /tmp "$PY" -m pytest -q -rs $XDIST -m cuda \
+  "$PWD/tests/test_cuda.py" "$PWD/tests/test_lstm.py"
 cat > "$WORK/memcheck_case.py" <<'PY'
 import torch, fused_lstm
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -62,8 +65,8 @@ step memcheck memcheck.log "${MEMCHECK_S:-180}" compute-sanitizer --tool memchec
 step benchmark benchmark.log "${BENCH_S:-300}" env -C /tmp "$PY" -m fused_lstm.benchmark --device cuda \
   --suite quick --dtype "${BENCH_DTYPES:-float32,bfloat16,float16}" --out "$OUT"
 # Last: CI runs these too, without a GPU; here they check the CUDA build's CPU path.
-step cpu-tests cpu_tests.log "${CPU_TESTS_S:-240}" env -C /tmp OMP_NUM_THREADS=2 "$PY" -m pytest -q -x $XDIST "$PWD/tests" \
-  --ignore="$PWD/tests/test_cuda.py" --ignore="$PWD/tests/test_benchmark.py"
+step cpu-tests cpu_tests.log "${CPU_TESTS_S:-240}" env -C /tmp OMP_NUM_THREADS=2 "$PY" -m pytest -q -x $XDIST -m "not cuda" \
+  "$PWD/tests" --ignore="$PWD/tests/test_cuda.py" --ignore="$PWD/tests/test_benchmark.py"
 rm -rf "$WORK"
 cat "$SUMMARY"
 ! grep -q FAILED "$SUMMARY"
