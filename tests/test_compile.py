@@ -15,6 +15,18 @@ import fused_lstm
 from testing import assert_close
 
 
+@pytest.fixture(autouse=True, scope="module")
+def fresh_inductor_cache(tmp_path_factory):
+    # Inductor's on-disk caches are not keyed on ATEN_CPU_CAPABILITY: code compiled in a
+    # run on the AVX2 build was reused by .ci/run's ATEN_CPU_CAPABILITY=default pass and
+    # failed to compile there ('at::vec' has not been declared; torch 2.13). A cache of
+    # this module's own keeps the runs apart.
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor_cache")))
+    yield
+    mp.undo()
+
+
 class Seed(nn.Module):
     """The reference program's model: 2-layer LSTM(10, 20), batch_first, a Linear head on
     the last step, or on h_n for a PackedSequence (packed outside the compiled model:
