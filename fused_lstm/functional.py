@@ -4,13 +4,14 @@ stack of layers and directions that `fused_lstm.LSTM` runs (`lstm`).
 Shapes: T steps, B batch, I input size, H hidden size, P = proj_size or H.
 Gate order in every weight is i, f, g, o, as in torch.nn.LSTM.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._ops import ops
+from . import _ops  # noqa: F401  (registers torch.ops.fused_lstm)
+from . import _onnx
 
 __all__ = ["lstm_layer", "lstm", "lstm_cell"]
 
@@ -27,14 +28,20 @@ def weights_per_layer(has_biases: bool, has_proj: bool) -> int:
 
 
 def layer_weights(
-    weights: Sequence[Tensor], k: int, has_biases: bool, has_proj: bool
+    weights: List[Tensor], k: int, has_biases: bool, has_proj: bool
 ) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """``(w_ih, w_hh, b_ih, b_hh, w_hr)`` of layer-direction ``k = layer * D + direction``,
     the absent ones None."""
     n = weights_per_layer(has_biases, has_proj)
-    w = list(weights[k * n:(k + 1) * n])
-    b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
-    return w[0], w[1], b_ih, b_hh, w[-1] if has_proj else None
+    first = k * n
+    b_ih: Optional[Tensor] = None
+    b_hh: Optional[Tensor] = None
+    w_hr: Optional[Tensor] = None
+    if has_biases:
+        b_ih, b_hh = weights[first + 2], weights[first + 3]
+    if has_proj:
+        w_hr = weights[first + n - 1]
+    return weights[first], weights[first + 1], b_ih, b_hh, w_hr
 
 
 def lstm_layer(
@@ -45,7 +52,6 @@ def lstm_layer(
     b_ih: Optional[Tensor] = None,
     b_hh: Optional[Tensor] = None,
     w_hr: Optional[Tensor] = None,
-    *,
     batch_sizes: Optional[Tensor] = None,
     reverse: bool = False,
 ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
@@ -66,19 +72,23 @@ def lstm_layer(
         ``output`` (``[T, B, P]``, or ``[N, P]`` when packed) and ``(h_n [B, P], c_n [B, H])``.
         Differentiable with respect to input, hx and every weight.
     """
+    if not torch.jit.is_scripting():
+        if _onnx.exporting():
+            return _onnx.lstm_layer(input, hx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
     h0, c0 = hx
-    if batch_sizes is not None:
-        # Keeps the workspace for backward only when a gradient is needed.
-        output, h_n, c_n = ops.lstm_layer(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                          w_hr, reverse)
-        return output, (h_n, c_n)
-    if input.dim() != 3:
-        raise ValueError(f"lstm_layer: expected input of shape [T, B, I], got {list(input.shape)}")
-    T, B = input.shape[:2]
-    output, (h_n, c_n) = lstm_layer(input.reshape(T * B, input.shape[2]), hx, w_ih, w_hh, b_ih,
-                                    b_hh, w_hr, batch_sizes=_dense_batch_sizes(T, B),
-                                    reverse=reverse)
-    return output.view(T, B, output.shape[-1]), (h_n, c_n)
+    data, sizes = input, batch_sizes
+    if sizes is None:
+        # Dense input runs as packed data whose batch never shrinks: [T * B, I].
+        if input.dim() != 3:
+            raise ValueError(f"lstm_layer: expected input of shape [T, B, I], got {list(input.shape)}")
+        data = input.reshape(input.size(0) * input.size(1), input.size(2))
+        sizes = _dense_batch_sizes(input.size(0), input.size(1))
+    # Keeps the workspace for backward only when a gradient is needed.
+    output, h_n, c_n = torch.ops.fused_lstm.lstm_layer(data, sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                       w_hr, reverse)
+    if batch_sizes is None:
+        output = output.view(input.size(0), input.size(1), output.size(-1))
+    return output, (h_n, c_n)
 
 
 def lstm_cell(
@@ -98,8 +108,7 @@ def lstm_cell(
 def lstm(
     input: Tensor,
     hx: Tuple[Tensor, Tensor],
-    weights: Sequence[Tensor],
-    *,
+    weights: List[Tensor],
     num_layers: int,
     has_biases: bool = True,
     has_proj: bool = False,
@@ -122,43 +131,43 @@ def lstm(
         differentiable with respect to input, hx and every weight. Without dropout
         between layers the whole stack is one op call (``lstm_stack``), and one autograd
         node when a gradient is needed; with it, one ``lstm_layer`` call per layer and
-        direction.
+        direction. Under ``torch.onnx.export`` it becomes ONNX ``LSTM`` nodes.
     """
     directions = 2 if bidirectional else 1
     expected = num_layers * directions * weights_per_layer(has_biases, has_proj)
     if len(weights) != expected:
         raise ValueError(f"lstm: expected {expected} weights, got {len(weights)}")
     h0, c0 = hx
+    stacked = not (dropout > 0 and training and num_layers > 1)
+    if not torch.jit.is_scripting():
+        stacked = stacked and not _onnx.exporting()
+    if stacked:
+        # Every layer and direction in one op call, and with a gradient one autograd node.
+        data, sizes = input, batch_sizes
+        if sizes is None:
+            # Dense input runs as packed data whose batch never shrinks: [T * B, I].
+            data = input.reshape(input.size(0) * input.size(1), input.size(2))
+            sizes = _dense_batch_sizes(input.size(0), input.size(1))
+        output, h_stack, c_stack = torch.ops.fused_lstm.lstm_stack(
+            data, sizes, h0, c0, weights, has_biases, has_proj, num_layers, bidirectional)
+        if batch_sizes is None:
+            output = output.view(input.size(0), input.size(1), output.size(-1))
+        return output, (h_stack, c_stack)
+    # Layer by layer (dropout between layers; ONNX export).
     h_n: List[Tensor] = []
     c_n: List[Tensor] = []
-    # Dense input runs as packed data whose batch never shrinks: [T * B, I].
-    dense_shape = None
-    if batch_sizes is None:
-        T, B = input.shape[:2]
-        dense_shape, batch_sizes = (T, B), _dense_batch_sizes(T, B)
-        input = input.reshape(T * B, input.shape[2])
-    if not (dropout > 0 and training and num_layers > 1):
-        # Every layer and direction in one op call, and with a gradient one autograd node.
-        output, h_stack, c_stack = ops.lstm_stack(
-            input, batch_sizes, h0, c0, list(weights), has_biases, has_proj, num_layers,
-            bidirectional)
-        if dense_shape is not None:
-            output = output.view(*dense_shape, output.shape[-1])
-        return output, (h_stack, c_stack)
-    # Dropout between layers: layer by layer.
     layer_input = input
     for layer in range(num_layers):
-        outputs = []
+        outputs: List[Tensor] = []
         for direction in range(directions):
             k = layer * directions + direction
             w_ih, w_hh, b_ih, b_hh, w_hr = layer_weights(weights, k, has_biases, has_proj)
             out, (h, c) = lstm_layer(layer_input, (h0[k], c0[k]), w_ih, w_hh, b_ih, b_hh, w_hr,
-                                     batch_sizes=batch_sizes, reverse=direction == 1)
+                                     batch_sizes, direction == 1)
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)
         layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, p=dropout, training=True)
-    output = layer_input if dense_shape is None else layer_input.view(*dense_shape, layer_input.shape[-1])
-    return output, (torch.stack(h_n), torch.stack(c_n))
+    return layer_input, (torch.stack(h_n), torch.stack(c_n))

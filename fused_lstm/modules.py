@@ -1,7 +1,7 @@
 """Drop-in modules. They subclass torch.nn.LSTM / nn.LSTMCell, so the
 constructor, parameters (names, shapes, order, initialisation), state_dict,
 extra_repr and argument checks are nn's own; forward runs the fused ops."""
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +12,7 @@ from . import functional
 __all__ = ["LSTM", "LSTMCell"]
 
 
-def _check_devices(input: Tensor, hx: Tuple[Tensor, Tensor], params) -> None:
+def _check_devices(input: Tensor, hx: Tuple[Tensor, Tensor], params: List[Tensor]) -> None:
     # The same checks and messages as torch.nn.LSTM's native path.
     for h in hx:
         if h.device != input.device:
@@ -45,7 +45,7 @@ class LSTM(nn.LSTM):
         """No-op: the fused kernels read the parameters where they are."""
 
     def _check_packed_traced(self, input: Tensor, hx: Tuple[Tensor, Tensor], batch_sizes: Tensor,
-                             batch) -> None:
+                             batch: int) -> None:
         # nn.LSTM.check_forward_args with the batch read once: it reads batch_sizes[0]
         # per check, and under torch.compile two reads are two unrelated sizes. The
         # kernels still check h0 and c0 against batch_sizes' data when they run.
@@ -57,7 +57,20 @@ class LSTM(nn.LSTM):
         self.check_hidden_size(hx[1], (self.num_layers * directions, batch, self.hidden_size),
                                "Expected hidden[1] size {}, got {}")
 
+    # TorchScript compiles forward_tensor or forward_packed, by the input's type
+    # (its __overloads__ protocol, which torch's dynamic quantized LSTM uses too);
+    # Python runs forward. All three run _run_dense / _run_packed.
+    __overloads__ = {"forward": ["forward_packed", "forward_tensor"]}
+
+    @torch.jit.ignore
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
+        packed = isinstance(input, PackedSequence)
+        if isinstance(self, torch.jit.ScriptModule):  # a scripted LSTM, called from Python
+            if not packed:
+                return self.forward_tensor(input, hx)
+            # TorchScript returns a namedtuple of its own: torch's class, as in eager.
+            output, hidden = self.forward_packed(input, hx)
+            return PackedSequence(*output), hidden
         # The current parameters by name (nn.LSTM's weakref check costs ~10 us a call;
         # Module.__getattr__ 0.6 us a name, so registered parameters are read directly,
         # and anything else, a parametrization say, through getattr).
@@ -65,69 +78,98 @@ class LSTM(nn.LSTM):
         weights = [params.get(name) for name in self._flat_weights_names]
         if any(w is None for w in weights):
             weights = [getattr(self, name) for name in self._flat_weights_names]
-        directions = 2 if self.bidirectional else 1
-        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
-        packed = isinstance(input, PackedSequence)
-        batch_sizes = sorted_indices = unsorted_indices = None
-        is_batched = True
         if packed:
-            input, batch_sizes, sorted_indices, unsorted_indices = input
-            # The batch from a size where one has it: under torch.compile a read of
-            # batch_sizes' data is a size of its own, which no other size can match.
-            if sorted_indices is not None:
-                batch = sorted_indices.size(0)
-            elif hx is not None and hx[0].dim() == 3:
-                batch = hx[0].size(1)
-            else:
-                batch = int(batch_sizes[0])
-        else:
-            if input.dim() not in (2, 3):
-                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
-            is_batched = input.dim() == 3
-            if not is_batched:
-                input = input.unsqueeze(0 if self.batch_first else 1)
-            batch = input.size(0 if self.batch_first else 1)
-        if hx is None:
-            shape = (self.num_layers * directions, batch)
-            zeros = input.new_zeros(shape + (self.hidden_size,))
-            # h0 [L*D, B, P] and c0 [L*D, B, H]: one tensor serves both without a projection.
-            hx = (zeros if real_hidden == self.hidden_size else input.new_zeros(shape + (real_hidden,)), zeros)
-        else:
-            if not packed:
-                want = 3 if is_batched else 2
-                if hx[0].dim() != want or hx[1].dim() != want:
-                    kind = "batched 3-D" if is_batched else "unbatched 2-D"
-                    raise RuntimeError(
-                        f"For {kind} input, hx and cx should also be {want}-D but got "
-                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
-                if not is_batched:
-                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        if packed and torch.compiler.is_compiling():
-            self._check_packed_traced(input, hx, batch_sizes, batch)
-        else:
-            self.check_forward_args(input, hx, batch_sizes)
-        hx = self.permute_hidden(hx, sorted_indices)
-        _check_devices(input, hx, weights)
+            return self._run_packed(input, hx, weights)
+        return self._run_dense(input, hx, weights)
 
-        if not packed:
-            if input.size(1 if self.batch_first else 0) == 0:
-                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-            if self.batch_first:
-                input = input.transpose(0, 1)
-        output, (h_n, c_n) = functional.lstm(
-            input, hx, weights, num_layers=self.num_layers, has_biases=self.bias,
-            has_proj=self.proj_size > 0, bidirectional=self.bidirectional,
-            dropout=self.dropout, training=self.training, batch_sizes=batch_sizes)
+    @torch.jit.export
+    def forward_tensor(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
+                       ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """TorchScript's forward for a Tensor input: ``forward(input, hx)``."""
+        return self._run_dense(input, hx, self._flat_weights)
 
-        if packed:
-            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
-        else:
-            if self.batch_first:
-                output = output.transpose(0, 1)
+    @torch.jit.export
+    def forward_packed(self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]] = None
+                       ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        """TorchScript's forward for a PackedSequence input: ``forward(input, hx)``."""
+        return self._run_packed(input, hx, self._flat_weights)
+
+    def _run_dense(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tensor]
+                   ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        # input: [T, B, I] ([B, T, I] batch_first) or unbatched [T, I]
+        if input.dim() not in (2, 3):
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        is_batched = input.dim() == 3
+        if not is_batched:
+            input = input.unsqueeze(0 if self.batch_first else 1)
+        batch = input.size(0 if self.batch_first else 1)
+        if hx is not None:
+            want = 3 if is_batched else 2
+            if hx[0].dim() != want or hx[1].dim() != want:
+                kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                raise RuntimeError(
+                    f"For {kind} input, hx and cx should also be {want}-D but got "
+                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
             if not is_batched:
-                output = output.squeeze(0 if self.batch_first else 1)
-                h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
-        return output, self.permute_hidden((h_n, c_n), unsorted_indices)
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        state = self._initial_state(input, hx, batch)
+        self.check_forward_args(input, state, None)
+        _check_devices(input, state, weights)
+        if input.size(1 if self.batch_first else 0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if self.batch_first:
+            input = input.transpose(0, 1)
+        output, (h_n, c_n) = self._stack(input, state, weights, None)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return output, (h_n, c_n)
+
+    def _run_packed(self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]],
+                    weights: List[Tensor]) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        # The batch from a size where one has it: under torch.compile a read of
+        # batch_sizes' data is a size of its own, which no other size can match.
+        if sorted_indices is not None:
+            batch = sorted_indices.size(0)
+        elif hx is not None and hx[0].dim() == 3:
+            batch = hx[0].size(1)
+        else:
+            batch = int(batch_sizes[0])
+        state = self._initial_state(data, hx, batch)
+        traced = False
+        if not torch.jit.is_scripting():
+            traced = torch.compiler.is_compiling()
+        if traced:
+            self._check_packed_traced(data, state, batch_sizes, batch)
+        else:
+            self.check_forward_args(data, state, batch_sizes)
+        if hx is not None:
+            state = self.permute_hidden(state, sorted_indices)
+        _check_devices(data, state, weights)
+        output, (h_n, c_n) = self._stack(data, state, weights, batch_sizes)
+        return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
+                self.permute_hidden((h_n, c_n), unsorted_indices))
+
+    def _initial_state(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], batch: int
+                       ) -> Tuple[Tensor, Tensor]:
+        if hx is not None:
+            return hx
+        # h0 [L*D, B, P] and c0 [L*D, B, H]: one tensor serves both without a projection.
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        zeros = input.new_zeros((layers, batch, self.hidden_size))
+        if self.proj_size == 0:
+            return zeros, zeros
+        return input.new_zeros((layers, batch, self.proj_size)), zeros
+
+    def _stack(self, input: Tensor, hx: Tuple[Tensor, Tensor], weights: List[Tensor],
+               batch_sizes: Optional[Tensor]) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        # input: [T, B, I], or packed data [N, I] with batch_sizes [T]
+        return functional.lstm(
+            input, hx, weights, self.num_layers, self.bias, self.proj_size > 0,
+            self.bidirectional, float(self.dropout), self.training, batch_sizes)
 
 
 class LSTMCell(nn.LSTMCell):
@@ -149,7 +191,7 @@ class LSTMCell(nn.LSTMCell):
         if not is_batched:
             input = input.unsqueeze(0)
         if hx is None:
-            zeros = input.new_zeros(input.size(0), self.hidden_size)
+            zeros = input.new_zeros((input.size(0), self.hidden_size))
             hx = (zeros, zeros)
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
