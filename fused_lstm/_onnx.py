@@ -10,11 +10,24 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+@torch.compiler.assume_constant_result
+def _in_onnx_export() -> bool:
+    # Dynamo folds torch.onnx.is_in_onnx_export to False; the exporter's strict=True
+    # capture would then record our op. Run as a constant, it reads the real flag.
+    return torch.onnx.is_in_onnx_export()
+
+
 def exporting() -> bool:
     """Whether torch.onnx.export is tracing this call. torch.onnx.is_in_onnx_export costs
     ~2 us (imports inside it), so it is asked only under torch.export (the exporter
     of ``dynamo=True``) or torch.jit.trace (the legacy one)."""
-    return (torch.compiler.is_exporting() or torch.jit.is_tracing()) and torch.onnx.is_in_onnx_export()
+    return (torch.compiler.is_exporting() or torch.jit.is_tracing()) and _in_onnx_export()
+
+
+def refuse_packed() -> None:
+    raise RuntimeError(
+        "fused_lstm: ONNX export of PackedSequence input is not supported: export the "
+        "model on padded [T, B, I] input instead")
 
 
 def _onnx_gates(w: Tensor) -> Tensor:
@@ -42,9 +55,7 @@ def lstm_layer(
             "fused_lstm: ONNX export of an LSTM with proj_size > 0 is not supported: "
             "the ONNX LSTM operator has no projection")
     if batch_sizes is not None:
-        raise RuntimeError(
-            "fused_lstm: ONNX export of PackedSequence input is not supported: export the "
-            "model on padded [T, B, I] input instead")
+        refuse_packed()
     if torch.jit.is_tracing():
         raise RuntimeError(
             "fused_lstm: ONNX export needs the torch.export-based exporter, "

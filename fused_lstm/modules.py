@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import functional
+from . import _onnx, functional
 
 __all__ = ["LSTM", "LSTMCell"]
 
@@ -129,6 +129,9 @@ class LSTM(nn.LSTM):
 
     def _run_packed(self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]],
                     weights: List[Tensor]) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        if not torch.jit.is_scripting():
+            if _onnx.exporting():  # before batch_sizes' data is read, which export refuses
+                _onnx.refuse_packed()
         data, batch_sizes, sorted_indices, unsorted_indices = input
         # The batch from a size where one has it: under torch.compile a read of
         # batch_sizes' data is a size of its own, which no other size can match.
