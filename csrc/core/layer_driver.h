@@ -25,8 +25,9 @@
 
 namespace fused_lstm {
 
-// The buffers a backend may keep between calls (Backend::scratch).
-enum class Scratch { kGates, kGradGates, kPrevHidden, kCount };
+// The buffers a backend may keep between calls (Backend::scratch); the last two are the
+// CPU GEMMs' own (an operand gathered transposed, a transposed product).
+enum class Scratch { kGates, kGradGates, kPrevHidden, kGemmOperand, kGemmProduct, kCount };
 
 // Where a forward's steps read and write, in the call's tensors.
 template <typename scalar_t>

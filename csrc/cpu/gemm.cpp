@@ -5,9 +5,9 @@
 #include <c10/util/Exception.h>
 
 #include <atomic>
-#include <vector>
 
 #include "cpu/kernels/kernels.h"
+#include "cpu/scratch.h"
 #include "cpu/tuning.h"
 
 namespace fused_lstm::cpu {
@@ -60,10 +60,12 @@ void aten_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, cons
   at::cpu::addmm_out(c, c, a, b, beta, 1);
 }
 
-// dst[c, r] = src[r, c] for src [rows, cols] (row stride ld), dst [cols, rows]
-// contiguous, in 16 x 16 tiles so that reads and writes both go a cache line at a time.
+// dst[c, r] = src[r, c] (+= with accumulate) for src [rows, cols] (row stride ld_src),
+// dst [cols, rows] (row stride ld_dst), in 16 x 16 tiles so that reads and writes both
+// go a cache line at a time.
 template <typename scalar_t>
-void transpose_into(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld, scalar_t* dst) {
+void transpose_into(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld_src, scalar_t* dst,
+                    int64_t ld_dst, bool accumulate = false) {
   constexpr int64_t kTile = 16;
   at::parallel_for(0, (rows + kTile - 1) / kTile, std::max<int64_t>(1, 4096 / std::max<int64_t>(cols, 1)),
                    [&](int64_t t0, int64_t t1) {
@@ -72,19 +74,21 @@ void transpose_into(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld,
       for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
         const int64_t c1 = std::min(cols, c0 + kTile);
         for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t c = c0; c < c1; ++c) dst[c * rows + r] = src[r * ld + c];
+          for (int64_t c = c0; c < c1; ++c) {
+            scalar_t& d = dst[c * ld_dst + r];
+            d = accumulate ? scalar_t(d + src[r * ld_src + c]) : src[r * ld_src + c];
+          }
         }
       }
     }
   });
 }
 
-// A per-thread scratch of n elements, reused between calls.
+// The calling thread's reused buffer `slot` as n elements (scratch_bytes: freed by
+// release_cpu_scratch).
 template <typename scalar_t>
-scalar_t* scratch_of(int slot, int64_t n) {
-  thread_local std::vector<scalar_t> scratch[2];
-  scratch[slot].resize(static_cast<size_t>(n));
-  return scratch[slot].data();
+scalar_t* scratch_of(Scratch slot, int64_t n) {
+  return static_cast<scalar_t*>(scratch_bytes(slot, static_cast<size_t>(n) * sizeof(scalar_t)));
 }
 
 // op(B) as row-major [K, N], which our kernels read: B itself, or B^T gathered into
@@ -92,8 +96,8 @@ scalar_t* scratch_of(int slot, int64_t n) {
 template <typename scalar_t>
 const scalar_t* rows_of_op_b(bool trans_b, int64_t N, int64_t K, const scalar_t* B, int64_t ldb) {
   if (!trans_b) return B;
-  scalar_t* rows = scratch_of<scalar_t>(0, K * N);
-  transpose_into(B, N, K, ldb, rows);
+  scalar_t* rows = scratch_of<scalar_t>(Scratch::kGemmOperand, K * N);
+  transpose_into(B, N, K, ldb, rows, N);
   return rows;
 }
 
@@ -122,19 +126,14 @@ void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool tran
   const scalar_t* bt = B;
   int64_t ld_bt = ldb;
   if (!trans_b) {
-    scalar_t* rows = scratch_of<scalar_t>(0, N * K);
-    transpose_into(B, K, N, ldb, rows);
+    scalar_t* rows = scratch_of<scalar_t>(Scratch::kGemmOperand, N * K);
+    transpose_into(B, K, N, ldb, rows, K);
     bt = rows;
     ld_bt = K;
   }
-  scalar_t* ct = scratch_of<scalar_t>(1, N * M);
+  scalar_t* ct = scratch_of<scalar_t>(Scratch::kGemmProduct, N * M);
   run(N, M, bt, ld_bt, A, lda, false, ct, M);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t n = 0; n < N; ++n) {
-      scalar_t& c = C[m * ldc + n];
-      c = accumulate ? scalar_t(c + ct[n * M + m]) : ct[n * M + m];
-    }
-  }
+  transpose_into(ct, N, M, M, C, ldc, accumulate);  // C (+)= (C^T)^T, tiled, threaded
 }
 
 }  // namespace

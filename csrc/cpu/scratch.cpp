@@ -1,11 +1,15 @@
 #include "cpu/scratch.h"
 
+#include <cstddef>
+#include <vector>
+
 namespace fused_lstm::cpu {
 namespace {
 
 constexpr int64_t kMaxReusedBytes = int64_t{256} << 20;
 
 thread_local at::Tensor kept_scratch[static_cast<int>(Scratch::kCount)];
+thread_local std::vector<std::byte> kept_bytes[static_cast<int>(Scratch::kCount)];
 
 }  // namespace
 
@@ -22,8 +26,15 @@ at::Tensor scratch_buffer(Scratch slot, int64_t rows, int64_t cols, const at::Te
   return cache.narrow(0, 0, numel).view({rows, cols});
 }
 
+void* scratch_bytes(Scratch slot, size_t bytes) {
+  std::vector<std::byte>& buffer = kept_bytes[static_cast<int>(slot)];
+  if (buffer.size() < bytes) buffer.resize(bytes);
+  return buffer.data();
+}
+
 void release_scratch() {
   for (at::Tensor& t : kept_scratch) t = at::Tensor();
+  for (std::vector<std::byte>& b : kept_bytes) std::vector<std::byte>().swap(b);
 }
 
 }  // namespace fused_lstm::cpu

@@ -13,7 +13,12 @@ namespace fused_lstm::cpu {
 // allocated afresh and not kept.
 at::Tensor scratch_buffer(Scratch slot, int64_t rows, int64_t cols, const at::TensorOptions& opts);
 
-// Frees the calling thread's reused buffers (op release_cpu_scratch).
+// The calling thread's raw buffer `slot` of at least `bytes`, grown as needed: for the
+// GEMMs' scratches (kGemmOperand, kGemmProduct), which small GEMMs ask for every step,
+// where creating a tensor would cost more than their math.
+void* scratch_bytes(Scratch slot, size_t bytes);
+
+// Frees the calling thread's reused buffers, tensors and raw (op release_cpu_scratch).
 void release_scratch();
 
 }  // namespace fused_lstm::cpu
