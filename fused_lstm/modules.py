@@ -39,6 +39,9 @@ class LSTM(nn.LSTM):
     node; with dropout between layers, one call per layer and direction). Each
     layer and direction runs one input GEMM over all timesteps, then a native
     time loop of one recurrent GEMM and one fused elementwise pass per step.
+    ``torch.jit.script`` compiles it (``forward_tensor`` / ``forward_packed``, picked by
+    the input's type), and ``torch.onnx.export(..., dynamo=True)`` writes one ONNX
+    ``LSTM`` node per layer and direction.
     """
 
     def flatten_parameters(self) -> None:
