@@ -103,3 +103,25 @@ def test_compile_dynamic_does_not_recompile():
                 x = torch.randn(batch, steps, 10)
                 for a, e in zip(run(compiled, x), run(model, x)):
                     assert_close(a, e)
+
+
+def test_torch_export_keeps_the_fused_op_over_dynamic_sizes(tmp_path):
+    # torch.export (strict=False, its default, and no allow_rnn needed): the program holds
+    # our op, runs at other batch sizes and lengths, and survives save / load.
+    torch.manual_seed(0)
+    model = fused_lstm.LSTM(5, 6, num_layers=2, batch_first=True, bidirectional=True,
+                            proj_size=3).eval()
+    dims = ({0: torch.export.Dim("B"), 1: torch.export.Dim("T")},)
+    program = torch.export.export(model, (torch.randn(4, 7, 5),), dynamic_shapes=dims)
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert torch.ops.fused_lstm.lstm_stack.default in targets, targets
+    torch.export.save(program, str(tmp_path / "lstm.pt2"))
+    loaded = torch.export.load(str(tmp_path / "lstm.pt2"))
+    for shape in [(4, 7, 5), (3, 9, 5), (1, 2, 5)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            want, (h, c) = model(x)
+        for module in (program.module(), loaded.module()):
+            got, (gh, gc) = module(x)
+            for a, e in zip([got, gh, gc], [want, h, c]):
+                assert_close(a, e)
