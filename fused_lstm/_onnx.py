@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+
 @torch.compiler.assume_constant_result
 def _in_onnx_export() -> bool:
     # Dynamo folds torch.onnx.is_in_onnx_export to False; the exporter's strict=True
