@@ -111,7 +111,6 @@ class LayerNode : public torch::autograd::Function<LayerNode> {
                             b_hh.value_or(at::Tensor())});
     ctx->saved_data["batch_sizes"] = batch_sizes;
     ctx->saved_data["reverse"] = reverse;
-    ctx->saved_data["has_bias"] = b_ih.has_value();
     // Called from lstm_layer, which returns only (output, h_n, c_n): nothing outside
     // can see the workspace.
     ctx->saved_data["private_workspace"] = private_workspace;
@@ -149,7 +148,7 @@ class LayerNode : public torch::autograd::Function<LayerNode> {
         zeros_if_undefined(grads[2], c0), input, ctx->saved_data["batch_sizes"].toTensor(), h0,
         c0, w_ih, w_hh, w_hr, output, gates, cells, hiddens,
         ctx->saved_data["reverse"].toBool(), need_grad_input, overwrite_gates);
-    const at::Tensor grad_bias = ctx->saved_data["has_bias"].toBool() ? result[5] : at::Tensor();
+    const at::Tensor grad_bias = saved[10].defined() ? result[5] : at::Tensor();  // b_ih given
     // One gradient per forward argument, in order.
     return {need_grad_input ? result[0] : at::Tensor(), at::Tensor(), result[1], result[2],
             result[3], result[4], grad_bias, grad_bias,
