@@ -32,15 +32,30 @@ std::vector<Step> make_schedule(const at::Tensor& batch_sizes, bool reverse) {
 }
 
 std::vector<PrevHiddenTerm> prev_hidden_terms(const std::vector<Step>& steps, bool reverse) {
-  if (steps.empty()) return {};
+  if (steps.empty() || !dense_schedule(steps)) return {};
   const int64_t B = steps.front().batch;
-  for (const Step& s : steps) {
-    if (s.batch != B) return {};
-  }
   const int64_t N = B * static_cast<int64_t>(steps.size());
   // Forward: step t (rows t*B) began from output step t-1; reverse: from step t+1.
   return {{reverse ? 0 : B, N - B, false, reverse ? B : 0},
           {steps.front().offset, B, true, 0}};
+}
+
+bool dense_schedule(const std::vector<Step>& steps) {
+  return std::all_of(steps.begin(), steps.end(),
+                     [&](const Step& s) { return s.batch == steps.front().batch; });
+}
+
+std::vector<persistent::StepInfo> persistent_step_table(const std::vector<Step>& steps) {
+  std::vector<persistent::StepInfo> table;
+  table.reserve(steps.size());
+  for (size_t n = 0; n < steps.size(); ++n) {
+    const Step& st = steps[n];
+    const int64_t next = n + 1 < steps.size() ? steps[n + 1].batch : 0;
+    table.push_back({st.offset, st.prev_offset, static_cast<int32_t>(st.batch),
+                     static_cast<int32_t>(st.prev_batch),
+                     static_cast<int32_t>(std::min(st.batch, next)), 0});
+  }
+  return table;
 }
 
 }  // namespace fused_lstm

@@ -5,6 +5,7 @@
 
 #include <vector>
 
+#include "core/persistent.h"
 #include "lstm.h"
 
 namespace fused_lstm {
@@ -25,5 +26,12 @@ struct PrevHiddenTerm {
   int64_t src_row;     // first row of the output or h0
 };
 std::vector<PrevHiddenTerm> prev_hidden_terms(const std::vector<Step>& steps, bool reverse);
+
+// Whether every step runs the same batch (dense input).
+bool dense_schedule(const std::vector<Step>& steps);
+
+// The persistent kernels' step table (core/persistent.h): the steps, each with the rows
+// going on to the step run after it.
+std::vector<persistent::StepInfo> persistent_step_table(const std::vector<Step>& steps);
 
 }  // namespace fused_lstm

@@ -7,6 +7,9 @@
 #include "cpu/gemm.h"
 #include "cpu/kernels/kernels.h"
 #include "cpu/tuning.h"
+#if defined(FUSED_LSTM_WITH_CUDA)
+#include "cuda/persistent.h"
+#endif
 
 namespace fused_lstm::cpu {
 
@@ -33,6 +36,7 @@ c10::Dict<std::string, std::string> cpu_info() {
   info.insert("parallel_backend", AT_PARALLEL_OPENMP ? "OpenMP" : "ATen native pool");
 #if defined(FUSED_LSTM_WITH_CUDA)
   info.insert("cuda_kernels", "built");
+  info.insert("cuda_persistent", cuda::set_persistent(""));
 #else
   info.insert("cuda_kernels", "not built");
 #endif

@@ -1,8 +1,10 @@
-// The CUDA layer backward: the driver's reverse loop (core/layer_driver.h), per step
-// one cell kernel and one GEMM for dh, then the weight-gradient GEMMs.
+// The CUDA layer backward: the persistent kernel where it runs (cuda/persistent.h), else
+// the driver's reverse loop (core/layer_driver.h), per step one cell kernel and one
+// GEMM for dh; then the weight-gradient GEMMs.
 #include <torch/library.h>
 
 #include "cuda/backend.cuh"
+#include "cuda/persistent.h"
 
 namespace fused_lstm::cuda {
 
@@ -43,9 +45,12 @@ struct CudaBackward : CudaLayerBase<scalar_t> {
                    dh, P);
   }
 
-  // No loop of its own yet: the driver's runs, then its weight gradients.
-  FusedBackward fused(const BackwardBuffers<scalar_t>&, const WeightGradientArgs<scalar_t>&) const {
-    return FusedBackward::kNotRun;
+  // The loop in one persistent launch where it runs (cuda/persistent.h), else the
+  // driver's; then the driver's weight gradients.
+  FusedBackward fused(const BackwardBuffers<scalar_t>& buf,
+                      const WeightGradientArgs<scalar_t>&) const {
+    return persistent_backward<scalar_t>(p, buf) ? FusedBackward::kLoop
+                                                 : FusedBackward::kNotRun;
   }
 };
 

@@ -1,8 +1,10 @@
-// The CUDA layer forward: the driver's loop (core/layer_driver.h), per step one
-// recurrent GEMM into the gate buffer and one cell kernel.
+// The CUDA layer forward: the persistent kernel where it runs (cuda/persistent.h), else
+// the driver's loop (core/layer_driver.h), per step one recurrent GEMM into the gate
+// buffer and one cell kernel.
 #include <torch/library.h>
 
 #include "cuda/backend.cuh"
+#include "cuda/persistent.h"
 
 namespace fused_lstm::cuda {
 
@@ -41,8 +43,11 @@ struct CudaForward : CudaLayerBase<scalar_t> {
     step_gemm_nt<scalar_t>(b, P, H, h, H, p.w_hr.data_ptr<scalar_t>(), H, 0, r, P, stream);
   }
 
-  // No loop of its own yet: the driver's runs.
-  bool fused(const ForwardBuffers<scalar_t>&) const { return false; }
+  // The whole loop in one persistent launch where it runs (cuda/persistent.h), else
+  // the driver's.
+  bool fused(const ForwardBuffers<scalar_t>& buf) const {
+    return persistent_forward<scalar_t>(p, buf);
+  }
 };
 
 TORCH_LIBRARY_IMPL(fused_lstm, CUDA, m) {

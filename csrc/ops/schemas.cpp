@@ -66,6 +66,31 @@ TORCH_LIBRARY(fused_lstm, m) {
   // Frees the CPU buffers this thread keeps between calls (up to 256 MiB each: the
   // inference gate buffer, and backward's gate gradients and previous h).
   m.def("release_cpu_scratch() -> ()", &cpu::release_scratch);
+  // Whether CUDA layers run the persistent kernels (cuda/persistent.h): "on", "off", or
+  // "" to ask. Returns the setting in force. CUDA builds only.
+  m.def("set_cuda_persistent(str setting) -> str");
+  // Launches of the persistent kernels so far (CUDA builds only).
+  m.def("cuda_persistent_launches() -> int");
+  // The CUDA persistent kernels' planner and their CPU emulation (core/persistent.h,
+  // cpu/persistent_emulation.cpp), for tests. plan: for a layer and device properties,
+  // the cluster size, batch slice, shared memory bytes, or why not.
+  m.def(
+      "persistent_plan(int hidden_size, int proj_size, int batch, int steps, int elem_size, "
+      "bool has_proj, int cc_major, int cc_minor, int sm_count, int smem_per_block, "
+      "int max_cluster) -> Dict(str, str)");
+  // One layer forward (no projection) run by the persistent block program, `cluster`
+  // blocks of `threads` threads per slice of `batch_slice` rows.
+  m.def(
+      "persistent_emulate_forward(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, "
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse, int cluster, "
+      "int batch_slice, int threads) -> (Tensor output, Tensor h_n, Tensor c_n, "
+      "Tensor gates, Tensor cells)");
+  // Its backward time loop: the gate gradients and the state gradients.
+  m.def(
+      "persistent_emulate_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
+      "Tensor batch_sizes, Tensor c0, Tensor w_hh, Tensor gates, Tensor cells, bool reverse, "
+      "int cluster, int batch_slice, int threads) -> (Tensor dgates, Tensor grad_h0, "
+      "Tensor grad_c0)");
 }
 
 }  // namespace fused_lstm
