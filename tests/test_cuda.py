@@ -198,3 +198,148 @@ def test_device_errors():
     args.update(h0=torch.zeros(3, 8, device="cuda"), batch_sizes=torch.tensor([3, 3], device="cuda"))
     with pytest.raises(RuntimeError, match="1-D int64 CPU tensor"):
         torch.ops.fused_lstm.lstm_layer_forward(**args)
+
+
+# The persistent kernels (csrc/cuda/persistent.cu), forced on and off, against float64
+# truth on the CPU. Their partition is checked on the CPU too (test_persistent.py, by
+# emulation); these check the kernels themselves: memory ordering, shared-memory use.
+
+class persistent_setting:
+    """Runs a block with the CUDA persistent setting "on" or "off", then restores it."""
+
+    def __init__(self, setting):
+        self.setting = setting
+
+    def __enter__(self):
+        self.old = torch.ops.fused_lstm.set_cuda_persistent("")
+        torch.ops.fused_lstm.set_cuda_persistent(self.setting)
+
+    def __exit__(self, *exc):
+        torch.ops.fused_lstm.set_cuda_persistent(self.old)
+
+
+def persistent_planned(H, B, T, dtype):
+    """Whether the planner takes this layer on this GPU (the launches to expect)."""
+    props = torch.cuda.get_device_properties(0)
+    plan = torch.ops.fused_lstm.persistent_plan(
+        H, H, B, T, torch.empty(0, dtype=dtype).element_size(), False, props.major, props.minor,
+        props.multi_processor_count, props.shared_memory_per_block_optin,
+        16 if props.major >= 9 else 1)
+    return plan["cluster"] != "0"
+
+
+def launches():
+    torch.cuda.synchronize()
+    return torch.ops.fused_lstm.cuda_persistent_launches()
+
+
+PERSISTENT_H = [1, 20, 63, 64, 96, 128, 256, 384, 512]
+PERSISTENT_B = [1, 3, 8, 9, 33]
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+@pytest.mark.parametrize("kind", ["dense", "packed_unsorted"])
+@pytest.mark.parametrize("B", PERSISTENT_B)
+@pytest.mark.parametrize("H", PERSISTENT_H)
+def test_persistent_float32_against_float64(H, B, kind, setting):
+    # Bidirectional: the reverse direction too; packed: rows of different lengths.
+    T = 6
+    kwargs = dict(input_size=5, hidden_size=H, bidirectional=True)
+    truth = fused_lstm.LSTM(**kwargs, dtype=torch.float64)
+    random_like_weights(truth, H + B)
+    with torch.no_grad():
+        for p in truth.parameters():
+            p.mul_(H ** -0.5)  # keep the gates off saturation at large H
+    ours = fused_lstm.LSTM(**kwargs).cuda()
+    ours.load_state_dict(truth.state_dict())
+    gen = torch.Generator().manual_seed(B)
+    x = random_tensor((T, B, 5), torch.float32, gen)
+    hx = tuple(random_tensor((2, B, H), torch.float32, gen) for _ in range(2))
+    lengths = None
+    if kind == "packed_unsorted":
+        lengths = torch.randint(1, T + 1, (B,), generator=gen)
+        lengths[-1] = T
+    before = launches()
+    with persistent_setting(setting):
+        got_out, got_grads = lstm_outputs_and_grads(ours, x.cuda(), tuple(h.cuda() for h in hx),
+                                                    lengths, False)
+    ran = launches() - before
+    # Two directions, each a forward and a backward launch.
+    assert ran == (4 if setting == "on" and persistent_planned(H, B, T, torch.float32) else 0)
+    exp_out, exp_grads = lstm_outputs_and_grads(truth, x.double(), tuple(h.double() for h in hx),
+                                                lengths, False)
+    for a, e in zip(got_out + got_grads, exp_out + exp_grads):
+        assert a.dtype == torch.float32
+        assert_close(a.double().cpu(), e, dtype=torch.float32, scaled=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("H", [20, 128, 512])
+def test_persistent_half_precision_against_float64(dtype, H):
+    kwargs, module, x, hx, lengths = make_case(dtype, 1, True, False, True, 0, "packed_unsorted", B=9,
+                                               seed=H)
+    kwargs["hidden_size"] = H
+    ours = fused_lstm.LSTM(**kwargs).to("cuda", dtype)
+    exact = fused_lstm.LSTM(**kwargs, dtype=torch.float64)
+    exact.load_state_dict(ours.state_dict())  # the rounded weights
+    gen = torch.Generator().manual_seed(H)
+    hx = tuple(random_tensor((2, 9, H), dtype, gen) for _ in range(2))
+    before = launches()
+    with persistent_setting("on"):
+        got_out, got_grads = lstm_outputs_and_grads(ours, x.cuda(), tuple(h.cuda() for h in hx), lengths, False)
+    assert launches() - before == (4 if persistent_planned(H, 9, 5, dtype) else 0)
+    exp_out, exp_grads = lstm_outputs_and_grads(exact, x.double(), tuple(h.double() for h in hx), lengths, False)
+    rtol, atol = HALF_VS_FLOAT64[dtype]
+    for a, e in zip(got_out + got_grads, exp_out + exp_grads):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double().cpu(), e, rtol=rtol, atol=atol * max(1.0, e.abs().max().item()))
+
+
+@pytest.mark.parametrize("H", [64, 256])
+def test_persistent_rerun_is_bit_identical(H):
+    _, module, x, hx, lengths = make_case(torch.float32, 2, True, False, True, 0, "packed_unsorted",
+                                          T=9, B=33, seed=5)
+    module = fused_lstm.LSTM(6, H, num_layers=2, bidirectional=True).cuda()
+    hx = tuple(torch.randn(4, 33, H, device="cuda") for _ in range(2))
+    with persistent_setting("on"):
+        first = lstm_outputs_and_grads(module, x.cuda(), hx, lengths, False)
+        second = lstm_outputs_and_grads(module, x.cuda(), hx, lengths, False)
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_cuda_graph_capture_and_replay(setting):
+    # A training step captured with torch.cuda.graph, replayed on new data, against the
+    # same step run eagerly.
+    torch.manual_seed(0)
+    model = fused_lstm.LSTM(6, 32, num_layers=2, batch_first=True).cuda()
+    static_x = torch.randn(4, 7, 6, device="cuda")
+
+    def step(x):
+        out, (h, c) = model(x)
+        loss = out.square().sum() + h.sum() + c.sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        return out, grads
+
+    with persistent_setting(setting):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up off the capture, as torch.cuda.graph asks
+                step(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        before = launches()
+        with torch.cuda.graph(graph):
+            static_out, static_grads = step(static_x)
+        # The graph holds the persistent kernels when on: two layers, forward and backward.
+        assert launches() - before == (4 if setting == "on" and persistent_planned(32, 4, 7, torch.float32) else 0)
+        for seed in (1, 2):
+            new_x = torch.randn(4, 7, 6, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            static_x.copy_(new_x)
+            graph.replay()
+            eager_out, eager_grads = step(new_x)
+            assert_close(static_out, eager_out, scaled=True)
+            for a, e in zip(static_grads, eager_grads):
+                assert_close(a, e, scaled=True)
