@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <atomic>
 
 #include "cpu/kernels/kernels.h"
@@ -101,25 +102,56 @@ const scalar_t* rows_of_op_b(bool trans_b, int64_t N, int64_t K, const scalar_t*
   return rows;
 }
 
-// A large GEMM on our gemm_columns kernel, column blocks split between threads:
-// C (+)= op(A) op(B). With trans_a (A stored [K, M], the weight gradients dgates^T x)
-// it computes C^T = op(B)^T A instead, whose B operand is then A as stored.
+// dst [k, w] (contiguous) = op(B)[k0 : k0 + k, n0 : n0 + w), B stored [K, N], or [N, K]
+// with trans_b.
+template <typename scalar_t>
+void pack_panel(bool trans_b, const scalar_t* B, int64_t ldb, int64_t n0, int64_t w, int64_t k0,
+                int64_t k, scalar_t* dst) {
+  if (!trans_b) {
+    for (int64_t r = 0; r < k; ++r) std::copy_n(B + (k0 + r) * ldb + n0, w, dst + r * w);
+    return;
+  }
+  constexpr int64_t kTile = 16;  // a cache line of each of B's rows at a time
+  for (int64_t r0 = 0; r0 < k; r0 += kTile) {
+    const int64_t r1 = std::min(k, r0 + kTile);
+    for (int64_t c = 0; c < w; ++c) {
+      const scalar_t* src = B + (n0 + c) * ldb + k0;
+      for (int64_t r = r0; r < r1; ++r) dst[r * w + c] = src[r];
+    }
+  }
+}
+
+// A large GEMM on our gemm_columns kernel, column blocks split between threads, B in
+// column panels: C (+)= op(A) op(B). With trans_a (A stored [K, M], the weight gradients
+// dgates^T x) it computes C^T = op(B)^T A instead, whose B operand is then A as stored.
 template <typename scalar_t>
 void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool trans_b, int64_t M,
                     int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B,
                     int64_t ldb, bool accumulate, scalar_t* C, int64_t ldc) {
   constexpr int64_t kColumns = 64;  // a thread's unit: 4 AVX-512 vectors of float
+  // c [rows, cols] (+)= a [rows, K] op(b) [K, cols]. Each thread packs its block's B panel,
+  // one K slice at a time (as gemm_columns slices K, tuning.h), into a buffer of its own:
+  // read in place, the panel's rows lie ld_b apart, and at ld_b = 1024 floats every k
+  // maps to the same L1 sets (PERF_LOG.md row 37). ~256 KiB a thread, reused over all
+  // rows of the slice.
   const auto run = [&](int64_t rows, int64_t cols, const scalar_t* a, int64_t ld_a,
-                       const scalar_t* b, int64_t ld_b, bool add, scalar_t* c, int64_t ld_c) {
-    const int64_t blocks = (cols + kColumns - 1) / kColumns;
-    at::parallel_for(0, blocks, 1, [&](int64_t j0, int64_t j1) {
-      kernels.gemm_columns(rows, j0 * kColumns, std::min(cols, j1 * kColumns), K, a, ld_a, b, ld_b,
-                           add, c, ld_c);
+                       const scalar_t* b, int64_t ld_b, bool b_trans, bool add, scalar_t* c,
+                       int64_t ld_c) {
+    constexpr int64_t kSlice = kGemmColumnsSliceBytes / (kColumns * int64_t(sizeof(scalar_t)));
+    at::parallel_for(0, (cols + kColumns - 1) / kColumns, 1, [&](int64_t j0, int64_t j1) {
+      scalar_t* panel = scratch_of<scalar_t>(Scratch::kGemmPanels, std::min(kSlice, K) * kColumns);
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t n0 = j * kColumns, w = std::min(kColumns, cols - n0);
+        for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
+          const int64_t k = std::min(kSlice, K - k0);
+          pack_panel(b_trans, b, ld_b, n0, w, k0, k, panel);
+          kernels.gemm_columns(rows, 0, w, k, a + k0, ld_a, panel, w, add || k0 > 0, c + n0, ld_c);
+        }
+      }
     });
   };
   if (!trans_a) {
-    const scalar_t* b_rows = rows_of_op_b(trans_b, N, K, B, ldb);
-    run(M, N, A, lda, b_rows, trans_b ? N : ldb, accumulate, C, ldc);
+    run(M, N, A, lda, B, ldb, trans_b, accumulate, C, ldc);
     return;
   }
   // C^T [N, M] = op(B)^T [N, K] A [K, M]; op(B)^T as rows: B^T gathered, or B itself.
@@ -132,7 +164,7 @@ void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool tran
     ld_bt = K;
   }
   scalar_t* ct = scratch_of<scalar_t>(Scratch::kGemmProduct, N * M);
-  run(N, M, bt, ld_bt, A, lda, false, ct, M);
+  run(N, M, bt, ld_bt, A, lda, false, false, ct, M);
   transpose_into(ct, N, M, M, C, ldc, accumulate);  // C (+)= (C^T)^T, tiled, threaded
 }
 
