@@ -242,16 +242,16 @@ struct ForwardSmem {
   }
 };
 
-// W_local^T [H, G] from W_hh: read along W_hh's rows (coalesced), once per launch.
-template <typename scalar_t, typename acc_t>
-C10_HOST_DEVICE void forward_load_weights(const ForwardArgs<scalar_t>& a, const Part& b,
-                                          const ForwardSmem<scalar_t, acc_t>& m, int tid,
-                                          int threads) {
-  const int64_t G = 4 * b.hu, H = a.s.H;
+// This block's gate rows of W_hh [4H, H] into shared memory, once per launch: W_local
+// [G, H], or (transposed) W_local^T [H, G]; read along W_hh's rows (coalesced).
+template <typename scalar_t>
+C10_HOST_DEVICE void load_weights(const scalar_t* w_hh, const Shape& s, const Part& b,
+                                  bool transposed, scalar_t* w, int tid, int threads) {
+  const int64_t G = 4 * b.hu, H = s.H;
   for (int64_t e = tid; e < G * H; e += threads) {
     const int32_t jj = static_cast<int32_t>(e / H);
     const int64_t k = e - jj * H;
-    m.wt[k * G + jj] = a.w_hh[gate_row(a.s, b, jj) * H + k];
+    w[transposed ? k * G + jj : jj * H + k] = w_hh[gate_row(s, b, jj) * H + k];
   }
 }
 
@@ -350,7 +350,7 @@ template <typename scalar_t, typename acc_t, typename Peer, typename Sync>
 C10_HOST_DEVICE void forward_block(const ForwardArgs<scalar_t>& a, const Part& b,
                                    const ForwardSmem<scalar_t, acc_t>& m, const Peer& peer,
                                    Sync& sync, int tid, int threads) {
-  forward_load_weights(a, b, m, tid, threads);
+  load_weights(a.w_hh, a.s, b, true, m.wt, tid, threads);
   // Every block of the cluster has started before any writes into another's memory.
   sync.cluster();
   for (int32_t n = 0; n < a.s.T; ++n) {
@@ -396,18 +396,6 @@ struct BackwardSmem {
             reinterpret_cast<acc_t*>(base + l.slots)};
   }
 };
-
-template <typename scalar_t, typename acc_t>
-C10_HOST_DEVICE void backward_load_weights(const BackwardArgs<scalar_t>& a, const Part& b,
-                                           const BackwardSmem<scalar_t, acc_t>& m, int tid,
-                                           int threads) {
-  const int64_t G = 4 * b.hu, H = a.s.H;
-  for (int64_t e = tid; e < G * H; e += threads) {
-    const int32_t jj = static_cast<int32_t>(e / H);
-    const int64_t k = e - jj * H;
-    m.w[jj * H + k] = a.w_hh[gate_row(a.s, b, jj) * H + k];
-  }
-}
 
 // Rows whose backward starts at this step (they end here going forward: [next_batch,
 // batch)) take dh, dc from grad_h_n, grad_c_n.
@@ -520,7 +508,7 @@ template <typename scalar_t, typename acc_t, typename Peer, typename Sync>
 C10_HOST_DEVICE void backward_block(const BackwardArgs<scalar_t>& a, const Part& b,
                                     const BackwardSmem<scalar_t, acc_t>& m, const Peer& peer,
                                     Sync& sync, int tid, int threads) {
-  backward_load_weights(a, b, m, tid, threads);
+  load_weights(a.w_hh, a.s, b, false, m.w, tid, threads);
   sync.cluster();
   for (int32_t n = a.s.T - 1; n >= 0; --n) {
     const StepInfo st = step_at(a.steps, a.s, a.reverse, n);

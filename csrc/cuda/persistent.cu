@@ -62,30 +62,26 @@ struct DeviceSync {
   }
 };
 
-// Block blockIdx.x is rank blockIdx.x % n of slice blockIdx.x / n: clusters of a 1-D
-// grid are n consecutive blocks.
-template <typename scalar_t>
-__global__ void __launch_bounds__(ps::kThreads)
-    persistent_forward_kernel(const ps::ForwardArgs<scalar_t> a, const ps::SmemLayout layout) {
-  using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int n = a.s.n;
-  const auto m = ps::ForwardSmem<scalar_t, acc_t>::at(smem, layout);
-  DeviceSync sync{n};
-  ps::forward_block(a, ps::make_part(a.s, blockIdx.x % n, blockIdx.x / n), m, DevicePeer{n},
-                    sync, threadIdx.x, blockDim.x);
-}
+template <typename scalar_t, bool kBackward>
+using LaunchArgs = std::conditional_t<kBackward, ps::BackwardArgs<scalar_t>, ps::ForwardArgs<scalar_t>>;
 
-template <typename scalar_t>
+// The forward or backward block program on every block. Block blockIdx.x is rank
+// blockIdx.x % n of slice blockIdx.x / n: clusters of a 1-D grid are n consecutive blocks.
+template <typename scalar_t, bool kBackward>
 __global__ void __launch_bounds__(ps::kThreads)
-    persistent_backward_kernel(const ps::BackwardArgs<scalar_t> a, const ps::SmemLayout layout) {
+    persistent_kernel(const LaunchArgs<scalar_t, kBackward> a, const ps::SmemLayout layout) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int n = a.s.n;
-  const auto m = ps::BackwardSmem<scalar_t, acc_t>::at(smem, layout);
+  const ps::Part part = ps::make_part(a.s, blockIdx.x % n, blockIdx.x / n);
   DeviceSync sync{n};
-  ps::backward_block(a, ps::make_part(a.s, blockIdx.x % n, blockIdx.x / n), m, DevicePeer{n},
-                     sync, threadIdx.x, blockDim.x);
+  if constexpr (kBackward) {
+    ps::backward_block(a, part, ps::BackwardSmem<scalar_t, acc_t>::at(smem, layout),
+                       DevicePeer{n}, sync, threadIdx.x, blockDim.x);
+  } else {
+    ps::forward_block(a, part, ps::ForwardSmem<scalar_t, acc_t>::at(smem, layout), DevicePeer{n},
+                      sync, threadIdx.x, blockDim.x);
+  }
 }
 
 std::atomic<bool> g_enabled{[] {
@@ -194,6 +190,21 @@ ps::Plan plan_layer(const LayerSizes& s, const void* kernel) {
   return plan;
 }
 
+// Plans the layer, puts its step table on the device and launches
+// kernel(make_args(shape, steps), layout); false: the caller runs the per-step path.
+template <typename scalar_t, typename Args, typename MakeArgs>
+bool plan_and_launch(void (*kernel)(const Args, const ps::SmemLayout), const LayerSizes& sizes,
+                     const std::vector<Step>& schedule, const at::Tensor& like, bool backward,
+                     const MakeArgs& make_args) {
+  const ps::Plan plan = plan_layer<scalar_t>(sizes, reinterpret_cast<const void*>(kernel));
+  if (!plan.ok()) return false;
+  const ps::Shape s = ps::make_shape(sizes.H, sizes.B, sizes.T, plan.n, plan.slice);
+  const at::Tensor steps = device_steps(schedule, like);
+  return launch(kernel, make_args(s, steps_ptr(steps)),
+                ps::smem_layout(s, sizeof(scalar_t), sizeof(float), backward),
+                at::cuda::getCurrentCUDAStream());
+}
+
 }  // namespace
 
 std::string set_persistent(const std::string& setting) {
@@ -211,18 +222,14 @@ bool persistent_forward(const LayerForwardParams& p, const ForwardBuffers<scalar
   if constexpr (std::is_same_v<scalar_t, double>) {
     return false;
   } else {
-    const auto kernel = &persistent_forward_kernel<scalar_t>;
-    const ps::Plan plan = plan_layer<scalar_t>(p.s, reinterpret_cast<const void*>(kernel));
-    if (!plan.ok()) return false;
-    const ps::Shape s = ps::make_shape(p.s.H, p.s.B, p.s.T, plan.n, plan.slice);
-    const at::Tensor steps = device_steps(p.steps, p.input);
-    const ps::ForwardArgs<scalar_t> a{
-        p.w_hh.data_ptr<scalar_t>(), buf.gates,   buf.output,
-        buf.cells,                   p.h0.data_ptr<scalar_t>(), p.c0.data_ptr<scalar_t>(),
-        buf.h_state,                 buf.c_state, steps_ptr(steps),
-        s,                           p.reverse};
-    return launch(kernel, a, ps::smem_layout(s, sizeof(scalar_t), sizeof(float), false),
-                  at::cuda::getCurrentCUDAStream());
+    return plan_and_launch<scalar_t>(
+        &persistent_kernel<scalar_t, false>, p.s, p.steps, p.input, false,
+        [&](const ps::Shape& s, const ps::StepInfo* steps) {
+          return ps::ForwardArgs<scalar_t>{
+              p.w_hh.data_ptr<scalar_t>(), buf.gates, buf.output, buf.cells,
+              p.h0.data_ptr<scalar_t>(), p.c0.data_ptr<scalar_t>(), buf.h_state, buf.c_state,
+              steps, s, p.reverse};
+        });
   }
 }
 
@@ -231,16 +238,13 @@ bool persistent_backward(const LayerBackwardParams& p, const BackwardBuffers<sca
   if constexpr (std::is_same_v<scalar_t, double>) {
     return false;
   } else {
-    const auto kernel = &persistent_backward_kernel<scalar_t>;
-    const ps::Plan plan = plan_layer<scalar_t>(p.s, reinterpret_cast<const void*>(kernel));
-    if (!plan.ok()) return false;
-    const ps::Shape s = ps::make_shape(p.s.H, p.s.B, p.s.T, plan.n, plan.slice);
-    const at::Tensor steps = device_steps(p.steps, p.input);
-    const ps::BackwardArgs<scalar_t> a{
-        p.w_hh.data_ptr<scalar_t>(), buf.grad_output, buf.gates, buf.cells, buf.c0,
-        buf.dgates, buf.dh, buf.dc, steps_ptr(steps), s, p.reverse};
-    return launch(kernel, a, ps::smem_layout(s, sizeof(scalar_t), sizeof(float), true),
-                  at::cuda::getCurrentCUDAStream());
+    return plan_and_launch<scalar_t>(
+        &persistent_kernel<scalar_t, true>, p.s, p.steps, p.input, true,
+        [&](const ps::Shape& s, const ps::StepInfo* steps) {
+          return ps::BackwardArgs<scalar_t>{
+              p.w_hh.data_ptr<scalar_t>(), buf.grad_output, buf.gates, buf.cells, buf.c0,
+              buf.dgates, buf.dh, buf.dc, steps, s, p.reverse};
+        });
   }
 }
 
