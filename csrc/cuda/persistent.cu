@@ -91,7 +91,8 @@ std::atomic<bool> g_enabled{[] {
 std::atomic<int64_t> g_launches{0};
 
 // What the current device and `kernel`'s binary allow: clusters only where the kernel
-// was built for sm_90 or newer (an sm_80 binary run on sm_90 has no cluster code).
+// was built for sm_90 or newer (an sm_80 binary run on sm_90 has no cluster code);
+// max_cluster 0 where the kernel has no binary for this device.
 ps::DeviceLimits device_limits(const void* kernel) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   cudaFuncAttributes attr{};
@@ -181,8 +182,12 @@ template <typename scalar_t>
 ps::Plan plan_layer(const LayerSizes& s, const void* kernel) {
   ps::Plan plan;
   if (!g_enabled.load()) return plan;
-  plan = ps::plan(device_limits(kernel), s.H, s.P, s.B, s.T, static_cast<int>(sizeof(scalar_t)),
-                  s.has_proj);
+  const ps::DeviceLimits limits = device_limits(kernel);
+  if (limits.max_cluster == 0) {
+    plan.why_not = "this build has no persistent kernel for this GPU's architecture";
+  } else {
+    plan = ps::plan(limits, s.H, s.P, s.B, s.T, static_cast<int>(sizeof(scalar_t)), s.has_proj);
+  }
   if (!plan.ok()) {
     TORCH_WARN_ONCE("fused_lstm: the persistent CUDA kernel does not run this layer (",
                     plan.why_not, "); running the per-step path");
