@@ -93,10 +93,7 @@ ForwardResult layer_forward(const LayerForwardParams& p) {
         c_state, keep ? cells.data_ptr<scalar_t>() : c_state, keep ? H : 0,
         has_proj ? hiddens.data_ptr<scalar_t>() : nullptr, keep ? H : 0};
     // Input GEMM over all steps, bias folded in: gates = x W_ih^T + (b_ih + b_hh).
-    const bool has_bias = p.b_ih.defined() && N > 0;
-    if (has_bias) layer.fill_bias(buf.gates);
-    layer.gemm(false, true, N, 4 * H, I, p.input.data_ptr<scalar_t>(), I,
-               p.w_ih.data_ptr<scalar_t>(), I, has_bias ? 1 : 0, buf.gates, 4 * H);
+    layer.input_gemm(buf.gates);
     if (layer.fused(buf)) return;
     for (const Step& step : p.steps) {
       const int64_t b = step.batch;

@@ -29,12 +29,19 @@ struct CpuForward : CpuLayerBase<scalar_t> {
         w_hh_t(recurrent.small && !fused_step ? p.w_hh.t().contiguous() : at::Tensor()),
         w_hr_t(p.s.has_proj && projection.small ? p.w_hr.t().contiguous() : at::Tensor()) {}
 
-  // Every row of gates [N, 4H] = b_ih + b_hh.
-  void fill_bias(scalar_t* gates) const {
-    const scalar_t* b1 = p.b_ih.data_ptr<scalar_t>();
-    const scalar_t* b2 = p.b_hh.data_ptr<scalar_t>();
-    for (int64_t k = 0; k < 4 * H; ++k) gates[k] = b1[k] + b2[k];
-    for (int64_t n = 1; n < p.s.N; ++n) cpu::copy_rows(gates + n * 4 * H, gates, 1, 4 * H);
+  // gates [N, 4H] = x [N, I] W_ih^T + (b_ih + b_hh), the bias where the GEMM's tiles start
+  // (gemm_bias).
+  void input_gemm(scalar_t* gates) const {
+    std::vector<scalar_t> bias;
+    if (p.b_ih.defined()) {
+      const scalar_t* b1 = p.b_ih.data_ptr<scalar_t>();
+      const scalar_t* b2 = p.b_hh.data_ptr<scalar_t>();
+      bias.resize(4 * H);
+      for (int64_t k = 0; k < 4 * H; ++k) bias[k] = b1[k] + b2[k];
+    }
+    gemm_bias<scalar_t>(true, p.s.N, 4 * H, p.s.I, p.input.data_ptr<scalar_t>(), p.s.I,
+                        p.w_ih.data_ptr<scalar_t>(), p.s.I, bias.empty() ? nullptr : bias.data(),
+                        gates, 4 * H);
   }
 
   // g [b, 4H] += h [b, P] W_hh^T

@@ -1,8 +1,10 @@
 #include "cpu/gemm.h"
 
 #include <ATen/CPUFunctions.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -122,12 +124,15 @@ void pack_panel(bool trans_b, const scalar_t* B, int64_t ldb, int64_t n0, int64_
 }
 
 // A large GEMM on our gemm_columns kernel, column blocks split between threads, B in
-// column panels: C (+)= op(A) op(B). With trans_a (A stored [K, M], the weight gradients
-// dgates^T x) it computes C^T = op(B)^T A instead, whose B operand is then A as stored.
+// column panels: C = op(A) op(B) (+ C with accumulate, else + bias where not null: a row
+// of N added to every row). With trans_a (A stored [K, M], the weight gradients
+// dgates^T x; no bias) it computes C^T = op(B)^T A instead, whose B operand is then A
+// as stored.
 template <typename scalar_t>
 void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool trans_b, int64_t M,
                     int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B,
-                    int64_t ldb, bool accumulate, scalar_t* C, int64_t ldc) {
+                    int64_t ldb, bool accumulate, const scalar_t* bias, scalar_t* C,
+                    int64_t ldc) {
   constexpr int64_t kColumns = 64;  // a thread's unit: 4 AVX-512 vectors of float
   // c [rows, cols] (+)= a [rows, K] op(b) [K, cols]. Each thread packs its block's B panel,
   // one K slice at a time (as gemm_columns slices K, tuning.h), into a buffer of its own:
@@ -135,8 +140,8 @@ void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool tran
   // maps to the same L1 sets (PERF_LOG.md row 37). ~256 KiB a thread, reused over all
   // rows of the slice.
   const auto run = [&](int64_t rows, int64_t cols, const scalar_t* a, int64_t ld_a,
-                       const scalar_t* b, int64_t ld_b, bool b_trans, bool add, scalar_t* c,
-                       int64_t ld_c) {
+                       const scalar_t* b, int64_t ld_b, bool b_trans, bool add,
+                       const scalar_t* start, scalar_t* c, int64_t ld_c) {
     constexpr int64_t kSlice = kGemmColumnsSliceBytes / (kColumns * int64_t(sizeof(scalar_t)));
     at::parallel_for(0, (cols + kColumns - 1) / kColumns, 1, [&](int64_t j0, int64_t j1) {
       scalar_t* panel = scratch_of<scalar_t>(Scratch::kGemmPanels, std::min(kSlice, K) * kColumns);
@@ -145,15 +150,17 @@ void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool tran
         for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
           const int64_t k = std::min(kSlice, K - k0);
           pack_panel(b_trans, b, ld_b, n0, w, k0, k, panel);
-          kernels.gemm_columns(rows, 0, w, k, a + k0, ld_a, panel, w, add || k0 > 0, c + n0, ld_c);
+          kernels.gemm_columns(rows, 0, w, k, a + k0, ld_a, panel, w, add || k0 > 0,
+                               start != nullptr ? start + n0 : nullptr, c + n0, ld_c);
         }
       }
     });
   };
   if (!trans_a) {
-    run(M, N, A, lda, B, ldb, trans_b, accumulate, C, ldc);
+    run(M, N, A, lda, B, ldb, trans_b, accumulate, bias, C, ldc);
     return;
   }
+  TORCH_INTERNAL_ASSERT(bias == nullptr, "own_large_gemm: no bias with trans_a");
   // C^T [N, M] = op(B)^T [N, K] A [K, M]; op(B)^T as rows: B^T gathered, or B itself.
   const scalar_t* bt = B;
   int64_t ld_bt = ldb;
@@ -164,8 +171,21 @@ void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool tran
     ld_bt = K;
   }
   scalar_t* ct = scratch_of<scalar_t>(Scratch::kGemmProduct, N * M);
-  run(N, M, bt, ld_bt, A, lda, false, false, ct, M);
+  run(N, M, bt, ld_bt, A, lda, false, false, nullptr, ct, M);
   transpose_into(ct, N, M, M, C, ldc, accumulate);  // C (+)= (C^T)^T, tiled, threaded
+}
+
+// Which of our kernels gemm() runs for these sizes (with beta 0 or 1), if any: small_gemm
+// up to tuning.h's own_gemm_max_macs, gemm_columns above it where tuning.h says so.
+enum class OwnPath { kNone, kSmall, kLarge };
+template <typename scalar_t>
+OwnPath own_path(const CpuKernels<scalar_t>& kernels, int64_t M, int64_t N, int64_t K) {
+  if (cpu_gemm_setting() == GemmSetting::kAten) return OwnPath::kNone;
+  if (M * N * K <= cpu_tuning().own_gemm_max_macs) {
+    return kernels.small_gemm != nullptr ? OwnPath::kSmall : OwnPath::kNone;
+  }
+  return kernels.gemm_columns != nullptr && cpu_tuning().own_large_gemm ? OwnPath::kLarge
+                                                                        : OwnPath::kNone;
 }
 
 }  // namespace
@@ -205,32 +225,102 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
     return;
   }
   const auto& kernels = cpu_kernels<scalar_t>();
-  const bool ours = cpu_gemm_setting() != GemmSetting::kAten && kernels.small_gemm != nullptr &&
-                    (beta == opmath_t(0) || beta == opmath_t(1)) &&
-                    M * N * K <= cpu_tuning().own_gemm_max_macs;
-  if (ours) {
+  const OwnPath path = beta == opmath_t(0) || beta == opmath_t(1) ? own_path(kernels, M, N, K)
+                                                                  : OwnPath::kNone;
+  if (path == OwnPath::kSmall) {
     const scalar_t* b_rows = rows_of_op_b(trans_b, N, K, B, ldb);
     const int64_t ld_rows = trans_b ? N : ldb;
     const auto kernel = trans_a ? kernels.small_gemm_trans_a : kernels.small_gemm;
     kernel(M, N, K, A, lda, b_rows, ld_rows, beta == opmath_t(1), C, ldc);
     return;
   }
-  if (cpu_gemm_setting() != GemmSetting::kAten && kernels.gemm_columns != nullptr &&
-      (beta == opmath_t(0) || beta == opmath_t(1)) && cpu_tuning().own_large_gemm) {
-    own_large_gemm(kernels, trans_a, trans_b, M, N, K, A, lda, B, ldb, beta == opmath_t(1), C,
-                   ldc);
+  if (path == OwnPath::kLarge) {
+    own_large_gemm<scalar_t>(kernels, trans_a, trans_b, M, N, K, A, lda, B, ldb,
+                             beta == opmath_t(1), nullptr, C, ldc);
     return;
   }
   aten_gemm<scalar_t>(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
 
+template <typename scalar_t>
+void gemm_bias(bool trans_b, int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+               const scalar_t* B, int64_t ldb, const scalar_t* bias, scalar_t* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  const auto& kernels = cpu_kernels<scalar_t>();
+  // Where gemm() would run gemm_columns, the bias is where its tiles start: no pass over
+  // C to fill it, and no read of C back (PERF_LOG.md row 38).
+  if (bias != nullptr && K > 0 && own_path(kernels, M, N, K) == OwnPath::kLarge) {
+    own_large_gemm(kernels, false, trans_b, M, N, K, A, lda, B, ldb, false, bias, C, ldc);
+    return;
+  }
+  if (bias != nullptr) {
+    for (int64_t m = 0; m < M; ++m) std::copy_n(bias, N, C + m * ldc);
+  }
+  gemm<scalar_t>(false, trans_b, M, N, K, A, lda, B, ldb, bias != nullptr ? 1 : 0, C, ldc);
+}
+
 #define FUSED_LSTM_INSTANTIATE_GEMM(scalar_t)                                          \
   template void gemm<scalar_t>(bool, bool, int64_t, int64_t, int64_t, const scalar_t*, \
                                int64_t, const scalar_t*, int64_t,                      \
-                               at::opmath_type<scalar_t>, scalar_t*, int64_t);
+                               at::opmath_type<scalar_t>, scalar_t*, int64_t);   \
+  template void gemm_bias<scalar_t>(bool, int64_t, int64_t, int64_t, const scalar_t*,  \
+                                    int64_t, const scalar_t*, int64_t, const scalar_t*, \
+                                    scalar_t*, int64_t);
 FUSED_LSTM_INSTANTIATE_GEMM(float)
 FUSED_LSTM_INSTANTIATE_GEMM(double)
 FUSED_LSTM_INSTANTIATE_GEMM(at::Half)
 FUSED_LSTM_INSTANTIATE_GEMM(at::BFloat16)
+
+namespace {
+
+// op cpu_gemm (ops/schemas.cpp): op(a) @ op(b) (+ c) through gemm().
+at::Tensor cpu_gemm_op(const at::Tensor& a, const at::Tensor& b, bool trans_a, bool trans_b,
+                       const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "cpu_gemm: a and b must be 2-D, got ", a.dim(),
+              "-D and ", b.dim(), "-D");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "cpu_gemm: a and b must share a dtype, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+  const int64_t M = a.size(trans_a ? 1 : 0), K = a.size(trans_a ? 0 : 1);
+  const int64_t N = b.size(trans_b ? 0 : 1);
+  TORCH_CHECK(b.size(trans_b ? 1 : 0) == K, "cpu_gemm: op(a) is [", M, ", ", K, "] but op(b) is [",
+              b.size(trans_b ? 1 : 0), ", ", N, "]");
+  const at::Tensor A = a.contiguous(), B = b.contiguous();
+  at::Tensor C;
+  if (bias.has_value()) {
+    TORCH_CHECK(!c.has_value() && !trans_a, "cpu_gemm: bias only without c and trans_a");
+    TORCH_CHECK(bias->scalar_type() == a.scalar_type() && bias->dim() == 1 &&
+                    bias->size(0) == N,
+                "cpu_gemm: bias must be [", N, "] of ", a.scalar_type(), ", got ",
+                bias->sizes(), " of ", bias->scalar_type());
+  }
+  if (c.has_value()) {
+    TORCH_CHECK(c->scalar_type() == a.scalar_type() && c->dim() == 2 && c->size(0) == M &&
+                    c->size(1) == N,
+                "cpu_gemm: c must be [", M, ", ", N, "] of ", a.scalar_type(), ", got ",
+                c->sizes(), " of ", c->scalar_type());
+    C = c->clone(at::MemoryFormat::Contiguous);
+  } else {
+    C = at::empty({M, N}, a.options());
+  }
+  const at::Tensor bias_row = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cpu_gemm", [&] {
+    if (bias.has_value()) {
+      gemm_bias<scalar_t>(trans_b, M, N, K, A.const_data_ptr<scalar_t>(), A.size(1),
+                          B.const_data_ptr<scalar_t>(), B.size(1),
+                          bias_row.const_data_ptr<scalar_t>(), C.mutable_data_ptr<scalar_t>(), N);
+      return;
+    }
+    gemm<scalar_t>(trans_a, trans_b, M, N, K, A.const_data_ptr<scalar_t>(), A.size(1),
+                   B.const_data_ptr<scalar_t>(), B.size(1), c.has_value() ? 1 : 0,
+                   C.mutable_data_ptr<scalar_t>(), N);
+  });
+  return C;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
+  m.impl("cpu_gemm", &cpu_gemm_op);
+}
 
 }  // namespace fused_lstm::cpu

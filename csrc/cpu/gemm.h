@@ -20,6 +20,12 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
           const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
           at::opmath_type<scalar_t> beta, scalar_t* C, int64_t ldc);
 
+// C[M, N] = A[M, K] op(B) + bias, `bias` a row of N added to every row (none where null):
+// the input GEMM with the LSTM's bias folded in.
+template <typename scalar_t>
+void gemm_bias(bool trans_b, int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+               const scalar_t* B, int64_t ldb, const scalar_t* bias, scalar_t* C, int64_t ldc);
+
 // "auto": the fastest path by tuning.h; "aten": every GEMM through ATen and no fused
 // loops (the plain path: a GEMM and an elementwise pass per step); "small": the
 // per-step GEMMs through our kernel whatever their size, and the loops fused wherever

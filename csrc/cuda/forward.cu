@@ -16,10 +16,16 @@ struct CudaForward : CudaLayerBase<scalar_t> {
 
   explicit CudaForward(const LayerForwardParams& params) : p(params), H(p.s.H), P(p.s.P) {}
 
-  // Every row of gates [N, 4H] = b_ih + b_hh.
-  void fill_bias(scalar_t* gates) const {
-    at::from_blob(gates, {p.s.N, 4 * H}, p.input.options())
-        .copy_((p.b_ih + p.b_hh).expand({p.s.N, 4 * H}));
+  // gates [N, 4H] = x [N, I] W_ih^T + (b_ih + b_hh): the bias in every row, then the GEMM
+  // adds into it.
+  void input_gemm(scalar_t* gates) const {
+    const bool has_bias = p.b_ih.defined() && p.s.N > 0;
+    if (has_bias) {
+      at::from_blob(gates, {p.s.N, 4 * H}, p.input.options())
+          .copy_((p.b_ih + p.b_hh).expand({p.s.N, 4 * H}));
+    }
+    this->gemm(false, true, p.s.N, 4 * H, p.s.I, p.input.data_ptr<scalar_t>(), p.s.I,
+               p.w_ih.data_ptr<scalar_t>(), p.s.I, has_bias ? 1 : 0, gates, 4 * H);
   }
 
   // g [b, 4H] += h [b, P] W_hh^T

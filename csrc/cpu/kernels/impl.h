@@ -155,10 +155,13 @@ void backward_step(int64_t b, int64_t H, const scalar_t* gates, const scalar_t* 
 // kVecs independent FMA chains (enough to hide the FMA latency: 4 x 2, or 1 x 8 for
 // the rows left over, e.g. a batch of one). kFull: cols == kVecs * W, no masking.
 // A(r, k) is A[r * lda + k], or with kTransA (A stored [K, M]) A[k * lda + r].
+// Without accumulate, C starts from `bias` (the block's columns of a row added to every
+// row) where it is not null, else from 0.
 template <typename scalar_t, int kRows, int kVecs, bool kFull, bool kTransA>
 C10_ALWAYS_INLINE void small_gemm_block_impl(int64_t K, const scalar_t* A, int64_t lda,
                                              const scalar_t* B, int64_t ldb, bool accumulate,
-                                             scalar_t* C, int64_t ldc, int64_t cols) {
+                                             scalar_t* C, int64_t ldc, int64_t cols,
+                                             const scalar_t* bias) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
   int64_t n[kVecs];  // valid lanes of each vector of columns
@@ -167,9 +170,10 @@ C10_ALWAYS_INLINE void small_gemm_block_impl(int64_t K, const scalar_t* A, int64
     return kFull ? Vec::loadu(p) : n[v] > 0 ? load(Vec{}, p, n[v]) : Vec(scalar_t(0));
   };
   Vec acc[kRows][kVecs];
-  for (int r = 0; r < kRows; ++r) {
-    for (int v = 0; v < kVecs; ++v) {
-      acc[r][v] = accumulate ? load_n(C + r * ldc + v * W, v) : Vec(scalar_t(0));
+  for (int v = 0; v < kVecs; ++v) {
+    const Vec start = bias != nullptr && !accumulate ? load_n(bias + v * W, v) : Vec(scalar_t(0));
+    for (int r = 0; r < kRows; ++r) {
+      acc[r][v] = accumulate ? load_n(C + r * ldc + v * W, v) : start;
     }
   }
   for (int64_t k = 0; k < K; ++k) {
@@ -194,13 +198,14 @@ C10_ALWAYS_INLINE void small_gemm_block_impl(int64_t K, const scalar_t* A, int64
 template <typename scalar_t, int kRows, int kVecs, bool kTransA = false>
 C10_ALWAYS_INLINE void small_gemm_block(int64_t K, const scalar_t* A, int64_t lda,
                                         const scalar_t* B, int64_t ldb, bool accumulate,
-                                        scalar_t* C, int64_t ldc, int64_t cols) {
+                                        scalar_t* C, int64_t ldc, int64_t cols,
+                                        const scalar_t* bias = nullptr) {
   if (cols == kVecs * Vectorized<scalar_t>::size()) {
     small_gemm_block_impl<scalar_t, kRows, kVecs, true, kTransA>(K, A, lda, B, ldb, accumulate,
-                                                                 C, ldc, cols);
+                                                                 C, ldc, cols, bias);
   } else {
     small_gemm_block_impl<scalar_t, kRows, kVecs, false, kTransA>(K, A, lda, B, ldb, accumulate,
-                                                                  C, ldc, cols);
+                                                                  C, ldc, cols, bias);
   }
 }
 
@@ -208,25 +213,27 @@ C10_ALWAYS_INLINE void small_gemm_block(int64_t K, const scalar_t* A, int64_t ld
 // of 8 vectors (8 accumulators and 8 B vectors of AVX-512's 32 registers; 4 + 4 of
 // AVX2's 16), then 4, then 2 (the last maybe masked): a row alone is bound by the FMA
 // latency, so it needs many independent chains (e.g. a batch of one). With kTransA,
-// a's element k is a[k * lda] (a column of A stored [K, M]).
+// a's element k is a[k * lda] (a column of A stored [K, M]). `bias` as small_gemm_block's,
+// indexed as c.
 template <typename scalar_t, bool kTransA = false>
 C10_ALWAYS_INLINE void gemm_one_row(int64_t K, const scalar_t* a, const scalar_t* B, int64_t ldb,
                                     bool accumulate, scalar_t* c, int64_t n, int64_t n_end,
-                                    int64_t lda = 0) {
+                                    int64_t lda = 0, const scalar_t* bias = nullptr) {
   constexpr int64_t W = Vectorized<scalar_t>::size();
   constexpr int kWideVecs = sizeof(Vectorized<scalar_t>) >= 64 ? 8 : 4;
+  const auto bias_at = [&](int64_t col) { return bias != nullptr ? bias + col : nullptr; };
   for (; n + kWideVecs * W <= n_end; n += kWideVecs * W) {
     small_gemm_block<scalar_t, 1, kWideVecs, kTransA>(K, a, lda, B + n, ldb, accumulate, c + n,
-                                                      0, kWideVecs * W);
+                                                      0, kWideVecs * W, bias_at(n));
   }
   if (kWideVecs > 4 && n + 4 * W <= n_end) {
     small_gemm_block<scalar_t, 1, 4, kTransA>(K, a, lda, B + n, ldb, accumulate, c + n, 0,
-                                              4 * W);
+                                              4 * W, bias_at(n));
     n += 4 * W;
   }
   for (; n < n_end; n += 2 * W) {
     small_gemm_block<scalar_t, 1, 2, kTransA>(K, a, lda, B + n, ldb, accumulate, c + n, 0,
-                                              std::min(2 * W, n_end - n));
+                                              std::min(2 * W, n_end - n), bias_at(n));
   }
 }
 
@@ -288,9 +295,11 @@ void small_gemm_trans_a(int64_t M, int64_t N, int64_t K, const scalar_t* A, int6
 // the rows left over (under 4) as in small_gemm.
 // K goes in slices of at most 256 KiB of a block's columns of B, so that the row
 // blocks after the first read them from L2, not L3 (wide: W_hh is 16 MB, K = 4096).
+// Without accumulate, C starts from `bias` where it is not null (indexed as C's columns).
 template <typename scalar_t>
 void gemm_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A, int64_t lda,
-                  const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C, int64_t ldc) {
+                  const scalar_t* B, int64_t ldb, bool accumulate, const scalar_t* bias,
+                  scalar_t* C, int64_t ldc) {
   if constexpr (kVectorized<scalar_t>) {
     constexpr int64_t W = Vectorized<scalar_t>::size();
     constexpr bool kWide = sizeof(Vectorized<scalar_t>) >= 64;
@@ -310,16 +319,17 @@ void gemm_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* 
         const bool add = accumulate || k0 > 0;
         const scalar_t* a = A + k0;
         const scalar_t* b = B + k0 * ldb + n;
+        const scalar_t* start = bias != nullptr ? bias + n : nullptr;
         int64_t m = 0;
         if constexpr (kWide) {
           for (; tiled - m >= 6 && tiled - m != 8; m += 6) {
             small_gemm_block<scalar_t, 6, kVecs>(k, a + m * lda, lda, b, ldb, add,
-                                                 C + m * ldc + n, ldc, cols);
+                                                 C + m * ldc + n, ldc, cols, start);
           }
         }
         for (; m < tiled; m += 4) {
           small_gemm_block<scalar_t, 4, kVecs>(k, a + m * lda, lda, b, ldb, add, C + m * ldc + n,
-                                               ldc, cols);
+                                               ldc, cols, start);
         }
       }
     };
@@ -334,7 +344,7 @@ void gemm_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* 
     }
     for (; n < n1; n += W) column_block(std::integral_constant<int, 1>{}, n, std::min(W, n1 - n));
     for (int64_t m = tiled; m < M; ++m) {
-      gemm_one_row(K, A + m * lda, B, ldb, accumulate, C + m * ldc, n0, n1);
+      gemm_one_row(K, A + m * lda, B, ldb, accumulate, C + m * ldc, n0, n1, 0, bias);
     }
   }
 }
@@ -420,11 +430,27 @@ void fused_step(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
     constexpr int64_t W = Vec::size();
     constexpr bool kWide = sizeof(Vec) >= 64;
     const auto a_row = [&](int64_t r) { return r < split ? a_main + r * H : a_rest + (r - split) * H; };
+    const int64_t u_end = std::min(H, j1 * W);
     const auto tile = [&](auto rows, int64_t r, const scalar_t* w_tile, int64_t u,
                           int64_t n) FUSED_LSTM_INLINE_LAMBDA {
       constexpr int kTileRows = decltype(rows)::value;
       const scalar_t* a[kTileRows];
       for (int i = 0; i < kTileRows; ++i) a[i] = a_row(r + i);
+      // The next tile's input gates (the rows after, or the next units' first rows), to
+      // L1 while this one runs: its rows lie 4H apart in a buffer too large for any cache,
+      // a stride the hardware prefetcher does not follow, and each tile began by waiting
+      // on its 4 * kTileRows lines (PERF_LOG.md row 38).
+      const int64_t next_r = r + kTileRows < b ? r + kTileRows : 0;
+      const int64_t next_u = r + kTileRows < b ? u : u + W;
+      if (next_u < u_end) {
+        for (int64_t i = next_r; i < std::min(b, next_r + kTileRows); ++i) {
+          for (int q = 0; q < 4; ++q) {
+            const scalar_t* line = gates + i * 4 * H + q * H + next_u;
+            __builtin_prefetch(line);
+            __builtin_prefetch(line + std::min(W, u_end - next_u) - 1);
+          }
+        }
+      }
       fused_step_tile<scalar_t, kTileRows>(H, a, w_tile, gates, store_gates, c_state, cells,
                                            h_out, r, u, n);
     };

@@ -53,16 +53,18 @@ struct CpuKernels {
   int64_t fused_width;  // hidden units per tile (the SIMD width), 0 without fused_step
   // The fused backward step (no projection), in two halves: backward_block is
   // `backward` for rows [r0, r1) and units [u0, u1), on the calling thread;
-  // gemm_columns is C[M, n0:n1) (+)= A[M, K] B[K, n0:n1), row-major, on the calling
-  // thread (dh = dgates W_hh over a thread's own rows or units; null for half/bfloat16).
+  // gemm_columns is C[M, n0:n1) = A[M, K] B[K, n0:n1) (+ C when accumulate, else + bias
+  // where not null: a row of C's columns added to every row), row-major, on the calling
+  // thread (dh = dgates W_hh over a thread's own rows or units, and the large GEMMs of
+  // cpu/gemm.cpp; null for half/bfloat16).
   void (*backward_block)(int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H,
                          const scalar_t* gates, const scalar_t* cells,
                          const scalar_t* c_prev_step, int64_t prev_batch, const scalar_t* c0,
                          const scalar_t* dh, const scalar_t* dh_extra, scalar_t* dc,
                          scalar_t* dgates);
   void (*gemm_columns)(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A,
-                       int64_t lda, const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C,
-                       int64_t ldc);
+                       int64_t lda, const scalar_t* B, int64_t ldb, bool accumulate,
+                       const scalar_t* bias, scalar_t* C, int64_t ldc);
   // Whether fused_step reads w_packed in gate halves (pack_w_hh_for_fused_step).
   bool fused_gate_halves;
   // Columns of gemm_columns' widest block (a multiple of fused_width; 0 without it).

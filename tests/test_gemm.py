@@ -1,0 +1,95 @@
+"""The CPU GEMMs the kernels run (csrc/cpu/gemm.h), called directly through the op
+cpu_gemm: op(a) @ op(b), + c, or + a bias row (gemm_bias, the input GEMM's path), on
+every CPU path, at sizes on both sides of each backend's cut-over (tuning.h: our
+register-blocked kernel up to 2^20 multiply-adds, then gemm_columns or torch's BLAS)
+and of the kernels' tile edges (6 and 4 rows, 64-column blocks, 256 KiB K slices)."""
+import itertools
+
+import pytest
+import torch
+
+import fused_lstm  # noqa: F401  (registers the ops)
+
+gemm = torch.ops.fused_lstm.cpu_gemm
+
+# (M, K, N): tiny; under the small-GEMM cut-over with odd edges; past it with rows left
+# over after the 6- and 4-row tiles and a column block cut short; K past one 256 KiB slice
+# of a 64-column block (1024 floats); a wide N.
+SHAPES = [(1, 1, 1), (7, 3, 5), (33, 17, 100), (203, 129, 77), (301, 64, 1030),
+          (13, 1100, 70), (64, 300, 2000)]
+
+
+def _operands(M, K, N, trans_a, trans_b, dtype):
+    a = torch.randn(K, M, dtype=dtype) if trans_a else torch.randn(M, K, dtype=dtype)
+    b = torch.randn(N, K, dtype=dtype) if trans_b else torch.randn(K, N, dtype=dtype)
+    return a, b, (a.t() if trans_a else a).double() @ (b.t() if trans_b else b).double()
+
+
+def _close(out, expected, dtype, K):
+    # Each element is a sum of K products: float32 rounding grows with sqrt(K).
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6 * max(1.0, K ** 0.5)
+    scale = expected.abs().max().item() + 1.0
+    assert out.dtype == dtype
+    err = (out.double() - expected).abs().max().item() / scale
+    assert err <= rtol, f"max error {err:.3g} of the largest value, allowed {rtol:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("M,K,N", SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in SHAPES])
+def test_gemm_matches_float64(cpu_path, M, K, N, dtype):
+    torch.manual_seed(M * 7 + K * 3 + N)
+    for trans_a, trans_b in itertools.product([False, True], repeat=2):
+        a, b, expected = _operands(M, K, N, trans_a, trans_b, dtype)
+        _close(gemm(a, b, trans_a, trans_b), expected, dtype, K)
+        c = torch.randn(M, N, dtype=dtype)
+        _close(gemm(a, b, trans_a, trans_b, c), expected + c.double(), dtype, K)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("M,K,N", SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in SHAPES])
+def test_gemm_bias_is_the_gemm_added_to_the_bias(cpu_path, M, K, N, dtype):
+    # gemm_bias starts gemm_columns' tiles from the bias instead of filling C with it and
+    # accumulating: the same sums in the same order, so the same bits as the fill.
+    torch.manual_seed(M + K + N)
+    for trans_b in (False, True):
+        a, b, expected = _operands(M, K, N, False, trans_b, dtype)
+        bias = torch.randn(N, dtype=dtype)
+        out = gemm(a, b, False, trans_b, None, bias)
+        _close(out, expected + bias.double(), dtype, K)
+        assert torch.equal(out, gemm(a, b, False, trans_b, bias.expand(M, N)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_gemm_half_precision_through_torch(dtype):
+    # No kernel of ours for 16-bit types: torch's BLAS, every entry point.
+    torch.manual_seed(0)
+    a, b, expected = _operands(40, 50, 60, False, True, dtype)
+    bias = torch.randn(60, dtype=dtype)
+    rtol = 1e-2 if dtype == torch.float16 else 5e-2
+    torch.testing.assert_close(gemm(a, b, False, True).double(), expected, rtol=rtol, atol=rtol * 5)
+    torch.testing.assert_close(gemm(a, b, False, True, None, bias).double(),
+                               expected + bias.double(), rtol=rtol, atol=rtol * 5)
+
+
+def test_gemm_ignores_what_c_held_without_it():
+    # Without c (beta 0) the output buffer's old contents, NaN included, never leak in.
+    torch.manual_seed(0)
+    for M, K, N in [(8, 8, 8), (301, 64, 1030)]:
+        a, b, expected = _operands(M, K, N, False, False, torch.float32)
+        for _ in range(3):  # fresh outputs may reuse freed memory holding NaN
+            junk = torch.full((M * N * 2,), float("nan"))
+            del junk
+            _close(gemm(a, b, False, False), expected, torch.float32, K)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((torch.randn(3), torch.randn(3, 4), False, False), "a and b must be 2-D"),
+    ((torch.randn(3, 4), torch.randn(4, 5).double(), False, False), "must share a dtype"),
+    ((torch.randn(3, 4), torch.randn(5, 6), False, False), r"op\(a\) is \[3, 4\] but op\(b\) is \[5, 6\]"),
+    ((torch.randn(3, 4), torch.randn(4, 5), False, False, torch.randn(3, 4)), r"c must be \[3, 5\]"),
+    ((torch.randn(3, 4), torch.randn(4, 5), False, False, None, torch.randn(4)), r"bias must be \[5\]"),
+    ((torch.randn(4, 3), torch.randn(4, 5), True, False, None, torch.randn(5)), "bias only without c and trans_a"),
+])
+def test_gemm_op_errors(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        gemm(*args)
