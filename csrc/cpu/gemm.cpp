@@ -259,12 +259,12 @@ void gemm_bias(bool trans_b, int64_t M, int64_t N, int64_t K, const scalar_t* A,
   gemm<scalar_t>(false, trans_b, M, N, K, A, lda, B, ldb, bias != nullptr ? 1 : 0, C, ldc);
 }
 
-#define FUSED_LSTM_INSTANTIATE_GEMM(scalar_t)                                          \
-  template void gemm<scalar_t>(bool, bool, int64_t, int64_t, int64_t, const scalar_t*, \
-                               int64_t, const scalar_t*, int64_t,                      \
-                               at::opmath_type<scalar_t>, scalar_t*, int64_t);   \
-  template void gemm_bias<scalar_t>(bool, int64_t, int64_t, int64_t, const scalar_t*,  \
-                                    int64_t, const scalar_t*, int64_t, const scalar_t*, \
+#define FUSED_LSTM_INSTANTIATE_GEMM(scalar_t)                                               \
+  template void gemm<scalar_t>(bool, bool, int64_t, int64_t, int64_t, const scalar_t*,      \
+                               int64_t, const scalar_t*, int64_t,                           \
+                               at::opmath_type<scalar_t>, scalar_t*, int64_t);              \
+  template void gemm_bias<scalar_t>(bool, int64_t, int64_t, int64_t, const scalar_t*,      \
+                                    int64_t, const scalar_t*, int64_t, const scalar_t*,     \
                                     scalar_t*, int64_t);
 FUSED_LSTM_INSTANTIATE_GEMM(float)
 FUSED_LSTM_INSTANTIATE_GEMM(double)
