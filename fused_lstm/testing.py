@@ -21,6 +21,10 @@ TOLERANCES = {
 # the same bound.
 HALF_VS_FLOAT64 = {torch.float16: (2e-2, 2e-2), torch.bfloat16: (8e-2, 8e-2)}
 
+# One CPU GEMM (op cpu_gemm) against float64: a bound on max |error| / (max |expected| + 1),
+# times sqrt(K) for float32, whose rounding grows with the K products each element sums.
+GEMM_VS_FLOAT64 = {torch.float64: 1e-12, torch.float32: 1e-6}
+
 # float32 against cuDNN in float32 (TF32 off): cuDNN's own float32 error (up to 1.6e-5
 # of the max on an H200, cuDNN 9.19) exceeds TOLERANCES' float32 bound.
 CUDNN_FLOAT32 = (1e-4, 1e-4)
