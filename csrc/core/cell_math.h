@@ -44,18 +44,31 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T act_sigmoid(const T& x) {
   return T(1) / (T(1) + act_exp(T(0) - x));
 }
 
-// Forward for one unit.
+// Forward for one unit, in two halves (a kernel that computes gates i, f before g, o
+// runs them apart; cell_forward runs both).
 //   in:  i, f, g, o pre-activations (x W_ih^T + h W_hh^T + b), c_prev
 //   out: i, f, g, o activated (kept for backward), c, h = o * tanh(c)
 template <typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE void cell_forward(
-    T& i, T& f, T& g, T& o, const T& c_prev, T& c, T& h) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE void cell_forward_input_forget(T& i, T& f) {
   i = act_sigmoid(i);
   f = act_sigmoid(f);
+}
+
+// i, f activated (cell_forward_input_forget); g, o pre-activations in, activated out.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void cell_forward_output(
+    const T& i, const T& f, T& g, T& o, const T& c_prev, T& c, T& h) {
   g = act_tanh(g);
   o = act_sigmoid(o);
   c = f * c_prev + i * g;
   h = o * act_tanh(c);
+}
+
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void cell_forward(
+    T& i, T& f, T& g, T& o, const T& c_prev, T& c, T& h) {
+  cell_forward_input_forget(i, f);
+  cell_forward_output(i, f, g, o, c_prev, c, h);
 }
 
 // Backward for one unit, from the activated gates saved by cell_forward.

@@ -350,16 +350,18 @@ void gemm_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* 
 }
 
 // Whether fused_step's packed weights come in gate halves (AVX2 and the portable build):
-// per k, two streams of 2 vectors (i f, g o) instead of one of 4; at B16 H1024 the
-// weights, a chunk's 128 KB, come from L2 faster so (PERF_LOG.md row 33).
+// two streams of 2 vectors a k (i f, then g o) instead of one of 4. The tiles of 4 and
+// 6 rows read one half per pass over K (fused_step_tile_halves, PERF_LOG.md row 39);
+// those of 1 and 2 both at once (at B16 H1024 a chunk's 128 KB came from L2 faster in
+// two streams, row 33).
 template <typename S>
 constexpr bool kFusedGateHalves = sizeof(Vectorized<S>) < 64;
 
 // fused_step's tile: kRows rows x one vector of hidden units [u, u + n), all four
 // gates: 4 * kRows FMA chains over K = H, then the cell update in registers.
-// Per k, the 4 weight vectors stay in registers across the rows where 4 * kRows
-// accumulators + 4 + a broadcast fit (AVX-512's 6 rows: 29 of 32); else the rows'
-// broadcasts do, and one weight vector at a time (AVX2's 3 rows: 12 + 3 + 1 of 16).
+// Per k, the 4 weight vectors stay in registers across the rows: 4 * kRows
+// accumulators + 4 + a broadcast (AVX-512's 6 rows: 29 of 32; AVX2 runs its tiles of
+// 4 and 6 rows in gate halves, fused_step_tile_halves, and only 1 and 2 here).
 // w_tile: this tile's packed weights, [H][4][W] or, in gate halves, [2][H][2][W].
 template <typename scalar_t, int kRows>
 C10_ALWAYS_INLINE void fused_step_tile(int64_t H, const scalar_t* const* a_rows,
@@ -368,8 +370,8 @@ C10_ALWAYS_INLINE void fused_step_tile(int64_t H, const scalar_t* const* a_rows,
                                        int64_t row0, int64_t u, int64_t n) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
-  constexpr int kRegisters = sizeof(Vec) >= 64 ? 32 : 16;
-  constexpr bool kWeightsInRegisters = 4 * kRows + 4 + 1 <= kRegisters;
+  static_assert(4 * kRows + 4 + 1 <= (sizeof(Vec) >= 64 ? 32 : 16),
+                "the tile's accumulators, weights and broadcast must fit the registers");
   constexpr bool kGateHalves = kFusedGateHalves<scalar_t>;
   const int64_t G = 4 * H;
   Vec acc[kRows][4];
@@ -382,20 +384,11 @@ C10_ALWAYS_INLINE void fused_step_tile(int64_t H, const scalar_t* const* a_rows,
                        : w_tile + k * 4 * W + q * W;
   };
   for (int64_t k = 0; k < H; ++k) {
-    if constexpr (kWeightsInRegisters) {
-      Vec w[4];
-      for (int q = 0; q < 4; ++q) w[q] = Vec::loadu(w_at(k, q));
-      for (int r = 0; r < kRows; ++r) {
-        const Vec a(a_rows[r][k]);
-        for (int q = 0; q < 4; ++q) acc[r][q] = at::vec::fmadd(a, w[q], acc[r][q]);
-      }
-    } else {
-      Vec a[kRows];
-      for (int r = 0; r < kRows; ++r) a[r] = Vec(a_rows[r][k]);
-      for (int q = 0; q < 4; ++q) {
-        const Vec w = Vec::loadu(w_at(k, q));
-        for (int r = 0; r < kRows; ++r) acc[r][q] = at::vec::fmadd(a[r], w, acc[r][q]);
-      }
+    Vec w[4];
+    for (int q = 0; q < 4; ++q) w[q] = Vec::loadu(w_at(k, q));
+    for (int r = 0; r < kRows; ++r) {
+      const Vec a(a_rows[r][k]);
+      for (int q = 0; q < 4; ++q) acc[r][q] = at::vec::fmadd(a, w[q], acc[r][q]);
     }
   }
   for (int r = 0; r < kRows; ++r) {
@@ -420,6 +413,74 @@ C10_ALWAYS_INLINE void fused_step_tile(int64_t H, const scalar_t* const* a_rows,
   }
 }
 
+// fused_step's tile in gate halves (AVX2's 16 registers): kRows rows x one vector of
+// hidden units, twice over K: gates i, f (activated and stored to `gates`), then g, o
+// and the cell update. 2 * kRows accumulators + the half's 2 weight vectors + a
+// broadcast (6 rows: 15 of 16) hold the weights in registers, where fused_step_tile's
+// 3 x 4 took each weight from memory once per row: 15 loads per 12 FMAs, past the 2
+// wide loads a cycle that feed 2 FMAs a cycle (PERF_LOG.md row 39).
+// w_tile: this tile's packed weights, [2][H][2][W]. `gates` is written either way.
+template <typename scalar_t, int kRows>
+C10_ALWAYS_INLINE void fused_step_tile_halves(int64_t H, const scalar_t* const* a_rows,
+                                              const scalar_t* w_tile, scalar_t* gates,
+                                              scalar_t* c_state, scalar_t* cells,
+                                              scalar_t* h_out, int64_t row0, int64_t u,
+                                              int64_t n) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const int64_t G = 4 * H;
+  for (int half = 0; half < 2; ++half) {
+    const scalar_t* w_half = w_tile + half * H * 2 * W;
+    Vec acc[kRows][2];
+    for (int r = 0; r < kRows; ++r) {
+      for (int q = 0; q < 2; ++q) {
+        acc[r][q] = load(Vec{}, gates + (row0 + r) * G + (2 * half + q) * H + u, n);
+      }
+    }
+    const auto k_loop = [&](auto prefetch) FUSED_LSTM_INLINE_LAMBDA {
+      for (int64_t k = 0; k < H; ++k) {
+        const Vec w0 = Vec::loadu(w_half + k * 2 * W), w1 = Vec::loadu(w_half + k * 2 * W + W);
+        // The other half's line at k, toward L2, beside this one: two streams in flight
+        // from memory where W_hh is beyond L2, as when a tile read all four gates.
+        if constexpr (decltype(prefetch)::value) {
+          __builtin_prefetch(w_half + H * 2 * W + k * 2 * W, 0, 2);
+        }
+        for (int r = 0; r < kRows; ++r) {
+          const Vec a(a_rows[r][k]);
+          acc[r][0] = at::vec::fmadd(a, w0, acc[r][0]);
+          acc[r][1] = at::vec::fmadd(a, w1, acc[r][1]);
+        }
+      }
+    };
+    if (half == 0) {
+      k_loop(std::true_type{});
+    } else {
+      k_loop(std::false_type{});
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t row = row0 + r;
+      scalar_t* g_row = gates + row * G + u;
+      if (half == 0) {
+        cell_forward_input_forget(acc[r][0], acc[r][1]);
+        store(acc[r][0], g_row, n);
+        store(acc[r][1], g_row + H, n);
+        continue;
+      }
+      Vec& g = acc[r][0];
+      Vec& o = acc[r][1];
+      const Vec i = load(Vec{}, g_row, n), f = load(Vec{}, g_row + H, n);
+      const Vec c_prev = load(Vec{}, c_state + row * H + u, n);
+      Vec c, h;
+      cell_forward_output(i, f, g, o, c_prev, c, h);
+      store(g, g_row + 2 * H, n);
+      store(o, g_row + 3 * H, n);
+      store(c, c_state + row * H + u, n);
+      store(c, cells + row * H + u, n);
+      store(h, h_out + row * H + u, n);
+    }
+  }
+}
+
 template <typename scalar_t>
 void fused_step(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
                 const scalar_t* a_rest, const scalar_t* w_packed, scalar_t* gates,
@@ -428,7 +489,6 @@ void fused_step(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
   if constexpr (kVectorized<scalar_t>) {
     using Vec = Vectorized<scalar_t>;
     constexpr int64_t W = Vec::size();
-    constexpr bool kWide = sizeof(Vec) >= 64;
     const auto a_row = [&](int64_t r) { return r < split ? a_main + r * H : a_rest + (r - split) * H; };
     const int64_t u_end = std::min(H, j1 * W);
     const auto tile = [&](auto rows, int64_t r, const scalar_t* w_tile, int64_t u,
@@ -451,30 +511,26 @@ void fused_step(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
           }
         }
       }
-      fused_step_tile<scalar_t, kTileRows>(H, a, w_tile, gates, store_gates, c_state, cells,
-                                           h_out, r, u, n);
+      if constexpr (kFusedGateHalves<scalar_t> && kTileRows >= 4) {
+        fused_step_tile_halves<scalar_t, kTileRows>(H, a, w_tile, gates, c_state, cells, h_out,
+                                                    r, u, n);
+      } else {
+        fused_step_tile<scalar_t, kTileRows>(H, a, w_tile, gates, store_gates, c_state, cells,
+                                             h_out, r, u, n);
+      }
     };
-    // Row tiles: AVX-512 6 while more than 8 rows remain (8 go as 4 + 4), then 4; AVX2 3,
-    // but a last 3 + 1 as 2 + 2. Then 2 and 1: a 1-row tile has only 4 FMA chains, too
-    // few to hide the FMA latency (PERF_LOG.md row 31).
+    // Row tiles: 6 while more than 8 rows remain (8 go as 4 + 4), then 4 (on AVX2 in gate
+    // halves); then 2 and 1 with all four gates: a 1-row tile has only 4 FMA chains, too
+    // few to hide the FMA latency (PERF_LOG.md row 31), and in halves it would have 2.
     int64_t big = 0;  // rows in the big tiles
-    if constexpr (kWide) {
-      while (b - big >= 6 && b - big != 8) big += 6;
-      big += (b - big) / 4 * 4;
-    } else {
-      big = b / 3 * 3;
-      if (b - big == 1 && big > 0) big -= 3;
-    }
+    while (b - big >= 6 && b - big != 8) big += 6;
+    big += (b - big) / 4 * 4;
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t u = j * W, n = std::min(W, H - u);
       const scalar_t* w_tile = w_packed + j * H * 4 * W;
       int64_t r = 0;
-      if constexpr (kWide) {
-        for (; big - r >= 6 && big - r != 8; r += 6) tile(std::integral_constant<int, 6>{}, r, w_tile, u, n);
-        for (; r < big; r += 4) tile(std::integral_constant<int, 4>{}, r, w_tile, u, n);
-      } else {
-        for (; r < big; r += 3) tile(std::integral_constant<int, 3>{}, r, w_tile, u, n);
-      }
+      for (; big - r >= 6 && big - r != 8; r += 6) tile(std::integral_constant<int, 6>{}, r, w_tile, u, n);
+      for (; r < big; r += 4) tile(std::integral_constant<int, 4>{}, r, w_tile, u, n);
       for (; r + 2 <= b; r += 2) tile(std::integral_constant<int, 2>{}, r, w_tile, u, n);
       for (; r < b; ++r) tile(std::integral_constant<int, 1>{}, r, w_tile, u, n);
     }
