@@ -1,8 +1,15 @@
 """What a benchmark ran on: the CPU model, threads, torch, and what fused_lstm chose
 there (kernel build, GEMM backends, CPU flags), or the GPU."""
+import os
 import platform
 
 import torch
+
+# Environment variables that change which kernels torch, oneDNN, MKL or fused_lstm run
+# (an AVX2 run on an AVX-512 CPU, say): recorded where set, so a result says so.
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+              "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", "OMP_NUM_THREADS",
+              "FUSED_LSTM_CUDA_PERSISTENT")
 
 
 def cpu_model():
@@ -23,7 +30,8 @@ def machine(device):
             "python": platform.python_version(), "platform": platform.platform(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             # what fused_lstm runs here: its kernel build, GEMM backends, rules, CPU flags
-            "fused_lstm": fused_lstm.backend_info()}
+            "fused_lstm": fused_lstm.backend_info(),
+            "env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda

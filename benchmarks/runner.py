@@ -180,6 +180,8 @@ def run(args):
     print(f"machine: {fl['cpu_model']} [{fl['cpu_flags']}], {info['threads']} threads; fused_lstm "
           f"kernels {fl['cpu_capability']}, large GEMMs {fl['gemm_large']}, torch BLAS "
           f"{fl['torch_blas']}")
+    if info["env"]:
+        print("environment: " + " ".join(f"{k}={v}" for k, v in info["env"].items()))
     result = {"machine": info, "suite": args.suite, "device": args.device,
               "matmul_peak_gflops": {k: v / 1e9 for k, v in peak.items()},
               "cudnn_tf32": torch.backends.cudnn.allow_tf32 if args.device == "cuda" else None,

@@ -82,3 +82,14 @@ def test_main_returns_success(tmp_path):
     # The console script passes main()'s return value to sys.exit.
     assert runner.main(["--cases", "tiny", "--min-run-time", "0.02", "--in-process",
                         "--out", str(tmp_path)]) == 0
+
+
+def test_machine_records_the_kernel_environment(monkeypatch):
+    # A run with oneDNN held to AVX2 on an AVX-512 CPU must say so in its JSON.
+    from fused_lstm.bench.machine import machine
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    info = machine("cpu")
+    assert info["env"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert "MKL_ENABLE_INSTRUCTIONS" not in info["env"]
