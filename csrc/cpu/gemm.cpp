@@ -126,23 +126,27 @@ void pack_panel(bool trans_b, const scalar_t* B, int64_t ldb, int64_t n0, int64_
 // A large GEMM on our gemm_columns kernel, column blocks split between threads, B in
 // column panels: C = op(A) op(B) (+ C with accumulate, else + bias where not null: a row
 // of N added to every row). With trans_a (A stored [K, M], the weight gradients
-// dgates^T x; no bias) it computes C^T = op(B)^T A instead, whose B operand is then A
-// as stored.
+// dgates^T x; no bias): up to kGemmTransADirectMaxK, gemm_columns_trans_a reads A in
+// place and writes C; above it, C^T = op(B)^T A is computed and transposed back
+// (tuning.h says why).
 template <typename scalar_t>
 void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool trans_b, int64_t M,
                     int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B,
                     int64_t ldb, bool accumulate, const scalar_t* bias, scalar_t* C,
                     int64_t ldc) {
+  TORCH_INTERNAL_ASSERT(!trans_a || bias == nullptr, "own_large_gemm: no bias with trans_a");
   constexpr int64_t kColumns = 64;  // a thread's unit: 4 AVX-512 vectors of float
-  // c [rows, cols] (+)= a [rows, K] op(b) [K, cols]. Each thread packs its block's B panel,
-  // one K slice at a time (as gemm_columns slices K, tuning.h), into a buffer of its own:
-  // read in place, the panel's rows lie ld_b apart, and at ld_b = 1024 floats every k
-  // maps to the same L1 sets (PERF_LOG.md row 37). ~256 KiB a thread, reused over all
-  // rows of the slice.
-  const auto run = [&](int64_t rows, int64_t cols, const scalar_t* a, int64_t ld_a,
-                       const scalar_t* b, int64_t ld_b, bool b_trans, bool add,
+  constexpr int64_t kSlice = kGemmColumnsSliceBytes / (kColumns * int64_t(sizeof(scalar_t)));
+  // c [rows, cols] (+)= op(a) [rows, K] op(b) [K, cols], op(a) = a, or a^T (a_trans).
+  // Each thread packs its block's B panel, one K slice at a time (as gemm_columns slices
+  // K, tuning.h), into a buffer of its own: read in place, the panel's rows lie ld_b
+  // apart, and at ld_b = 1024 floats every k maps to the same L1 sets (PERF_LOG.md row
+  // 37). ~256 KiB a thread, reused over all rows of the slice.
+  const auto run = [&](int64_t rows, int64_t cols, bool a_trans, const scalar_t* a,
+                       int64_t ld_a, const scalar_t* b, int64_t ld_b, bool b_trans, bool add,
                        const scalar_t* start, scalar_t* c, int64_t ld_c) {
-    constexpr int64_t kSlice = kGemmColumnsSliceBytes / (kColumns * int64_t(sizeof(scalar_t)));
+    const auto kernel = a_trans ? kernels.gemm_columns_trans_a : kernels.gemm_columns;
+    const int64_t k_step = a_trans ? ld_a : 1;  // from element k of op(a)'s rows to k + 1
     at::parallel_for(0, (cols + kColumns - 1) / kColumns, 1, [&](int64_t j0, int64_t j1) {
       scalar_t* panel = scratch_of<scalar_t>(Scratch::kGemmPanels, std::min(kSlice, K) * kColumns);
       for (int64_t j = j0; j < j1; ++j) {
@@ -150,17 +154,16 @@ void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool tran
         for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
           const int64_t k = std::min(kSlice, K - k0);
           pack_panel(b_trans, b, ld_b, n0, w, k0, k, panel);
-          kernels.gemm_columns(rows, 0, w, k, a + k0, ld_a, panel, w, add || k0 > 0,
-                               start != nullptr ? start + n0 : nullptr, c + n0, ld_c);
+          kernel(rows, 0, w, k, a + k0 * k_step, ld_a, panel, w, add || k0 > 0,
+                 start != nullptr ? start + n0 : nullptr, c + n0, ld_c);
         }
       }
     });
   };
-  if (!trans_a) {
-    run(M, N, A, lda, B, ldb, trans_b, accumulate, bias, C, ldc);
+  if (!trans_a || K <= kGemmTransADirectMaxK) {
+    run(M, N, trans_a, A, lda, B, ldb, trans_b, accumulate, bias, C, ldc);
     return;
   }
-  TORCH_INTERNAL_ASSERT(bias == nullptr, "own_large_gemm: no bias with trans_a");
   // C^T [N, M] = op(B)^T [N, K] A [K, M]; op(B)^T as rows: B^T gathered, or B itself.
   const scalar_t* bt = B;
   int64_t ld_bt = ldb;
@@ -171,7 +174,7 @@ void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool tran
     ld_bt = K;
   }
   scalar_t* ct = scratch_of<scalar_t>(Scratch::kGemmProduct, N * M);
-  run(N, M, bt, ld_bt, A, lda, false, false, nullptr, ct, M);
+  run(N, M, false, bt, ld_bt, A, lda, false, false, nullptr, ct, M);
   transpose_into(ct, N, M, M, C, ldc, accumulate);  // C (+)= (C^T)^T, tiled, threaded
 }
 

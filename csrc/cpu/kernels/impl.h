@@ -177,6 +177,12 @@ C10_ALWAYS_INLINE void small_gemm_block_impl(int64_t K, const scalar_t* A, int64
     }
   }
   for (int64_t k = 0; k < K; ++k) {
+    // A^T's rows lie lda apart, each k on a new page from lda = 1024 floats, where the
+    // hardware prefetcher stops: fetch kAhead rows ahead.
+    if constexpr (kTransA) {
+      constexpr int64_t kAhead = 16;
+      if (k + kAhead < K) __builtin_prefetch(A + (k + kAhead) * lda);
+    }
     Vec b[kVecs];
     for (int v = 0; v < kVecs; ++v) b[v] = load_n(B + k * ldb + v * W, v);
     for (int r = 0; r < kRows; ++r) {
@@ -296,11 +302,15 @@ void small_gemm_trans_a(int64_t M, int64_t N, int64_t K, const scalar_t* A, int6
 // K goes in slices of at most 256 KiB of a block's columns of B, so that the row
 // blocks after the first read them from L2, not L3 (wide: W_hh is 16 MB, K = 4096).
 // Without accumulate, C starts from `bias` where it is not null (indexed as C's columns).
-template <typename scalar_t>
-void gemm_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A, int64_t lda,
-                  const scalar_t* B, int64_t ldb, bool accumulate, const scalar_t* bias,
-                  scalar_t* C, int64_t ldc) {
+// With kTransA, A is stored [K, M] (op(A) = A^T: the weight gradients dgates^T x): a
+// tile's rows at k are adjacent, A[k * lda + m + r].
+template <typename scalar_t, bool kTransA>
+void gemm_columns_impl(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A,
+                       int64_t lda, const scalar_t* B, int64_t ldb, bool accumulate,
+                       const scalar_t* bias, scalar_t* C, int64_t ldc) {
   if constexpr (kVectorized<scalar_t>) {
+    // Where row m and element k of op(A) start.
+    const int64_t row_step = kTransA ? 1 : lda, k_step = kTransA ? lda : 1;
     constexpr int64_t W = Vectorized<scalar_t>::size();
     constexpr bool kWide = sizeof(Vectorized<scalar_t>) >= 64;
     // Rows [0, tiled) go in blocks of 6 (while more than 8 remain) and 4; the rest, fewer
@@ -317,19 +327,19 @@ void gemm_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* 
       for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
         const int64_t k = std::min(kSlice, K - k0);
         const bool add = accumulate || k0 > 0;
-        const scalar_t* a = A + k0;
+        const scalar_t* a = A + k0 * k_step;
         const scalar_t* b = B + k0 * ldb + n;
         const scalar_t* start = bias != nullptr ? bias + n : nullptr;
         int64_t m = 0;
         if constexpr (kWide) {
           for (; tiled - m >= 6 && tiled - m != 8; m += 6) {
-            small_gemm_block<scalar_t, 6, kVecs>(k, a + m * lda, lda, b, ldb, add,
-                                                 C + m * ldc + n, ldc, cols, start);
+            small_gemm_block<scalar_t, 6, kVecs, kTransA>(k, a + m * row_step, lda, b, ldb, add,
+                                                          C + m * ldc + n, ldc, cols, start);
           }
         }
         for (; m < tiled; m += 4) {
-          small_gemm_block<scalar_t, 4, kVecs>(k, a + m * lda, lda, b, ldb, add, C + m * ldc + n,
-                                               ldc, cols, start);
+          small_gemm_block<scalar_t, 4, kVecs, kTransA>(k, a + m * row_step, lda, b, ldb, add,
+                                                        C + m * ldc + n, ldc, cols, start);
         }
       }
     };
@@ -344,9 +354,24 @@ void gemm_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* 
     }
     for (; n < n1; n += W) column_block(std::integral_constant<int, 1>{}, n, std::min(W, n1 - n));
     for (int64_t m = tiled; m < M; ++m) {
-      gemm_one_row(K, A + m * lda, B, ldb, accumulate, C + m * ldc, n0, n1, 0, bias);
+      gemm_one_row<scalar_t, kTransA>(K, A + m * row_step, B, ldb, accumulate, C + m * ldc, n0,
+                                      n1, lda, bias);
     }
   }
+}
+
+template <typename scalar_t>
+void gemm_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A, int64_t lda,
+                  const scalar_t* B, int64_t ldb, bool accumulate, const scalar_t* bias,
+                  scalar_t* C, int64_t ldc) {
+  gemm_columns_impl<scalar_t, false>(M, n0, n1, K, A, lda, B, ldb, accumulate, bias, C, ldc);
+}
+
+template <typename scalar_t>
+void gemm_columns_trans_a(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A,
+                          int64_t lda, const scalar_t* B, int64_t ldb, bool accumulate,
+                          const scalar_t* bias, scalar_t* C, int64_t ldc) {
+  gemm_columns_impl<scalar_t, true>(M, n0, n1, K, A, lda, B, ldb, accumulate, bias, C, ldc);
 }
 
 // Whether fused_step's packed weights come in gate halves (AVX2 and the portable build):
@@ -548,6 +573,7 @@ CpuKernels<scalar_t> cpu_kernels() {
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) : 0,
           &backward_rows<scalar_t>,
           kVectorized<scalar_t> ? &gemm_columns<scalar_t> : nullptr,
+          kVectorized<scalar_t> ? &gemm_columns_trans_a<scalar_t> : nullptr,
           kVectorized<scalar_t> && kFusedGateHalves<scalar_t>,
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) *
                                       (sizeof(Vectorized<scalar_t>) >= 64 ? 4 : 2)

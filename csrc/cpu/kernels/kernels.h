@@ -65,6 +65,11 @@ struct CpuKernels {
   void (*gemm_columns)(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A,
                        int64_t lda, const scalar_t* B, int64_t ldb, bool accumulate,
                        const scalar_t* bias, scalar_t* C, int64_t ldc);
+  // The same with A stored transposed, [K, M] (lda its row stride): C = A^T B (+ C), the
+  // large weight-gradient GEMMs dgates^T x written straight into C.
+  void (*gemm_columns_trans_a)(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A,
+                               int64_t lda, const scalar_t* B, int64_t ldb, bool accumulate,
+                               const scalar_t* bias, scalar_t* C, int64_t ldc);
   // Whether fused_step reads w_packed in gate halves (pack_w_hh_for_fused_step).
   bool fused_gate_halves;
   // Columns of gemm_columns' widest block (a multiple of fused_width; 0 without it).
