@@ -25,12 +25,9 @@
 
 namespace fused_lstm {
 
-// The buffers a backend may keep between calls (Backend::scratch); the last three are
-// the CPU GEMMs' own (an operand gathered transposed, a transposed product, an operand
-// packed in column panels).
-enum class Scratch {
-  kGates, kGradGates, kPrevHidden, kGemmOperand, kGemmProduct, kGemmPanels, kCount
-};
+// The buffers a backend may keep between calls (Backend::scratch); the last two are
+// the CPU GEMMs' own (an operand gathered transposed, an operand packed in column panels).
+enum class Scratch { kGates, kGradGates, kPrevHidden, kGemmOperand, kGemmPanels, kCount };
 
 // Where a forward's steps read and write, in the call's tensors.
 template <typename scalar_t>

@@ -63,12 +63,11 @@ void aten_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, cons
   at::cpu::addmm_out(c, c, a, b, beta, 1);
 }
 
-// dst[c, r] = src[r, c] (+= with accumulate) for src [rows, cols] (row stride ld_src),
-// dst [cols, rows] (row stride ld_dst), in 16 x 16 tiles so that reads and writes both
-// go a cache line at a time.
+// dst[c, r] = src[r, c] for src [rows, cols] (row stride ld_src), dst [cols, rows] (row
+// stride ld_dst), in 16 x 16 tiles so that reads and writes both go a cache line at a time.
 template <typename scalar_t>
 void transpose_into(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld_src, scalar_t* dst,
-                    int64_t ld_dst, bool accumulate = false) {
+                    int64_t ld_dst) {
   constexpr int64_t kTile = 16;
   at::parallel_for(0, (rows + kTile - 1) / kTile, std::max<int64_t>(1, 4096 / std::max<int64_t>(cols, 1)),
                    [&](int64_t t0, int64_t t1) {
@@ -77,10 +76,7 @@ void transpose_into(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld_
       for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
         const int64_t c1 = std::min(cols, c0 + kTile);
         for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t c = c0; c < c1; ++c) {
-            scalar_t& d = dst[c * ld_dst + r];
-            d = accumulate ? scalar_t(d + src[r * ld_src + c]) : src[r * ld_src + c];
-          }
+          for (int64_t c = c0; c < c1; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
         }
       }
     }
@@ -126,9 +122,8 @@ void pack_panel(bool trans_b, const scalar_t* B, int64_t ldb, int64_t n0, int64_
 // A large GEMM on our gemm_columns kernel, column blocks split between threads, B in
 // column panels: C = op(A) op(B) (+ C with accumulate, else + bias where not null: a row
 // of N added to every row). With trans_a (A stored [K, M], the weight gradients
-// dgates^T x; no bias): up to kGemmTransADirectMaxK, gemm_columns_trans_a reads A in
-// place and writes C; above it, C^T = op(B)^T A is computed and transposed back
-// (tuning.h says why).
+// dgates^T x; no bias) gemm_columns_trans_a reads A^T in place and writes C (PERF_LOG.md
+// row 40; it once computed C^T and transposed it back).
 template <typename scalar_t>
 void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool trans_b, int64_t M,
                     int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B,
@@ -137,45 +132,37 @@ void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool tran
   TORCH_INTERNAL_ASSERT(!trans_a || bias == nullptr, "own_large_gemm: no bias with trans_a");
   constexpr int64_t kColumns = 64;  // a thread's unit: 4 AVX-512 vectors of float
   constexpr int64_t kSlice = kGemmColumnsSliceBytes / (kColumns * int64_t(sizeof(scalar_t)));
-  // c [rows, cols] (+)= op(a) [rows, K] op(b) [K, cols], op(a) = a, or a^T (a_trans).
-  // Each thread packs its block's B panel, one K slice at a time (as gemm_columns slices
-  // K, tuning.h), into a buffer of its own: read in place, the panel's rows lie ld_b
-  // apart, and at ld_b = 1024 floats every k maps to the same L1 sets (PERF_LOG.md row
-  // 37). ~256 KiB a thread, reused over all rows of the slice.
-  const auto run = [&](int64_t rows, int64_t cols, bool a_trans, const scalar_t* a,
-                       int64_t ld_a, const scalar_t* b, int64_t ld_b, bool b_trans, bool add,
-                       const scalar_t* start, scalar_t* c, int64_t ld_c) {
-    const auto kernel = a_trans ? kernels.gemm_columns_trans_a : kernels.gemm_columns;
-    const int64_t k_step = a_trans ? ld_a : 1;  // from element k of op(a)'s rows to k + 1
-    at::parallel_for(0, (cols + kColumns - 1) / kColumns, 1, [&](int64_t j0, int64_t j1) {
-      scalar_t* panel = scratch_of<scalar_t>(Scratch::kGemmPanels, std::min(kSlice, K) * kColumns);
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t n0 = j * kColumns, w = std::min(kColumns, cols - n0);
-        for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
-          const int64_t k = std::min(kSlice, K - k0);
-          pack_panel(b_trans, b, ld_b, n0, w, k0, k, panel);
-          kernel(rows, 0, w, k, a + k0 * k_step, ld_a, panel, w, add || k0 > 0,
-                 start != nullptr ? start + n0 : nullptr, c + n0, ld_c);
-        }
+  const auto kernel = trans_a ? kernels.gemm_columns_trans_a : kernels.gemm_columns;
+  const int64_t k_step = trans_a ? lda : 1;  // from element k of op(A)'s rows to k + 1
+  // Column blocks [j0, j1) over K [k0, k1). Each thread packs its block's B panel, one K
+  // slice at a time (as gemm_columns slices K, tuning.h), into a buffer of its own: read
+  // in place, the panel's rows lie ldb apart, and at ldb = 1024 floats every k maps to
+  // the same L1 sets (PERF_LOG.md row 37). ~256 KiB a thread, reused over all rows.
+  const auto blocks_over = [&](int64_t j0, int64_t j1, int64_t k0, int64_t k1) {
+    scalar_t* panel = scratch_of<scalar_t>(Scratch::kGemmPanels, std::min(kSlice, K) * kColumns);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t n0 = j * kColumns, w = std::min(kColumns, N - n0);
+      for (int64_t k = k0; k < k1; k += kSlice) {
+        const int64_t kk = std::min(kSlice, k1 - k);
+        pack_panel(trans_b, B, ldb, n0, w, k, kk, panel);
+        kernel(M, 0, w, kk, A + k * k_step, lda, panel, w, accumulate || k > 0,
+               bias != nullptr ? bias + n0 : nullptr, C + n0, ldc);
       }
-    });
+    }
   };
-  if (!trans_a || K <= kGemmTransADirectMaxK) {
-    run(M, N, trans_a, A, lda, B, ldb, trans_b, accumulate, bias, C, ldc);
+  const int64_t blocks = (N + kColumns - 1) / kColumns;
+  if (!trans_a) {
+    at::parallel_for(0, blocks, 1, [&](int64_t j0, int64_t j1) { blocks_over(j0, j1, 0, K); });
     return;
   }
-  // C^T [N, M] = op(B)^T [N, K] A [K, M]; op(B)^T as rows: B^T gathered, or B itself.
-  const scalar_t* bt = B;
-  int64_t ld_bt = ldb;
-  if (!trans_b) {
-    scalar_t* rows = scratch_of<scalar_t>(Scratch::kGemmOperand, N * K);
-    transpose_into(B, K, N, ldb, rows, K);
-    bt = rows;
-    ld_bt = K;
+  // A^T in place: K slices outside, so that the slice of A every column block reads
+  // (kSlice x M, each k on its own page) comes from L3, not once per block from DRAM:
+  // column blocks outside lost 10-15% at K = 3200-6400 (PERF_LOG.md row 40).
+  for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
+    at::parallel_for(0, blocks, 1, [&](int64_t j0, int64_t j1) {
+      blocks_over(j0, j1, k0, std::min(K, k0 + kSlice));
+    });
   }
-  scalar_t* ct = scratch_of<scalar_t>(Scratch::kGemmProduct, N * M);
-  run(N, M, false, bt, ld_bt, A, lda, false, false, nullptr, ct, M);
-  transpose_into(ct, N, M, M, C, ldc, accumulate);  // C (+)= (C^T)^T, tiled, threaded
 }
 
 // Which of our kernels gemm() runs for these sizes (with beta 0 or 1), if any: small_gemm

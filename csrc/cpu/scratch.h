@@ -14,7 +14,7 @@ namespace fused_lstm::cpu {
 at::Tensor scratch_buffer(Scratch slot, int64_t rows, int64_t cols, const at::TensorOptions& opts);
 
 // The calling thread's raw buffer `slot` of at least `bytes`, grown as needed: for the
-// GEMMs' scratches (kGemmOperand, kGemmProduct, kGemmPanels), which small GEMMs ask for every step,
+// GEMMs' scratches (kGemmOperand, kGemmPanels), which small GEMMs ask for every step,
 // where creating a tensor would cost more than their math.
 void* scratch_bytes(Scratch slot, size_t bytes);
 

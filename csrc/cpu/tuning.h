@@ -14,14 +14,6 @@ namespace fused_lstm::cpu {
 // gemm_columns takes K in slices of this many bytes of a block's columns of B, so the
 // row blocks after the first read them from L2.
 constexpr int64_t kGemmColumnsSliceBytes = int64_t{256} << 10;
-// own_large_gemm's A^T B (the weight gradients, K = the layer's rows) reads A^T in place
-// up to this K, and computes (B^T A)^T above it: in place, each k of A^T is on a new page
-// and all of A (K x 4H) streams once per 64 columns of C, from DRAM once past L3; the
-// transposed way streams B^T (K x I) instead and pays two transposes, whose cost does
-// not shrink with K (the h0 term of dW_hh, K = batch, spent 11x the GEMM in them).
-// AMD Zen 4, one thread (PERF_LOG.md row 40): in place 1.1-11x faster up to K = 1024,
-// level at 2048, 0.9x at 3200 and 0.8x at 6400.
-constexpr int64_t kGemmTransADirectMaxK = 2048;
 // parallel_rows (the unfused cell passes) gives a thread at least this many units.
 constexpr int64_t kCellPassUnitsPerTask = 16384;
 
