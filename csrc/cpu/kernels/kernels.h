@@ -42,7 +42,8 @@ struct CpuKernels {
   // [ceil(H / fused_width)][H][4 gates][fused_width], or with fused_gate_halves
   // [ceil(H / fused_width)][2][H][2 gates][fused_width], zero past H
   // (pack_w_hh_for_fused_step). gates: [b, 4H] input part in, activated out when
-  // store_gates; c_state: [b, H] in/out; cells, h_out: [b, H] out. h_out must not
+  // store_gates, else undefined out (AVX2's two-pass tiles keep i, f there between
+  // passes); c_state: [b, H] in/out; cells, h_out: [b, H] out. h_out must not
   // overlap h_prev. Runs the tiles of hidden-unit chunks [j0, j1) (chunk j: units
   // [j * fused_width, (j + 1) * fused_width)), on the calling thread. Null for
   // half/bfloat16.
