@@ -74,7 +74,9 @@ def step_time(model, data):
         nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
 
-    return benchmark.Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=1.0).median
+    # num_threads: Timer's default is 1, whatever torch is set to.
+    return benchmark.Timer("step()", globals={"step": step},
+                           num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=1.0).median
 
 
 def main():

@@ -19,7 +19,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def forward_ms(model, x):
     with torch.no_grad():
-        timer = benchmark.Timer("model(x)", globals={"model": model, "x": x})
+        timer = benchmark.Timer("model(x)", globals={"model": model, "x": x},
+                                num_threads=torch.get_num_threads())  # Timer's default: 1
         return timer.blocked_autorange(min_run_time=0.5).median * 1e3
 
 

@@ -29,3 +29,23 @@ def test_reference_program_losses_match(dtype):
     # and the trained weights still agree
     for (name, p), q in zip(fused.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=name)
+
+
+def test_reference_program_step_time_uses_torch_threads(monkeypatch):
+    # torch.utils.benchmark.Timer times on 1 thread unless told; the program prints
+    # torch's thread count beside its step times, so it must time on that many.
+    seen = []
+
+    class Timer:
+        def __init__(self, *args, num_threads=1, **kwargs):
+            seen.append(num_threads)
+
+        def blocked_autorange(self, **kwargs):
+            return type("Measurement", (), {"median": 1e-3})()
+
+    monkeypatch.setattr(reference_program.benchmark, "Timer", Timer)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    data = reference_program.make_data(steps=1, seed=7)
+    reference, _ = reference_program.paired_models(seed=7)
+    assert reference_program.step_time(reference, data) == 1e-3
+    assert seen == [3]
