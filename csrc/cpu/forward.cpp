@@ -70,8 +70,7 @@ struct CpuForward : CpuLayerBase<scalar_t> {
     const auto& steps = p.steps;
     const int64_t width = kernels.fused_width;
     at::Tensor w_packed = at::empty({(H + width - 1) / width * width * 4 * H}, p.input.options());
-    pack_w_hh_for_fused_step(p.w_hh.data_ptr<scalar_t>(), H, width, kernels.fused_gate_halves,
-                             w_packed.data_ptr<scalar_t>());
+    kernels.pack_fused_weights(p.w_hh.data_ptr<scalar_t>(), H, w_packed.data_ptr<scalar_t>());
     const scalar_t* w_t = w_packed.data_ptr<scalar_t>();
     scalar_t* out = buf.output;
     run_fused_loop(steps, B, H, width, p.w_hh.nbytes(),

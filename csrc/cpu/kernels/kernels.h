@@ -41,7 +41,7 @@ struct CpuKernels {
   // a_main[r] for r < split, else a_rest[r - split] (rows of H). w_packed: W_hh as
   // [ceil(H / fused_width)][H][4 gates][fused_width], or with fused_gate_halves
   // [ceil(H / fused_width)][2][H][2 gates][fused_width], zero past H
-  // (pack_w_hh_for_fused_step). gates: [b, 4H] input part in, activated out when
+  // (pack_fused_weights). gates: [b, 4H] input part in, activated out when
   // store_gates, else undefined out (AVX2's two-pass tiles keep i, f there between
   // passes); c_state: [b, H] in/out; cells, h_out: [b, H] out. h_out must not
   // overlap h_prev. Runs the tiles of hidden-unit chunks [j0, j1) (chunk j: units
@@ -52,6 +52,13 @@ struct CpuKernels {
                      bool store_gates, scalar_t* c_state, scalar_t* cells, scalar_t* h_out,
                      int64_t j0, int64_t j1);
   int64_t fused_width;  // hidden units per tile (the SIMD width), 0 without fused_step
+  // Packs w_hh [4H, H] (row-major) into fused_step's w_packed: each tile's weights
+  // contiguous in the order the step reads them, out[j][k][q][w] = w_hh[q * H + j *
+  // fused_width + w][k] (0 past unit H), or in gate halves out[j][q / 2][k][q % 2][w]:
+  // gates i, f, then g, o, each half one stream. A transpose per gate and chunk, in
+  // SIMD blocks (at::vec::transpose_mxn), the chunks split between threads. Null with
+  // fused_step.
+  void (*pack_fused_weights)(const scalar_t* w_hh, int64_t H, scalar_t* out);
   // The fused backward step (no projection), in two halves: backward_block is
   // `backward` for rows [r0, r1) and units [u0, u1), on the calling thread;
   // gemm_columns is C[M, n0:n1) = A[M, K] B[K, n0:n1) (+ C when accumulate, else + bias
@@ -71,8 +78,6 @@ struct CpuKernels {
   void (*gemm_columns_trans_a)(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A,
                                int64_t lda, const scalar_t* B, int64_t ldb, bool accumulate,
                                const scalar_t* bias, scalar_t* C, int64_t ldc);
-  // Whether fused_step reads w_packed in gate halves (pack_w_hh_for_fused_step).
-  bool fused_gate_halves;
   // Columns of gemm_columns' widest block (a multiple of fused_width; 0 without it).
   int64_t gemm_columns_width;
 };
@@ -93,38 +98,6 @@ void pack_column_panels(const scalar_t* b, int64_t K, int64_t N, int64_t width, 
       for (int64_t k = 0; k < K; ++k) {
         std::copy(b + k * N + p * width, b + k * N + p * width + cols, dst + k * width);
         std::fill(dst + k * width + cols, dst + (k + 1) * width, scalar_t(0));
-      }
-    }
-  });
-}
-
-// Packs w_hh [4H, H] (row-major) for fused_step: out has ceil(H / width) * H * 4 * width
-// elements, each tile's weights contiguous in the order the step reads them:
-// out[j][k][q][w] = w_hh[q * H + j * width + w][k] (0 past unit H), or with gate_halves
-// out[j][q / 2][k][q % 2][w]: gates i, f, then g, o, each half one stream. Copied in
-// tiles of 16 k by `width` units, so that reads and writes both go a cache line at a
-// time (a gather along w_hh's columns cost a fifth of a wide forward: PERF_LOG.md
-// row 27), the chunks j split between threads.
-template <typename scalar_t>
-void pack_w_hh_for_fused_step(const scalar_t* w_hh, int64_t H, int64_t width, bool gate_halves,
-                              scalar_t* out) {
-  constexpr int64_t kTile = 16;
-  const int64_t chunks = (H + width - 1) / width;
-  const int64_t row = (gate_halves ? 2 : 4) * width;  // elements per k in a stream
-  at::parallel_for(0, chunks, std::max<int64_t>(1, (int64_t{1} << 16) / (H * 4 * width)),
-                   [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      for (int64_t q = 0; q < 4; ++q) {
-        scalar_t* dst = out + j * H * 4 * width +
-                        (gate_halves ? (q / 2) * H * row + (q % 2) * width : q * width);
-        for (int64_t k0 = 0; k0 < H; k0 += kTile) {
-          const int64_t k1 = std::min(H, k0 + kTile);
-          for (int64_t w = 0; w < width; ++w) {
-            const int64_t unit = j * width + w;
-            const scalar_t* src = w_hh + (q * H + unit) * H;
-            for (int64_t k = k0; k < k1; ++k) dst[k * row + w] = unit < H ? src[k] : scalar_t(0);
-          }
-        }
       }
     }
   });
