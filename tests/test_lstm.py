@@ -381,3 +381,58 @@ def test_word_language_model_trains_like_nn(dtype):
         assert abs(a - e) <= atol + rtol * abs(e), f"step {step}: fused {a} vs nn {e}"
     for (name, p), q in zip(models[1].named_parameters(), models[0].parameters()):
         torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=name)
+
+
+HALF_CASES = {  # name: (module kwargs, H, packed lengths or None)
+    "2layer-bidir-packed": (dict(num_layers=2, bidirectional=True), 8, [5, 4, 4, 2]),
+    "fused-H144": (dict(), 144, None),
+    "proj": (dict(proj_size=3, batch_first=True), 8, None),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(HALF_CASES))
+def test_half_precision_cpu_against_float64(dtype, case):
+    # half/bfloat16 on the CPU (run in float32, rounded once): outputs, states and
+    # every gradient against nn.LSTM in float64 from the same (rounded) values.
+    from testing import HALF_VS_FLOAT64
+    kwargs, H_, lengths = HALF_CASES[case]
+    gen = torch.Generator().manual_seed(len(case))
+    ours = fused_lstm.LSTM(7, H_, **kwargs)
+    random_like_weights(ours, 5)
+    ours = ours.to(dtype)
+    exact = nn.LSTM(7, H_, **kwargs, dtype=torch.float64)
+    exact.load_state_dict(ours.state_dict())
+    B = 4
+    x = _random((B, 5, 7) if kwargs.get("batch_first") else (5, B, 7), dtype, gen)
+    D = 2 if kwargs.get("bidirectional") else 1
+    L = kwargs.get("num_layers", 1)
+    hx = (_random((L * D, B, kwargs.get("proj_size") or H_), dtype, gen),
+          _random((L * D, B, H_), dtype, gen))
+    lens = None if lengths is None else torch.tensor(lengths)
+    got = lstm_outputs_and_grads(ours, x, hx, lens)
+    expected = lstm_outputs_and_grads(exact, x.double(), tuple(h.double() for h in hx), lens)
+    rtol, atol = HALF_VS_FLOAT64[dtype]
+    for a, e in zip(got[0] + got[1], expected[0] + expected[1]):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), e, rtol=rtol, atol=atol * max(1.0, e.abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_cpu_is_float32_rounded_once(dtype):
+    # A 16-bit layer on the CPU is the float32 layer on the same values, its results
+    # rounded to the dtype once (not a 16-bit h between steps; a stack rounds between
+    # layers): bit for bit, with and without a gradient, at a fused size and with a
+    # projection.
+    gen = torch.Generator().manual_seed(11)
+    for kwargs, H_ in ((dict(bidirectional=True), 144), (dict(proj_size=3), 8)):
+        half = fused_lstm.LSTM(7, H_, **kwargs)
+        random_like_weights(half, 3)
+        half = half.to(dtype)
+        single = fused_lstm.LSTM(7, H_, **kwargs)
+        single.load_state_dict(half.state_dict())  # the rounded weights, in float32
+        x = _random((6, 5, 7), dtype, gen)
+        expected = [t.to(dtype) for t in lstm_outputs(single, x.float())]
+        for got in (lstm_outputs(half, x), lstm_outputs_and_grads(half, x)[0]):
+            for a, e in zip(got, expected):
+                assert a.dtype == dtype and torch.equal(a, e)

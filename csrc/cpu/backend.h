@@ -7,6 +7,9 @@
 #include <ATen/ATen.h>
 
 #include <cstring>
+#include <optional>
+#include <tuple>
+#include <type_traits>
 
 #include "core/layer_driver.h"
 #include "cpu/fused_loop.h"
@@ -17,6 +20,62 @@
 #include "lstm.h"
 
 namespace fused_lstm::cpu {
+
+// A layer kernel, for half and bfloat16 arguments, run in float32 with its results
+// rounded back: the fused loops and the GEMMs of our own have no 16-bit kernels, and
+// the per-step path in 16 bits (ATen's GEMMs, scalar cell math) ran at 0.15-0.4x of
+// nn.LSTM in bfloat16 on an AVX-512 Zen 4 (PERF_LOG.md row 42). Calls with any other
+// dtype, or floating arguments of mixed dtypes (which the kernel rejects), go straight
+// through. `gates` of the backward that overwrites them is then a float copy, left as
+// it was: the schema allows the write, nothing reads it after.
+template <auto kKernel>
+struct ReducedPrecisionInFloat;
+template <typename Result, typename... Args, Result (*kKernel)(Args...)>
+struct ReducedPrecisionInFloat<kKernel> {
+  static Result call(Args... args) {
+    const at::ScalarType dtype = first_floating_dtype(args...);
+    bool same = dtype == at::kHalf || dtype == at::kBFloat16;
+    ((same = same && floating_dtype_is(args, dtype)), ...);
+    if (!same) return kKernel(args...);
+    Result result = kKernel(in_float(args)...);
+    std::apply([&](auto&... t) { ((t = t.to(dtype)), ...); }, result);
+    return result;
+  }
+
+ private:
+  static bool is_floating(const at::Tensor& t) { return t.defined() && t.is_floating_point(); }
+  static at::ScalarType first_floating_dtype(const Args&... args) {
+    at::ScalarType dtype = at::ScalarType::Undefined;
+    const auto visit = [&](const auto& a) {
+      using A = std::decay_t<decltype(a)>;
+      if constexpr (std::is_same_v<A, at::Tensor>) {
+        if (dtype == at::ScalarType::Undefined && is_floating(a)) dtype = a.scalar_type();
+      }
+    };
+    (visit(args), ...);
+    return dtype;
+  }
+  template <typename A>
+  static bool floating_dtype_is(const A& a, at::ScalarType dtype) {
+    if constexpr (std::is_same_v<A, at::Tensor>) {
+      return !is_floating(a) || a.scalar_type() == dtype;
+    } else if constexpr (std::is_same_v<A, std::optional<at::Tensor>>) {
+      return !a.has_value() || floating_dtype_is(*a, dtype);
+    } else {
+      return true;
+    }
+  }
+  template <typename A>
+  static A in_float(const A& a) {
+    if constexpr (std::is_same_v<A, at::Tensor>) {
+      return is_floating(a) ? a.to(at::kFloat) : a;
+    } else if constexpr (std::is_same_v<A, std::optional<at::Tensor>>) {
+      return a.has_value() ? std::optional<at::Tensor>(in_float(*a)) : a;
+    } else {
+      return a;
+    }
+  }
+};
 
 template <typename scalar_t>
 void copy_rows(scalar_t* dst, const scalar_t* src, int64_t rows, int64_t cols) {

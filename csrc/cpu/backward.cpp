@@ -105,8 +105,10 @@ struct CpuBackward : CpuLayerBase<scalar_t> {
 };
 
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
-  m.impl("lstm_layer_backward", &lstm_layer_backward_kernel<CpuBackend, false>);
-  m.impl("lstm_layer_backward_overwrite_gates", &lstm_layer_backward_kernel<CpuBackend, true>);
+  m.impl("lstm_layer_backward",
+         &ReducedPrecisionInFloat<&lstm_layer_backward_kernel<CpuBackend, false>>::call);
+  m.impl("lstm_layer_backward_overwrite_gates",
+         &ReducedPrecisionInFloat<&lstm_layer_backward_kernel<CpuBackend, true>>::call);
 }
 
 }  // namespace fused_lstm::cpu

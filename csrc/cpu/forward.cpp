@@ -104,8 +104,9 @@ struct CpuForward : CpuLayerBase<scalar_t> {
 };
 
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
-  m.impl("lstm_layer_forward", &lstm_layer_forward_kernel<CpuBackend>);
-  m.impl("lstm_layer", &lstm_layer_kernel<CpuBackend>);
+  m.impl("lstm_layer_forward",
+         &ReducedPrecisionInFloat<&lstm_layer_forward_kernel<CpuBackend>>::call);
+  m.impl("lstm_layer", &ReducedPrecisionInFloat<&lstm_layer_kernel<CpuBackend>>::call);
 }
 
 }  // namespace fused_lstm::cpu
