@@ -436,3 +436,13 @@ def test_half_precision_cpu_is_float32_rounded_once(dtype):
         for got in (lstm_outputs(half, x), lstm_outputs_and_grads(half, x)[0]):
             for a, e in zip(got, expected):
                 assert a.dtype == dtype and torch.equal(a, e)
+
+
+@pytest.mark.parametrize("batch", [1, 8, 20])
+@on_each_cpu_path
+def test_one_step_calls_match_nn(batch):
+    # One step (a decoding loop's call, LSTMCell's): below tuning.h's fused_min_steps the
+    # step runs gemm() on W_hh in place, and GEMMs of fewer than 16 rows whose B would be
+    # copied (W_hh 331 KB here) go to ATen's BLAS; 20 rows take our own kernels.
+    _bidirectional_matches_nn(50, 144, 1, batch, [None], 2, seed=batch + 77,
+                              dtype=torch.float32)

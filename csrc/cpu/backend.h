@@ -86,19 +86,22 @@ void copy_rows(scalar_t* dst, const scalar_t* src, int64_t rows, int64_t cols) {
 // register-blocked small_gemm when the batch is small and B fits in L2 (tuning.h:
 // there a library call costs more in fixed overhead than in math), else through gemm().
 // small_gemm wants B as row-major [K, N]: `b_kn` (may equal `b`, when not trans_b).
+// `allow_small` false: gemm() always (the caller would copy B^T per call for too few
+// steps, tuning.h's fused_min_steps).
 template <typename scalar_t>
 struct StepGemm {
   bool small;
   const CpuKernels<scalar_t>* kernels;
 
-  static StepGemm make(int64_t max_batch, int64_t N, int64_t K) {
+  static StepGemm make(int64_t max_batch, int64_t N, int64_t K, bool allow_small = true) {
     const auto& k = cpu_kernels<scalar_t>();
     const auto setting = cpu_gemm_setting();
     const CpuTuning& tuning = cpu_tuning();
     const bool fits = max_batch <= tuning.small_step_max_batch &&
                       N * K * int64_t(sizeof(scalar_t)) <= tuning.small_step_max_weight_bytes;
     const bool small = k.small_gemm != nullptr &&
-                       (setting == GemmSetting::kSmall || (setting == GemmSetting::kAuto && fits));
+                       (setting == GemmSetting::kSmall ||
+                        (setting == GemmSetting::kAuto && fits && allow_small));
     return {small, &k};
   }
 
@@ -117,12 +120,14 @@ struct StepGemm {
 // Whether the loops (without a projection) run fused, the recurrent GEMM and the cell
 // update per step in one pass (kernels/kernels.h), instead of a recurrent GEMM and an
 // elementwise pass per step: always with the "small" setting, never with "aten", and
-// with "auto" wherever the step GEMM is small or H reaches tuning.h's fused_min_hidden.
-inline bool use_fused_step(bool step_gemm_small, int64_t H) {
+// with "auto" over tuning.h's fused_min_steps wherever the step GEMM is small or H
+// reaches its fused_min_hidden.
+inline bool use_fused_step(bool step_gemm_small, int64_t H, size_t steps) {
   const auto setting = cpu_gemm_setting();
+  const CpuTuning& tuning = cpu_tuning();
   return setting == GemmSetting::kSmall ||
-         (setting == GemmSetting::kAuto &&
-          (step_gemm_small || H >= cpu_tuning().fused_min_hidden));
+         (setting == GemmSetting::kAuto && int64_t(steps) >= tuning.fused_min_steps &&
+          (step_gemm_small || H >= tuning.fused_min_hidden));
 }
 
 // What CpuForward and CpuBackward share: the GEMM outside the time loop, the copies,

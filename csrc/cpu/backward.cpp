@@ -51,7 +51,8 @@ struct CpuBackward : CpuLayerBase<scalar_t> {
   // The fused loop, where the forward fused its steps (no projection).
   FusedBackward fused(const BackwardBuffers<scalar_t>& buf,
                       const WeightGradientArgs<scalar_t>& args) const {
-    if (p.s.has_proj || kernels.gemm_columns == nullptr || !use_fused_step(recurrent.small, H)) {
+    if (p.s.has_proj || kernels.gemm_columns == nullptr ||
+        !use_fused_step(recurrent.small, H, p.steps.size())) {
       return FusedBackward::kNotRun;
     }
     const auto& steps = p.steps;

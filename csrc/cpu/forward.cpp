@@ -18,14 +18,19 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   // small_gemm reads B as [K, N]: the transposed weights, made once per call.
   const at::Tensor w_hh_t, w_hr_t;  // [P, 4H], [H, P], or undefined
 
+  static bool enough_steps(const LayerForwardParams& params) {
+    return int64_t(params.steps.size()) >= cpu_tuning().fused_min_steps;
+  }
+
   explicit CpuForward(const LayerForwardParams& params)
       : p(params),
         H(p.s.H),
         P(p.s.P),
-        recurrent(StepGemm<scalar_t>::make(p.s.B, 4 * H, P)),
-        projection(StepGemm<scalar_t>::make(p.s.B, P, H)),
+        // Small step GEMMs read W_hh^T and W_hr^T, copied below once per call.
+        recurrent(StepGemm<scalar_t>::make(p.s.B, 4 * H, P, enough_steps(p))),
+        projection(StepGemm<scalar_t>::make(p.s.B, P, H, enough_steps(p))),
         fused_step(!p.s.has_proj && kernels.fused_step != nullptr &&
-                   use_fused_step(recurrent.small, H)),
+                   use_fused_step(recurrent.small, H, p.steps.size())),
         w_hh_t(recurrent.small && !fused_step ? p.w_hh.t().contiguous() : at::Tensor()),
         w_hr_t(p.s.has_proj && projection.small ? p.w_hr.t().contiguous() : at::Tensor()) {}
 

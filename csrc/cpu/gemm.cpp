@@ -64,22 +64,16 @@ void aten_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, cons
 }
 
 // dst[c, r] = src[r, c] for src [rows, cols] (row stride ld_src), dst [cols, rows] (row
-// stride ld_dst), in 16 x 16 tiles so that reads and writes both go a cache line at a time.
+// stride ld_dst): the kernels' transpose, over blocks of 16 rows split between threads.
 template <typename scalar_t>
 void transpose_into(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld_src, scalar_t* dst,
                     int64_t ld_dst) {
   constexpr int64_t kTile = 16;
+  const auto& kernels = cpu_kernels<scalar_t>();
   at::parallel_for(0, (rows + kTile - 1) / kTile, std::max<int64_t>(1, 4096 / std::max<int64_t>(cols, 1)),
                    [&](int64_t t0, int64_t t1) {
-    for (int64_t r0 = t0 * kTile; r0 < std::min(rows, t1 * kTile); r0 += kTile) {
-      const int64_t r1 = std::min(rows, r0 + kTile);
-      for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-        const int64_t c1 = std::min(cols, c0 + kTile);
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t c = c0; c < c1; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
-        }
-      }
-    }
+    const int64_t r0 = t0 * kTile, r1 = std::min(rows, t1 * kTile);
+    kernels.transpose(src + r0 * ld_src, r1 - r0, cols, ld_src, dst + r0, ld_dst);
   });
 }
 
@@ -166,16 +160,22 @@ void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool tran
 }
 
 // Which of our kernels gemm() runs for these sizes (with beta 0 or 1), if any: small_gemm
-// up to tuning.h's own_gemm_max_macs, gemm_columns above it where tuning.h says so.
+// up to tuning.h's own_gemm_max_macs, gemm_columns above it where tuning.h says so;
+// neither where its copy of op(B) would cost more than the GEMM (own_gemm_copy_*).
 enum class OwnPath { kNone, kSmall, kLarge };
 template <typename scalar_t>
-OwnPath own_path(const CpuKernels<scalar_t>& kernels, int64_t M, int64_t N, int64_t K) {
+OwnPath own_path(const CpuKernels<scalar_t>& kernels, bool trans_b, int64_t M, int64_t N,
+                 int64_t K) {
   if (cpu_gemm_setting() == GemmSetting::kAten) return OwnPath::kNone;
-  if (M * N * K <= cpu_tuning().own_gemm_max_macs) {
-    return kernels.small_gemm != nullptr ? OwnPath::kSmall : OwnPath::kNone;
+  const CpuTuning& tuning = cpu_tuning();
+  const bool copy_pays = M >= tuning.own_gemm_copy_min_rows ||
+                         N * K * int64_t(sizeof(scalar_t)) <= tuning.own_gemm_copy_max_bytes;
+  if (M * N * K <= tuning.own_gemm_max_macs) {
+    return kernels.small_gemm != nullptr && (!trans_b || copy_pays) ? OwnPath::kSmall
+                                                                    : OwnPath::kNone;
   }
-  return kernels.gemm_columns != nullptr && cpu_tuning().own_large_gemm ? OwnPath::kLarge
-                                                                        : OwnPath::kNone;
+  return kernels.gemm_columns != nullptr && tuning.own_large_gemm && copy_pays ? OwnPath::kLarge
+                                                                              : OwnPath::kNone;
 }
 
 }  // namespace
@@ -215,8 +215,9 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
     return;
   }
   const auto& kernels = cpu_kernels<scalar_t>();
-  const OwnPath path = beta == opmath_t(0) || beta == opmath_t(1) ? own_path(kernels, M, N, K)
-                                                                  : OwnPath::kNone;
+  const OwnPath path = beta == opmath_t(0) || beta == opmath_t(1)
+                           ? own_path(kernels, trans_b, M, N, K)
+                           : OwnPath::kNone;
   if (path == OwnPath::kSmall) {
     const scalar_t* b_rows = rows_of_op_b(trans_b, N, K, B, ldb);
     const int64_t ld_rows = trans_b ? N : ldb;
@@ -239,7 +240,7 @@ void gemm_bias(bool trans_b, int64_t M, int64_t N, int64_t K, const scalar_t* A,
   const auto& kernels = cpu_kernels<scalar_t>();
   // Where gemm() would run gemm_columns, the bias is where its tiles start: no pass over
   // C to fill it, and no read of C back (PERF_LOG.md row 38).
-  if (bias != nullptr && K > 0 && own_path(kernels, M, N, K) == OwnPath::kLarge) {
+  if (bias != nullptr && K > 0 && own_path(kernels, trans_b, M, N, K) == OwnPath::kLarge) {
     own_large_gemm(kernels, false, trans_b, M, N, K, A, lda, B, ldb, false, bias, C, ldc);
     return;
   }

@@ -29,6 +29,7 @@ c10::Dict<std::string, std::string> cpu_info() {
                                                            : torch_blas);
   info.insert("gemm_half", torch_blas);
   info.insert("fused_forward_min_hidden", std::to_string(t.fused_min_hidden));
+  info.insert("fused_min_steps", std::to_string(t.fused_min_steps));
   info.insert("fused_backward_weights", t.fused_backward_panels ? "column panels" : "in place");
   info.insert("l2_cache_bytes", std::to_string(l2_cache_bytes()));
   info.insert("cpu_vendor_intel", cpu_is_intel() ? "yes" : "no");

@@ -52,6 +52,9 @@ CpuTuning make_tuning(int capability) {
   t.small_step_max_batch = 8;
   t.small_step_max_weight_bytes = int64_t{1} << 19;
   t.fused_step_max_macs_one_thread = int64_t{1} << 16;
+  t.fused_min_steps = 2;
+  t.own_gemm_copy_min_rows = 16;
+  t.own_gemm_copy_max_bytes = int64_t{64} << 10;
   t.row_split_min_rows = 4;
   t.row_split_max_weight_bytes = l2;
   t.beside_loop_min_steps = 16;

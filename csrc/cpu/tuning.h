@@ -26,6 +26,20 @@ struct CpuTuning {
   // library call costs more in fixed overhead than in math.
   int64_t small_step_max_batch;
   int64_t small_step_max_weight_bytes;
+  // The fused loops, and the forward's small step GEMMs, need this many steps in a call:
+  // each call first copies W_hh (packed for the fused step, or transposed for
+  // small_gemm; 1 MB at H = 256), which one step does not repay (a one-step call,
+  // LSTMCell's or a decoding loop's, ran at 0.2-0.5x of nn.LSTM at B1-8, H 128-512).
+  // Below it the step runs gemm() on W_hh.
+  int64_t fused_min_steps;
+  // gemm()'s own kernels copy op(B) per call (small_gemm gathers it transposed where
+  // trans_b; gemm_columns packs it in panels, always): N * K moves for M * N * K
+  // multiply-adds. With fewer than own_gemm_copy_min_rows rows and op(B) over
+  // own_gemm_copy_max_bytes (past L1, so the moves are slow) that copy costs more than
+  // the GEMM (a one-row input GEMM at H = 512 gathered a 4 MB W_ih^T in 2 ms): ATen's
+  // BLAS reads B in place instead.
+  int64_t own_gemm_copy_min_rows;
+  int64_t own_gemm_copy_max_bytes;
   // A fused step of at most this many multiply-adds (B * 4H * H) runs on one thread.
   int64_t fused_step_max_macs_one_thread;
   // The fused loops split batch rows between threads (no barrier) where each gets at

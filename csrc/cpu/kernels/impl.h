@@ -506,10 +506,43 @@ C10_ALWAYS_INLINE void fused_step_tile_halves(int64_t H, const scalar_t* const* 
   }
 }
 
+// CpuKernels::transpose: in SIMD register blocks where ATen has them (at::vec::
+// transpose_mxn: AVX-512 float any size, in 16 x 16 blocks; AVX2 float 8 x 8), else
+// element by element in 16 x 16 tiles (a cache line of each row at a time). The scalar
+// tiles alone cost 7% of a wide forward in its W_hh pack (PERF_LOG.md row 41).
+template <typename scalar_t>
+void transpose(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld_src, scalar_t* dst,
+               int64_t ld_dst) {
+  int64_t r0 = 0;
+  if constexpr (std::is_same_v<scalar_t, float> && sizeof(Vectorized<float>) >= 64) {
+    at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, int(rows), int(cols));
+    return;
+  } else if constexpr (std::is_same_v<scalar_t, float> && sizeof(Vectorized<float>) == 32) {
+    for (; r0 + 8 <= rows; r0 += 8) {
+      int64_t c0 = 0;
+      for (; c0 + 8 <= cols; c0 += 8) {
+        at::vec::transpose_mxn<float, 8, 8>(src + r0 * ld_src + c0, ld_src,
+                                            dst + c0 * ld_dst + r0, ld_dst);
+      }
+      for (int64_t r = r0; r < r0 + 8; ++r) {
+        for (int64_t c = c0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+      }
+    }
+  }
+  constexpr int64_t kTile = 16;
+  for (; r0 < rows; r0 += kTile) {
+    const int64_t r1 = std::min(rows, r0 + kTile);
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int64_t c1 = std::min(cols, c0 + kTile);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = c0; c < c1; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+      }
+    }
+  }
+}
+
 // CpuKernels::pack_fused_weights. Per chunk and gate, the [n, H] block of w_hh (n units)
-// transposed into [H][n] rows `row` apart: SIMD blocks of W x W where ATen has them
-// (AVX-512 float: any size; AVX2 float: 8 x 8), else its scalar transpose. The scalar
-// copy this replaces was 7% of a wide forward (B16 H1024, 2 threads; PERF_LOG.md row 41).
+// transposed into [H][n] rows `row` apart (`transpose`).
 template <typename scalar_t>
 void pack_fused_weights(const scalar_t* w_hh, int64_t H, scalar_t* out) {
   constexpr int64_t W = Vectorized<scalar_t>::size();
@@ -523,17 +556,10 @@ void pack_fused_weights(const scalar_t* w_hh, int64_t H, scalar_t* out) {
       for (int64_t q = 0; q < 4; ++q) {
         const scalar_t* src = w_hh + (q * H + j * W) * H;  // [n, H]
         scalar_t* dst = out + j * H * 4 * W + (kHalves ? (q / 2) * H * row + (q % 2) * W : q * W);
-        int64_t k = 0;
-        if constexpr (std::is_same_v<scalar_t, float> && W == 8) {
-          for (; n == W && k + W <= H; k += W) {
-            at::vec::transpose_mxn<float, 8, 8>(src + k, H, dst + k * row, row);
-          }
+        transpose(src, n, H, H, dst, row);
+        for (int64_t k = 0; n < W && k < H; ++k) {
+          std::fill(dst + k * row + n, dst + k * row + W, scalar_t(0));
         }
-        if (k < H) {
-          at::vec::transpose_mxn<scalar_t>(src + k, H, dst + k * row, row, int(n),
-                                           int(H - k));
-        }
-        for (k = 0; n < W && k < H; ++k) std::fill(dst + k * row + n, dst + k * row + W, scalar_t(0));
       }
     }
   });
@@ -605,6 +631,7 @@ CpuKernels<scalar_t> cpu_kernels() {
           kVectorized<scalar_t> ? &fused_step<scalar_t> : nullptr,
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) : 0,
           kVectorized<scalar_t> ? &pack_fused_weights<scalar_t> : nullptr,
+          &transpose<scalar_t>,
           &backward_rows<scalar_t>,
           kVectorized<scalar_t> ? &gemm_columns<scalar_t> : nullptr,
           kVectorized<scalar_t> ? &gemm_columns_trans_a<scalar_t> : nullptr,

@@ -59,6 +59,9 @@ struct CpuKernels {
   // SIMD blocks (at::vec::transpose_mxn), the chunks split between threads. Null with
   // fused_step.
   void (*pack_fused_weights)(const scalar_t* w_hh, int64_t H, scalar_t* out);
+  // dst[c * ld_dst + r] = src[r * ld_src + c] for src [rows, cols], on the calling thread.
+  void (*transpose)(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld_src,
+                    scalar_t* dst, int64_t ld_dst);
   // The fused backward step (no projection), in two halves: backward_block is
   // `backward` for rows [r0, r1) and units [u0, u1), on the calling thread;
   // gemm_columns is C[M, n0:n1) = A[M, K] B[K, n0:n1) (+ C when accumulate, else + bias
