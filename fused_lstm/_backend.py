@@ -37,9 +37,9 @@ def backend_info():
     ``torch_blas`` (the BLAS torch was built with), ``mkldnn`` (oneDNN in torch, used by
     nn.LSTM), ``cpu_capability`` (the build of fused_lstm's CPU kernels in use: avx512,
     avx2 or default), ``aten_cpu_capability``, ``gemm_setting``, ``gemm_small`` /
-    ``gemm_large`` / ``gemm_half`` (what runs each kind of GEMM), the tuning rules in
-    force (``fused_forward_min_hidden``, ``fused_backward_weights``,
-    ``l2_cache_bytes``), ``threads``, ``parallel_backend`` and ``cuda_kernels``; in a CUDA
+    ``gemm_large`` (what runs each kind of GEMM), ``half_layers`` (how half and bfloat16
+    layers run), the tuning rules in force (``fused_forward_min_hidden``,
+    ``fused_min_steps``, ``fused_backward_weights``, ``l2_cache_bytes``), ``threads``, ``parallel_backend`` and ``cuda_kernels``; in a CUDA
     build also ``cuda_persistent`` ("on" or "off": whether CUDA layers run the persistent
     kernels, see the README).
     """

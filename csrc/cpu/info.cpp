@@ -27,7 +27,8 @@ c10::Dict<std::string, std::string> cpu_info() {
                                             " multiply-adds)");
   info.insert("gemm_large", !aten_only && t.own_large_gemm ? "fused_lstm gemm_columns"
                                                            : torch_blas);
-  info.insert("gemm_half", torch_blas);
+  // half/bfloat16 layers run in float32 (cpu/backend.h's ReducedPrecisionInFloat).
+  info.insert("half_layers", "in float32, rounded back once per layer");
   info.insert("fused_forward_min_hidden", std::to_string(t.fused_min_hidden));
   info.insert("fused_min_steps", std::to_string(t.fused_min_steps));
   info.insert("fused_backward_weights", t.fused_backward_panels ? "column panels" : "in place");
