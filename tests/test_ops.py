@@ -62,6 +62,18 @@ def test_opcheck_forward(packed, bias, proj, reverse, op_name):
     torch.library.opcheck(getattr(ops, op_name), tuple(args.values()))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_opcheck_half_precision_cpu(dtype):
+    # 16-bit layers run in float32 inside the CPU kernels (cpu/backend.h): schema, fake
+    # tensors and autograd registration hold for the dtype the caller sees.
+    for op_name in ("lstm_layer", "lstm_layer_forward"):
+        args = layer_args(dtype=dtype, packed=True, proj=True)
+        torch.library.opcheck(getattr(ops, op_name), tuple(args.values()))
+    for op_name in ("lstm_layer_backward", "lstm_layer_backward_overwrite_gates"):
+        torch.library.opcheck(getattr(ops, op_name), backward_args(True, True, dtype=dtype),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
 @pytest.mark.parametrize("packed,bias,proj,reverse", VARIANTS, ids=VARIANT_IDS)
 def test_layer_op_without_grad_matches_forward(packed, bias, proj, reverse):
     args = layer_args(packed=packed, bias=bias, proj=proj, reverse=reverse, requires_grad=False)
