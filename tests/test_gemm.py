@@ -16,9 +16,9 @@ gemm = torch.ops.fused_lstm.cpu_gemm
 # (M, K, N): tiny; under the small-GEMM cut-over with odd edges; past it with rows left
 # over after the 6- and 4-row tiles and a column block cut short; K past one 256 KiB slice
 # of a 64-column block (1024 floats), under the cut-over and past it (a row left over);
-# a wide N.
+# a wide N; few multiply-adds into a C too large for one thread's small_gemm (K = 1).
 SHAPES = [(1, 1, 1), (7, 3, 5), (33, 17, 100), (203, 129, 77), (301, 64, 1030),
-          (13, 1100, 70), (23, 1100, 70), (64, 300, 2000)]
+          (13, 1100, 70), (23, 1100, 70), (64, 300, 2000), (600, 1, 500)]
 
 
 def _operands(M, K, N, trans_a, trans_b, dtype):

@@ -160,7 +160,8 @@ void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool tran
 }
 
 // Which of our kernels gemm() runs for these sizes (with beta 0 or 1), if any: small_gemm
-// up to tuning.h's own_gemm_max_macs, gemm_columns above it where tuning.h says so;
+// up to tuning.h's own_gemm_max_macs and own_small_gemm_max_outputs, gemm_columns above
+// them where tuning.h says so;
 // neither where its copy of op(B) would cost more than the GEMM (own_gemm_copy_*).
 enum class OwnPath { kNone, kSmall, kLarge };
 template <typename scalar_t>
@@ -170,7 +171,7 @@ OwnPath own_path(const CpuKernels<scalar_t>& kernels, bool trans_b, int64_t M, i
   const CpuTuning& tuning = cpu_tuning();
   const bool copy_pays = M >= tuning.own_gemm_copy_min_rows ||
                          N * K * int64_t(sizeof(scalar_t)) <= tuning.own_gemm_copy_max_bytes;
-  if (M * N * K <= tuning.own_gemm_max_macs) {
+  if (M * N * K <= tuning.own_gemm_max_macs && M * N <= tuning.own_small_gemm_max_outputs) {
     return kernels.small_gemm != nullptr && (!trans_b || copy_pays) ? OwnPath::kSmall
                                                                     : OwnPath::kNone;
   }

@@ -53,6 +53,11 @@ struct CpuTuning {
   // multiply-adds, torch's BLAS (at::addmm) above: below it ATen's fixed cost per call
   // (and BLAS's fork/join) is more than the math.
   int64_t own_gemm_max_macs;
+  // ... and with at most this many elements of C: small_gemm runs on one thread, and a
+  // GEMM of few multiply-adds but a large C (a one-step weight gradient, K = batch = 1:
+  // M * N = 1M at H = 512) is bound by writing C, which threads share (on gemm_columns
+  // where own_large_gemm, else in ATen's BLAS).
+  int64_t own_small_gemm_max_outputs;
   // Larger GEMMs run our gemm_columns kernel too, else torch's BLAS: on AVX-512 where
   // that BLAS is MKL on a CPU not made by Intel, which MKL runs at half the FMA width.
   bool own_large_gemm;
