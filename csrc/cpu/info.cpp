@@ -24,7 +24,9 @@ c10::Dict<std::string, std::string> cpu_info() {
   info.insert("gemm_small", aten_only ? torch_blas
                                       : "fused_lstm register-blocked (up to " +
                                             std::to_string(t.own_gemm_max_macs) +
-                                            " multiply-adds)");
+                                            " multiply-adds and " +
+                                            std::to_string(t.own_small_gemm_max_outputs) +
+                                            " outputs)");
   info.insert("gemm_large", !aten_only && t.own_large_gemm ? "fused_lstm gemm_columns"
                                                            : torch_blas);
   // half/bfloat16 layers run in float32 (cpu/backend.h's ReducedPrecisionInFloat).
