@@ -39,9 +39,9 @@ def backend_info():
     avx2 or default), ``aten_cpu_capability``, ``gemm_setting``, ``gemm_small`` /
     ``gemm_large`` (what runs each kind of GEMM), ``half_layers`` (how half and bfloat16
     layers run), the tuning rules in force (``fused_forward_min_hidden``,
-    ``fused_min_steps``, ``fused_backward_weights``, ``l2_cache_bytes``), ``threads``, ``parallel_backend`` and ``cuda_kernels``; in a CUDA
-    build also ``cuda_persistent`` ("on" or "off": whether CUDA layers run the persistent
-    kernels, see the README).
+    ``fused_min_steps``, ``fused_backward_weights``, ``l2_cache_bytes``), ``threads``,
+    ``parallel_backend`` and ``cuda_kernels``; in a CUDA build also ``cuda_persistent``
+    ("on" or "off": whether CUDA layers run the persistent kernels, see the README).
     """
     model, flags = _cpu_model_and_flags()
     simd = [f for f in flags if f in ("avx", "avx2", "fma", "f16c") or f.startswith("avx512")]

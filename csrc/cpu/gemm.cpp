@@ -161,8 +161,8 @@ void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool tran
 
 // Which of our kernels gemm() runs for these sizes (with beta 0 or 1), if any: small_gemm
 // up to tuning.h's own_gemm_max_macs and own_small_gemm_max_outputs, gemm_columns above
-// them where tuning.h says so;
-// neither where its copy of op(B) would cost more than the GEMM (own_gemm_copy_*).
+// them where tuning.h says so; neither where its copy of op(B) would cost more than the
+// GEMM (own_gemm_copy_*).
 enum class OwnPath { kNone, kSmall, kLarge };
 template <typename scalar_t>
 OwnPath own_path(const CpuKernels<scalar_t>& kernels, bool trans_b, int64_t M, int64_t N,

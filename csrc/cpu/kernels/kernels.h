@@ -39,8 +39,8 @@ struct CpuKernels {
   // it): the recurrent GEMM and the cell update fused per tile of rows and fused_width
   // hidden units, the gates never leaving registers in between. h_prev row r is
   // a_main[r] for r < split, else a_rest[r - split] (rows of H). w_packed: W_hh as
-  // [ceil(H / fused_width)][H][4 gates][fused_width], or with fused_gate_halves
-  // [ceil(H / fused_width)][2][H][2 gates][fused_width], zero past H
+  // [ceil(H / fused_width)][H][4 gates][fused_width], or in gate halves (the AVX2 and
+  // portable builds) [ceil(H / fused_width)][2][H][2 gates][fused_width], zero past H
   // (pack_fused_weights). gates: [b, 4H] input part in, activated out when
   // store_gates, else undefined out (AVX2's two-pass tiles keep i, f there between
   // passes); c_state: [b, H] in/out; cells, h_out: [b, H] out. h_out must not
