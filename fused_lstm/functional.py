@@ -20,6 +20,29 @@ def _dense_batch_sizes(T: int, B: int) -> Tensor:
     return torch.full((T,), B, dtype=torch.long)
 
 
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()  # a constant of the build (dynamo skips the call)
+
+
+def _cpu_autocast_dtype(input: Tensor, packed: bool, has_proj: bool) -> Optional[torch.dtype]:
+    """The dtype a stack runs in under ``torch.autocast("cpu")``, as nn.LSTM's: its
+    oneDNN path (dense input, no projection, oneDNN enabled, input neither empty nor
+    float64) runs in the autocast dtype; packed input and projections take ATen's
+    native path, whose output stays float32 (its GEMMs alone are autocast). None: no
+    cast."""
+    if input.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return None
+    if packed or has_proj or input.dtype == torch.float64 or input.numel() == 0:
+        return None
+    if not (_HAS_ONEDNN and torch.backends.mkldnn.enabled):
+        return None
+    return torch.get_autocast_dtype("cpu")
+
+
+def _autocast_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # Floating tensors but float64, as autocast's own casts.
+    return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+
 # The flat weight list (nn.LSTM._flat_weights order): for each layer, for each direction,
 # w_ih, w_hh[, b_ih, b_hh][, w_hr]. The C++ side reads it through StackLayout (csrc/lstm.h).
 def weights_per_layer(has_biases: bool, has_proj: bool) -> int:
@@ -131,7 +154,10 @@ def lstm(
         differentiable with respect to input, hx and every weight. Without dropout
         between layers the whole stack is one op call (``lstm_stack``), and one autograd
         node when a gradient is needed; with it, one ``lstm_layer`` call per layer and
-        direction. Under ``torch.onnx.export`` it becomes ONNX ``LSTM`` nodes.
+        direction. Under ``torch.onnx.export`` it becomes ONNX ``LSTM`` nodes. Under
+        ``torch.autocast("cpu")`` dense input without a projection runs in the autocast
+        dtype (outputs and states too), as nn.LSTM's oneDNN path does; packed input and
+        projections run in the input's dtype.
     """
     directions = 2 if bidirectional else 1
     expected = num_layers * directions * weights_per_layer(has_biases, has_proj)
@@ -141,6 +167,10 @@ def lstm(
     stacked = not (dropout > 0 and training and num_layers > 1)
     if not torch.jit.is_scripting():
         stacked = stacked and not _onnx.exporting()
+        dtype = _cpu_autocast_dtype(input, batch_sizes is not None, has_proj)
+        if dtype is not None:
+            input, h0, c0 = (_autocast_cast(t, dtype) for t in (input, h0, c0))
+            weights = [_autocast_cast(w, dtype) for w in weights]
     if stacked:
         # Every layer and direction in one op call, and with a gradient one autograd node.
         data, sizes = input, batch_sizes

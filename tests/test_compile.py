@@ -89,6 +89,23 @@ def test_compile_fullgraph_matches_eager(model_cls, kind):
         assert_close(a, e)
 
 
+def test_compile_fullgraph_under_cpu_autocast():
+    # The CPU autocast rule (functional._cpu_autocast_dtype) reads autocast and oneDNN
+    # state inside the graph: whole-graph, bfloat16 results equal to eager's, then float32
+    # again once autocast is off (a guard, not the bfloat16 graph replayed).
+    torch.manual_seed(0)
+    lstm = fused_lstm.LSTM(10, 20, num_layers=2, batch_first=True)
+    x = torch.randn(32, 5, 10)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(lstm, fullgraph=True)
+        for dtype, autocast in ((torch.bfloat16, True), (torch.float32, False)):
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                got, want = compiled(x), lstm(x)
+            for a, e in zip([got[0], *got[1]], [want[0], *want[1]]):
+                assert a.dtype == dtype and torch.equal(a, e)
+
+
 def test_compile_dynamic_does_not_recompile():
     torch.manual_seed(0)
     model = Seed()

@@ -418,6 +418,81 @@ def test_half_precision_cpu_against_float64(dtype, case):
         torch.testing.assert_close(a.double(), e, rtol=rtol, atol=atol * max(1.0, e.abs().max().item()))
 
 
+def _outputs_and_grads_through_float(module, x, hx, lengths):
+    # [output, h_n, c_n] and their gradients with respect to x, hx and every parameter,
+    # for a loss read in float32 (so the gradients reaching a 16-bit output are the same
+    # rounded values whatever the leaves' dtype).
+    inp = x if lengths is None else nn.utils.rnn.pack_padded_sequence(x, lengths)
+    out, (h_n, c_n) = module(inp, hx)
+    outs = [out.data if lengths is not None else out, h_n, c_n]
+    gen = torch.Generator().manual_seed(5)
+    loss = sum((t.float() * torch.randn(t.shape, generator=gen)).sum() for t in outs)
+    return outs, torch.autograd.grad(loss, [x, *hx, *module.parameters()])
+
+
+AUTOCAST_CASES = {  # name: (module kwargs, packed lengths or None)
+    "dense-2layer-bidir": (dict(num_layers=2, bidirectional=True), None),
+    "dense-H144": (dict(hidden_size=144), None),
+    "packed-2layer": (dict(num_layers=2), [5, 4, 4, 2]),
+    "proj": (dict(proj_size=3), None),
+}
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "onednn-off"])
+@pytest.mark.parametrize("case", list(AUTOCAST_CASES))
+def test_cpu_autocast_like_nn(case, onednn, monkeypatch):
+    # Under torch.autocast("cpu", dtype=torch.bfloat16) nn.LSTM's oneDNN path (dense
+    # input, no projection, oneDNN enabled) runs in bfloat16, outputs and states too;
+    # packed input stays float32. Ours takes the same dtypes, and its results are those
+    # of our LSTM run in the autocast dtype on the cast values, bit for bit, gradients
+    # included (float32 at the float32 leaves, the cast's backward). With a projection
+    # nn.LSTM's native path returns output and h_n in bfloat16 but c_n in float32; ours
+    # stays float32 throughout (README, Limits).
+    kwargs, lengths = AUTOCAST_CASES[case]
+    kwargs = dict(dict(input_size=7, hidden_size=8), **kwargs)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch is built without oneDNN: nn.LSTM has no autocast path")
+    gen = torch.Generator().manual_seed(len(case))
+    ours = fused_lstm.LSTM(**kwargs)
+    random_like_weights(ours, 5)
+    ref = nn.LSTM(**kwargs)
+    ref.load_state_dict(ours.state_dict())
+    D = 2 if kwargs.get("bidirectional") else 1
+    L = kwargs.get("num_layers", 1)
+    H_, P = kwargs["hidden_size"], kwargs.get("proj_size") or kwargs["hidden_size"]
+    B = 4
+    x = _random((5, B, 7), torch.float32, gen).requires_grad_()
+    hx = tuple(_random((L * D, B, n), torch.float32, gen).requires_grad_() for n in (P, H_))
+    lens = None if lengths is None else torch.tensor(lengths)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_dtypes = [t.dtype for t in lstm_outputs(ref, x, hx, lens)]
+        outs, grads = _outputs_and_grads_through_float(ours, x, hx, lens)
+    cast = onednn and lengths is None and "proj_size" not in kwargs
+    dtype = torch.bfloat16 if cast else torch.float32
+    if "proj_size" in kwargs:
+        expected_dtypes = [torch.float32] * 3
+    assert [t.dtype for t in outs] == expected_dtypes == [dtype] * 3
+    in_dtype = fused_lstm.LSTM(**kwargs).to(dtype)
+    in_dtype.load_state_dict(ours.state_dict())
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, *hx)]
+    want_outs, want_grads = _outputs_and_grads_through_float(in_dtype, leaves[0], tuple(leaves[1:]), lens)
+    for a, e in zip(outs, want_outs):
+        assert torch.equal(a, e)
+    for a, e in zip(grads, want_grads):
+        assert a.dtype == torch.float32 and torch.equal(a.to(dtype), e)
+
+
+def test_cpu_autocast_leaves_cells_in_float32():
+    # nn.LSTMCell is not autocast on the CPU (torch's lstm_cell has no CPU autocast rule).
+    cell = fused_lstm.LSTMCell(7, 8)
+    x = torch.randn(3, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = nn.LSTMCell(7, 8)(x)
+        got = cell(x)
+    assert [t.dtype for t in got] == [t.dtype for t in expected] == [torch.float32] * 2
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_cpu_is_float32_rounded_once(dtype):
     # A 16-bit layer on the CPU is the float32 layer on the same values, its results
