@@ -493,12 +493,20 @@ def test_cpu_autocast_leaves_cells_in_float32():
     assert [t.dtype for t in got] == [t.dtype for t in expected] == [torch.float32] * 2
 
 
+def _bfloat16_kernels_in_use():
+    return fused_lstm.backend_info()["bfloat16_fused_forward"] != "as half_layers"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_cpu_is_float32_rounded_once(dtype):
+def test_half_precision_cpu_is_float32_rounded_once(dtype, request):
     # A 16-bit layer on the CPU is the float32 layer on the same values, its results
     # rounded to the dtype once (not a 16-bit h between steps; a stack rounds between
     # layers): bit for bit, with and without a gradient, at a fused size and with a
-    # projection.
+    # projection. (bfloat16 where the bfloat16 kernels do not run: on an AVX512_BF16 CPU
+    # the AVX2 build, as on CPUs without it.)
+    if dtype == torch.bfloat16 and _bfloat16_kernels_in_use():
+        request.addfinalizer(lambda: torch.ops.fused_lstm.set_cpu_capability(""))
+        torch.ops.fused_lstm.set_cpu_capability("avx2")
     gen = torch.Generator().manual_seed(11)
     for kwargs, H_ in ((dict(bidirectional=True), 144), (dict(proj_size=3), 8)):
         half = fused_lstm.LSTM(7, H_, **kwargs)
@@ -511,6 +519,67 @@ def test_half_precision_cpu_is_float32_rounded_once(dtype):
         for got in (lstm_outputs(half, x), lstm_outputs_and_grads(half, x)[0]):
             for a, e in zip(got, expected):
                 assert a.dtype == dtype and torch.equal(a, e)
+
+
+def _bfloat16_recurrence(x, h0, c0, w_ih, w_hh, bias, reverse=False):
+    # One layer in float64, each step reading h rounded to bfloat16 (what the bfloat16
+    # kernels compute, but for float32 sums): x [T, B, I], h0, c0 [B, H] -> output [T, B, H].
+    def rounded(t):
+        return t.to(torch.bfloat16).double()
+    h, c, out = rounded(h0), c0.double(), []
+    for t in (reversed(range(x.shape[0])) if reverse else range(x.shape[0])):
+        i, f, g, o = (x[t].double() @ w_ih.double().T + h @ w_hh.double().T + bias.double()).chunk(4, 1)
+        c = i.sigmoid() * g.tanh() + f.sigmoid() * c
+        h = rounded(o.sigmoid() * c.tanh())
+        out.append(h)
+    return torch.stack(out[::-1] if reverse else out)
+
+
+@pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+                    reason="the bfloat16 kernels are AVX-512 only")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B,I,H", [(4, 7, 144), (13, 64, 34), (37, 16, 18)], ids=str)
+def test_bfloat16_fused_layer_rounds_h_each_step(B, I, H, threads):
+    # On an AVX512_BF16 CPU a bfloat16 layer whose loop runs fused multiplies x, h and the
+    # weights as stored (bfloat16 products, float32 sums), each step reading the h of the
+    # step before rounded to bfloat16: equal to the float64 model of that but for under
+    # 1% of the outputs, each within 2^-7 (float32 sums may move a rounding; outputs lie
+    # in (-1, 1)), both directions, with and without a gradient, the same on 1 and 2
+    # threads. The layer in float32 rounded once (the AVX2 build) differs from the model
+    # in ~11% of the outputs: the test tells the two apart. Weights of nn.LSTM's scale.
+    if not _bfloat16_kernels_in_use():
+        pytest.skip("this CPU has no AVX512_BF16 (the bfloat16 layers run in float32)")
+    torch.ops.fused_lstm.set_cpu_gemm("small")  # the fused loop at every size
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(B * H)
+        x = _random((9, B, I), torch.bfloat16, gen)
+        h0, c0 = (_random((B, H), torch.bfloat16, gen) for _ in range(2))
+        w_ih, w_hh, b_ih, b_hh = (_random(shape, torch.float32, gen).div(H ** 0.5).bfloat16()
+                                  for shape in ((4 * H, I), (4 * H, H), (4 * H,), (4 * H,)))
+        bias = b_ih.float() + b_hh.float()
+        args = (x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+        for reverse in (False, True):
+            expected = _bfloat16_recurrence(x, h0, c0, w_ih, w_hh, bias, reverse)
+            with torch.no_grad():
+                got = fused_lstm.functional.lstm_layer(*args, reverse=reverse)[0]
+            trained = fused_lstm.functional.lstm_layer(
+                x, (h0.requires_grad_(), c0), w_ih, w_hh, b_ih, b_hh, reverse=reverse)[0]
+            h0.requires_grad_(False)
+            assert torch.equal(got, trained.detach())
+            off = (got.double() - expected).abs()
+            assert off.max() <= 2.0 ** -7 and (off > 0).double().mean() < 0.01
+            torch.ops.fused_lstm.set_cpu_capability("avx2")
+            try:
+                with torch.no_grad():
+                    once = fused_lstm.functional.lstm_layer(*args, reverse=reverse)[0]
+            finally:
+                torch.ops.fused_lstm.set_cpu_capability("")
+            assert ((once.double() - expected).abs() > 0).double().mean() > 0.05
+    finally:
+        torch.set_num_threads(before)
+        torch.ops.fused_lstm.set_cpu_gemm("auto")
 
 
 @pytest.mark.parametrize("batch", [1, 8, 20])

@@ -17,6 +17,12 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   const bool fused_step;
   // small_gemm reads B as [K, N]: the transposed weights, made once per call.
   const at::Tensor w_hh_t, w_hr_t;  // [P, 4H], [H, P], or undefined
+  // A layer called in bfloat16 (ReducedPrecisionInFloat) whose loop runs fused, on a CPU
+  // with the bfloat16 kernels (CpuKernels::fused_step_bf16), H even: its GEMMs multiply
+  // x, h_prev and the weights as stored, in bfloat16, at twice float32's rate; each step
+  // reads the h before it rounded to bfloat16, as nn.LSTM's bfloat16 layer does; sums,
+  // c and the cell update stay float32. (PERF_LOG.md row 45.)
+  const bool bf16_operands;
 
   static bool enough_steps(const LayerForwardParams& params) {
     return int64_t(params.steps.size()) >= cpu_tuning().fused_min_steps;
@@ -32,10 +38,13 @@ struct CpuForward : CpuLayerBase<scalar_t> {
         fused_step(!p.s.has_proj && kernels.fused_step != nullptr &&
                    use_fused_step(recurrent.small, H, p.steps.size())),
         w_hh_t(recurrent.small && !fused_step ? p.w_hh.t().contiguous() : at::Tensor()),
-        w_hr_t(p.s.has_proj && projection.small ? p.w_hr.t().contiguous() : at::Tensor()) {}
+        w_hr_t(p.s.has_proj && projection.small ? p.w_hr.t().contiguous() : at::Tensor()),
+        bf16_operands(fused_step && reduced_precision_call_dtype == at::kBFloat16 &&
+                      kernels.fused_step_bf16 != nullptr && H % 2 == 0 && p.s.N > 0) {}
 
   // gates [N, 4H] = x [N, I] W_ih^T + (b_ih + b_hh), the bias where the GEMM's tiles start
-  // (gemm_bias).
+  // (gemm_bias); with bfloat16 operands (bf16_operands) x and W_ih as stored, x padded
+  // to an even I.
   void input_gemm(scalar_t* gates) const {
     std::vector<scalar_t> bias;
     if (p.b_ih.defined()) {
@@ -44,9 +53,20 @@ struct CpuForward : CpuLayerBase<scalar_t> {
       bias.resize(4 * H);
       for (int64_t k = 0; k < 4 * H; ++k) bias[k] = b1[k] + b2[k];
     }
+    const scalar_t* bias_ptr = bias.empty() ? nullptr : bias.data();
+    if (bf16_operands) {
+      const int64_t I = p.s.I, K = (I + 1) / 2 * 2, width = kernels.fused_width;
+      const auto opts = p.input.options().dtype(at::kBFloat16);
+      at::Tensor x = I == K ? p.input.to(at::kBFloat16).contiguous() : at::zeros({p.s.N, K}, opts);
+      if (I != K) x.narrow(1, 0, I).copy_(p.input);
+      at::Tensor w = at::empty({(H + width - 1) / width * width * 4 * K}, opts);
+      kernels.pack_fused_weights_bf16(p.w_ih.data_ptr<scalar_t>(), H, I, w.data_ptr<c10::BFloat16>());
+      kernels.input_gemm_bf16(p.s.N, H, K, x.data_ptr<c10::BFloat16>(),
+                              w.data_ptr<c10::BFloat16>(), bias_ptr, gates);
+      return;
+    }
     gemm_bias<scalar_t>(true, p.s.N, 4 * H, p.s.I, p.input.data_ptr<scalar_t>(), p.s.I,
-                        p.w_ih.data_ptr<scalar_t>(), p.s.I, bias.empty() ? nullptr : bias.data(),
-                        gates, 4 * H);
+                        p.w_ih.data_ptr<scalar_t>(), p.s.I, bias_ptr, gates, 4 * H);
   }
 
   // g [b, 4H] += h [b, P] W_hh^T
@@ -71,6 +91,7 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   // holds h0 until the loop ends.
   bool fused(const ForwardBuffers<scalar_t>& buf) const {
     if (!fused_step) return false;
+    if (fused_bf16(buf)) return true;
     const int64_t B = p.s.B;
     const auto& steps = p.steps;
     const int64_t width = kernels.fused_width;
@@ -96,15 +117,58 @@ struct CpuForward : CpuLayerBase<scalar_t> {
         sync(n);
       }
     });
-    // h_n: each row's h at its last step (rows [next batch, batch) end at a step).
+    copy_last_hidden(buf);
+    return true;
+  }
+
+  // The fused loop with bfloat16 operands (bf16_operands). out_round: [N, H] the outputs
+  // rounded, which the next step reads; h0_round: [B, H] h0.
+  bool fused_bf16(const ForwardBuffers<scalar_t>& buf) const {
+    if (!bf16_operands) return false;
+    using bf16 = c10::BFloat16;
+    const int64_t B = p.s.B;
+    const auto& steps = p.steps;
+    const int64_t width = kernels.fused_width;
+    const auto opts = p.input.options().dtype(at::kBFloat16);
+    at::Tensor w_packed = at::empty({(H + width - 1) / width * width * 4 * H}, opts);
+    kernels.pack_fused_weights_bf16(p.w_hh.data_ptr<scalar_t>(), H, H, w_packed.data_ptr<bf16>());
+    at::Tensor out_round = at::empty({p.s.N, H}, opts);
+    at::Tensor h0_round = at::from_blob(buf.h_state, {B, H}, p.input.options()).to(at::kBFloat16);
+    const bf16* w_t = w_packed.data_ptr<bf16>();
+    bf16* rounded = out_round.data_ptr<bf16>();
+    const bf16* h0 = h0_round.data_ptr<bf16>();
+    scalar_t* out = buf.output;
+    run_fused_loop(steps, B, H, width, p.w_hh.nbytes() / 2,
+                   [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1, const auto& sync) {
+      for (size_t n = 0; n < steps.size(); ++n) {
+        const Step& step = steps[n];
+        const int64_t row0 = std::min(r0, step.batch), row1 = std::min(r1, step.batch);
+        const int64_t split = n == 0 ? 0 : step.prev_batch;
+        const int64_t own_split = std::max<int64_t>(split - row0, 0);
+        kernels.fused_step_bf16(row1 - row0, H, rounded + (step.prev_offset + row0) * H,
+                                own_split, h0 + (row0 + own_split) * H, w_t,
+                                buf.gates + (step.offset + row0) * 4 * H, p.keep_workspace,
+                                buf.c_state + row0 * H,
+                                buf.cells + step.offset * buf.cells_step + row0 * H,
+                                out + (step.offset + row0) * H,
+                                rounded + (step.offset + row0) * H, j0, j1);
+        sync(n);
+      }
+    });
+    copy_last_hidden(buf);
+    return true;
+  }
+
+  // h_n: each row's h at its last step (rows [next batch, batch) end at a step).
+  void copy_last_hidden(const ForwardBuffers<scalar_t>& buf) const {
+    const auto& steps = p.steps;
     for (size_t n = 0; n < steps.size(); ++n) {
       const int64_t b = steps[n].batch, b_next = n + 1 < steps.size() ? steps[n + 1].batch : 0;
       if (b_next < b) {
-        cpu::copy_rows(buf.h_state + b_next * H, out + (steps[n].offset + b_next) * H,
+        cpu::copy_rows(buf.h_state + b_next * H, buf.output + (steps[n].offset + b_next) * H,
                        b - b_next, H);
       }
     }
-    return true;
   }
 };
 

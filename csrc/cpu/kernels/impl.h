@@ -565,36 +565,64 @@ void pack_fused_weights(const scalar_t* w_hh, int64_t H, scalar_t* out) {
   });
 }
 
+// fused_step's tiles over rows [0, b) and unit chunks [j0, j1) of W units:
+// tile(rows, r, j, u, n) runs rows [r, r + rows) x units [u, u + n) of chunk j, `rows` an
+// integral_constant. Row tiles: 6 while more than 8 rows remain (8 go as 4 + 4), then 4
+// (on AVX2 in gate halves); then 2 and 1 with all four gates: a 1-row tile has only 4 FMA
+// chains, too few to hide the FMA latency (PERF_LOG.md row 31), and in halves it would
+// have 2. Before each tile, the next tile's input gates (the rows after, or the next
+// units' first rows) go to L1 while this one runs: its rows lie 4H apart in a buffer too
+// large for any cache, a stride the hardware prefetcher does not follow, and each tile
+// began by waiting on its 4 * rows lines (PERF_LOG.md row 38). gates: [b, 4H].
+template <int64_t W, typename scalar_t, typename Tile>
+C10_ALWAYS_INLINE void for_each_fused_tile(int64_t b, int64_t H, const scalar_t* gates,
+                                           int64_t j0, int64_t j1, const Tile& tile) {
+  const int64_t u_end = std::min(H, j1 * W);
+  const auto run = [&](auto rows, int64_t r, int64_t j, int64_t u,
+                       int64_t n) FUSED_LSTM_INLINE_LAMBDA {
+    constexpr int kTileRows = decltype(rows)::value;
+    const int64_t next_r = r + kTileRows < b ? r + kTileRows : 0;
+    const int64_t next_u = r + kTileRows < b ? u : u + W;
+    if (next_u < u_end) {
+      for (int64_t i = next_r; i < std::min(b, next_r + kTileRows); ++i) {
+        for (int q = 0; q < 4; ++q) {
+          const scalar_t* line = gates + i * 4 * H + q * H + next_u;
+          __builtin_prefetch(line);
+          __builtin_prefetch(line + std::min(W, u_end - next_u) - 1);
+        }
+      }
+    }
+    tile(rows, r, j, u, n);
+  };
+  int64_t big = 0;  // rows in the big tiles
+  while (b - big >= 6 && b - big != 8) big += 6;
+  big += (b - big) / 4 * 4;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t u = j * W, n = std::min(W, H - u);
+    int64_t r = 0;
+    for (; big - r >= 6 && big - r != 8; r += 6) run(std::integral_constant<int, 6>{}, r, j, u, n);
+    for (; r < big; r += 4) run(std::integral_constant<int, 4>{}, r, j, u, n);
+    for (; r + 2 <= b; r += 2) run(std::integral_constant<int, 2>{}, r, j, u, n);
+    for (; r < b; ++r) run(std::integral_constant<int, 1>{}, r, j, u, n);
+  }
+}
+
 template <typename scalar_t>
 void fused_step(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
                 const scalar_t* a_rest, const scalar_t* w_packed, scalar_t* gates,
                 bool store_gates, scalar_t* c_state, scalar_t* cells, scalar_t* h_out,
                 int64_t j0, int64_t j1) {
   if constexpr (kVectorized<scalar_t>) {
-    using Vec = Vectorized<scalar_t>;
-    constexpr int64_t W = Vec::size();
-    const auto a_row = [&](int64_t r) { return r < split ? a_main + r * H : a_rest + (r - split) * H; };
-    const int64_t u_end = std::min(H, j1 * W);
-    const auto tile = [&](auto rows, int64_t r, const scalar_t* w_tile, int64_t u,
-                          int64_t n) FUSED_LSTM_INLINE_LAMBDA {
+    constexpr int64_t W = Vectorized<scalar_t>::size();
+    for_each_fused_tile<W>(b, H, gates, j0, j1,
+                           [&](auto rows, int64_t r, int64_t j, int64_t u,
+                               int64_t n) FUSED_LSTM_INLINE_LAMBDA {
       constexpr int kTileRows = decltype(rows)::value;
       const scalar_t* a[kTileRows];
-      for (int i = 0; i < kTileRows; ++i) a[i] = a_row(r + i);
-      // The next tile's input gates (the rows after, or the next units' first rows), to
-      // L1 while this one runs: its rows lie 4H apart in a buffer too large for any cache,
-      // a stride the hardware prefetcher does not follow, and each tile began by waiting
-      // on its 4 * kTileRows lines (PERF_LOG.md row 38).
-      const int64_t next_r = r + kTileRows < b ? r + kTileRows : 0;
-      const int64_t next_u = r + kTileRows < b ? u : u + W;
-      if (next_u < u_end) {
-        for (int64_t i = next_r; i < std::min(b, next_r + kTileRows); ++i) {
-          for (int q = 0; q < 4; ++q) {
-            const scalar_t* line = gates + i * 4 * H + q * H + next_u;
-            __builtin_prefetch(line);
-            __builtin_prefetch(line + std::min(W, u_end - next_u) - 1);
-          }
-        }
+      for (int i = 0; i < kTileRows; ++i) {
+        a[i] = r + i < split ? a_main + (r + i) * H : a_rest + (r + i - split) * H;
       }
+      const scalar_t* w_tile = w_packed + j * H * 4 * W;
       if constexpr (kFusedGateHalves<scalar_t> && kTileRows >= 4) {
         fused_step_tile_halves<scalar_t, kTileRows>(H, a, w_tile, gates, c_state, cells, h_out,
                                                     r, u, n);
@@ -602,34 +630,188 @@ void fused_step(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
         fused_step_tile<scalar_t, kTileRows>(H, a, w_tile, gates, store_gates, c_state, cells,
                                              h_out, r, u, n);
       }
-    };
-    // Row tiles: 6 while more than 8 rows remain (8 go as 4 + 4), then 4 (on AVX2 in gate
-    // halves); then 2 and 1 with all four gates: a 1-row tile has only 4 FMA chains, too
-    // few to hide the FMA latency (PERF_LOG.md row 31), and in halves it would have 2.
-    int64_t big = 0;  // rows in the big tiles
-    while (b - big >= 6 && b - big != 8) big += 6;
-    big += (b - big) / 4 * 4;
-    for (int64_t j = j0; j < j1; ++j) {
-      const int64_t u = j * W, n = std::min(W, H - u);
-      const scalar_t* w_tile = w_packed + j * H * 4 * W;
-      int64_t r = 0;
-      for (; big - r >= 6 && big - r != 8; r += 6) tile(std::integral_constant<int, 6>{}, r, w_tile, u, n);
-      for (; r < big; r += 4) tile(std::integral_constant<int, 4>{}, r, w_tile, u, n);
-      for (; r + 2 <= b; r += 2) tile(std::integral_constant<int, 2>{}, r, w_tile, u, n);
-      for (; r < b; ++r) tile(std::integral_constant<int, 1>{}, r, w_tile, u, n);
+    });
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// fused_step with bfloat16 operands (CpuKernels::fused_step_bf16), for AVX512_BF16 CPUs
+// only: its functions carry the target themselves, and cpu_kernels() hands them out only
+// where the CPU has it.
+#define FUSED_LSTM_BF16_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16")))
+
+// The bfloat16 tiles' sums: acc[r][q] += sum over k < K of a_rows[r][k] w[k][q][16
+// units], by pairs of k: one vdpbf16ps a row and gate adds both products (exact in
+// float32) to the float32 sum. w_tile: [K / 2][4][16][2]; K even.
+template <int kRows>
+FUSED_LSTM_BF16_TARGET C10_ALWAYS_INLINE void bf16_tile_sums(int64_t K,
+                                                             const c10::BFloat16* const* a_rows,
+                                                             const c10::BFloat16* w_tile,
+                                                             __m512 (&acc)[kRows][4]) {
+  static_assert(4 * kRows + 4 + 1 <= 32, "AVX-512: 32 registers");
+  for (int64_t k2 = 0; k2 < K / 2; ++k2) {
+    __m512bh w[4];
+    for (int q = 0; q < 4; ++q) {
+      w[q] = (__m512bh)_mm512_loadu_si512(w_tile + (k2 * 4 + q) * 32);
+    }
+    for (int r = 0; r < kRows; ++r) {
+      int32_t pair;  // a[2 k2], a[2 k2 + 1]
+      std::memcpy(&pair, a_rows[r] + 2 * k2, sizeof(pair));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], a, w[q]);
     }
   }
 }
+
+// fused_step_tile with bfloat16 operands (bf16_tile_sums over K = H), h also stored
+// rounded to h_round.
+template <int kRows>
+FUSED_LSTM_BF16_TARGET C10_ALWAYS_INLINE void fused_step_tile_bf16(
+    int64_t H, const c10::BFloat16* const* a_rows, const c10::BFloat16* w_tile, float* gates,
+    bool store_gates, float* c_state, float* cells, float* h_out, c10::BFloat16* h_round,
+    int64_t row0, int64_t u, int64_t n) {
+  using Vec = Vectorized<float>;
+  const int64_t G = 4 * H;
+  __m512 acc[kRows][4];
+  for (int r = 0; r < kRows; ++r) {
+    for (int q = 0; q < 4; ++q) acc[r][q] = load(Vec{}, gates + (row0 + r) * G + q * H + u, n);
+  }
+  bf16_tile_sums<kRows>(H, a_rows, w_tile, acc);
+  const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t row = row0 + r;
+    Vec i(acc[r][0]), f(acc[r][1]), g(acc[r][2]), o(acc[r][3]);
+    const Vec c_prev = load(Vec{}, c_state + row * H + u, n);
+    Vec c, h;
+    cell_forward(i, f, g, o, c_prev, c, h);
+    if (store_gates) {
+      float* g_row = gates + row * G + u;
+      store(i, g_row, n);
+      store(f, g_row + H, n);
+      store(g, g_row + 2 * H, n);
+      store(o, g_row + 3 * H, n);
+    }
+    store(c, c_state + row * H + u, n);
+    store(c, cells + row * H + u, n);
+    store(h, h_out + row * H + u, n);
+    _mm256_mask_storeu_epi16(h_round + row * H + u, lanes, (__m256i)_mm512_cvtneps_pbh(h));
+  }
+}
+
+FUSED_LSTM_BF16_TARGET void fused_step_bf16(int64_t b, int64_t H, const c10::BFloat16* a_main,
+                                            int64_t split, const c10::BFloat16* a_rest,
+                                            const c10::BFloat16* w_packed, float* gates,
+                                            bool store_gates, float* c_state, float* cells,
+                                            float* h_out, c10::BFloat16* h_round, int64_t j0,
+                                            int64_t j1) {
+  constexpr int64_t W = 16;
+  for_each_fused_tile<W>(b, H, gates, j0, j1,
+                         [&](auto rows, int64_t r, int64_t j, int64_t u,
+                             int64_t n) FUSED_LSTM_BF16_TARGET {
+    constexpr int kTileRows = decltype(rows)::value;
+    const c10::BFloat16* a[kTileRows];
+    for (int i = 0; i < kTileRows; ++i) {
+      a[i] = r + i < split ? a_main + (r + i) * H : a_rest + (r + i - split) * H;
+    }
+    fused_step_tile_bf16<kTileRows>(H, a, w_packed + j * H * 4 * W, gates, store_gates,
+                                    c_state, cells, h_out, h_round, r, u, n);
+  });
+}
+
+// CpuKernels::input_gemm_bf16: gates[M, 4H] = a[M, K] w^T + bias, the layer's input GEMM
+// with bfloat16 operands (bf16_tile_sums), float32 sums. w_packed: w [4H, K] packed by
+// pack_fused_weights_bf16; K even; bias [4H] or null. Tiles of 6 rows x one chunk's 4
+// gates x 16 units, shared between threads.
+FUSED_LSTM_BF16_TARGET void input_gemm_bf16(int64_t M, int64_t H, int64_t K,
+                                            const c10::BFloat16* a, const c10::BFloat16* w_packed,
+                                            const float* bias, float* gates) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = 16, kRows = 6;
+  const int64_t chunks = (H + W - 1) / W, row_tiles = (M + kRows - 1) / kRows;
+  // A task: one chunk's weights (K * 128 bytes, in L2) over a block of row tiles.
+  const int64_t tiles_per_block = std::max<int64_t>(1, std::min<int64_t>(row_tiles, 64));
+  const int64_t blocks = (row_tiles + tiles_per_block - 1) / tiles_per_block;
+  at::parallel_for(0, chunks * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j = t % chunks, block = t / chunks;
+      const int64_t u = j * W, n = std::min(W, H - u);
+      const c10::BFloat16* w_tile = w_packed + j * K * 4 * W;
+      Vec bias_q[4];
+      for (int q = 0; q < 4; ++q) {
+        bias_q[q] = bias != nullptr ? load(Vec{}, bias + q * H + u, n) : Vec(0.f);
+      }
+      const int64_t r_end = std::min(M, (block + 1) * tiles_per_block * kRows);
+      for (int64_t r = block * tiles_per_block * kRows; r < r_end; r += kRows) {
+        const auto tile = [&](auto rows) FUSED_LSTM_BF16_TARGET {
+          constexpr int kTileRows = decltype(rows)::value;
+          const c10::BFloat16* a_rows[kTileRows];
+          __m512 acc[kTileRows][4];
+          for (int i = 0; i < kTileRows; ++i) {
+            a_rows[i] = a + (r + i) * K;
+            for (int q = 0; q < 4; ++q) acc[i][q] = bias_q[q];
+          }
+          bf16_tile_sums<kTileRows>(K, a_rows, w_tile, acc);
+          for (int i = 0; i < kTileRows; ++i) {
+            for (int q = 0; q < 4; ++q) store(Vec(acc[i][q]), gates + (r + i) * 4 * H + q * H + u, n);
+          }
+        };
+        switch (std::min<int64_t>(kRows, M - r)) {
+          case 6: tile(std::integral_constant<int, 6>{}); break;
+          case 5: tile(std::integral_constant<int, 5>{}); break;
+          case 4: tile(std::integral_constant<int, 4>{}); break;
+          case 3: tile(std::integral_constant<int, 3>{}); break;
+          case 2: tile(std::integral_constant<int, 2>{}); break;
+          default: tile(std::integral_constant<int, 1>{}); break;
+        }
+      }
+    }
+  });
+}
+
+// CpuKernels::pack_fused_weights_bf16: w [4H, K] (row-major) to out[j][k / 2][q][w][k %
+// 2] = w[q * H + j * 16 + w][k] rounded to bfloat16 (exact for a layer stored in
+// bfloat16), 0 past unit H and, for odd K, at k = K.
+void pack_fused_weights_bf16(const float* w_hh, int64_t H, int64_t K, c10::BFloat16* out) {
+  constexpr int64_t W = 16;
+  const int64_t chunks = (H + W - 1) / W, K2 = (K + 1) / 2 * 2;
+  at::parallel_for(0, chunks, std::max<int64_t>(1, (int64_t{1} << 16) / (K2 * 4 * W)),
+                   [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      c10::BFloat16* chunk = out + j * K2 * 4 * W;
+      for (int64_t q = 0; q < 4; ++q) {
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t unit = j * W + w;
+          const float* src = unit < H ? w_hh + (q * H + unit) * K : nullptr;
+          for (int64_t k = 0; k < K2; ++k) {
+            chunk[((k / 2 * 4 + q) * W + w) * 2 + k % 2] =
+                src != nullptr && k < K ? c10::BFloat16(src[k]) : c10::BFloat16(0.f);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Whether this CPU runs fused_step_bf16 (AVX512_BF16).
+bool cpu_has_bf16_dot() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+#endif
 
 }  // namespace
 
 template <typename scalar_t>
 CpuKernels<scalar_t> cpu_kernels() {
-  return {&forward_step<scalar_t>, &backward_step<scalar_t>,
+  CpuKernels<scalar_t> kernels{&forward_step<scalar_t>, &backward_step<scalar_t>,
           kVectorized<scalar_t> ? &small_gemm<scalar_t> : nullptr,
           kVectorized<scalar_t> ? &small_gemm_trans_a<scalar_t> : nullptr,
           kVectorized<scalar_t> ? &fused_step<scalar_t> : nullptr,
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) : 0,
+          nullptr,  // fused_step_bf16, pack_fused_weights_bf16 and input_gemm_bf16: below
+          nullptr,
+          nullptr,
           kVectorized<scalar_t> ? &pack_fused_weights<scalar_t> : nullptr,
           &transpose<scalar_t>,
           &backward_rows<scalar_t>,
@@ -638,6 +820,16 @@ CpuKernels<scalar_t> cpu_kernels() {
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) *
                                       (sizeof(Vectorized<scalar_t>) >= 64 ? 4 : 2)
                                 : 0};
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (cpu_has_bf16_dot()) {
+      kernels.fused_step_bf16 = &fused_step_bf16;
+      kernels.pack_fused_weights_bf16 = &pack_fused_weights_bf16;
+      kernels.input_gemm_bf16 = &input_gemm_bf16;
+    }
+  }
+#endif
+  return kernels;
 }
 
 template CpuKernels<float> cpu_kernels<float>();
