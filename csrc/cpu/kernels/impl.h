@@ -769,25 +769,40 @@ FUSED_LSTM_BF16_TARGET void input_gemm_bf16(int64_t M, int64_t H, int64_t K,
   });
 }
 
-// CpuKernels::pack_fused_weights_bf16: w [4H, K] (row-major) to out[j][k / 2][q][w][k %
-// 2] = w[q * H + j * 16 + w][k] rounded to bfloat16 (exact for a layer stored in
-// bfloat16), 0 past unit H and, for odd K, at k = K.
-void pack_fused_weights_bf16(const float* w_hh, int64_t H, int64_t K, c10::BFloat16* out) {
+// CpuKernels::pack_fused_weights_bf16: w [4H, K] (row-major) to out[j][k / 2][q][u][k %
+// 2] = w[q * H + j * 16 + u][k] rounded to bfloat16 (exact for a layer stored in
+// bfloat16), 0 past unit H and, for odd K, at k = K. Per chunk and gate, each unit's row
+// as pairs of k (32-bit words, vcvtne2ps2bf16), then the [16, K / 2] words transposed
+// into place (`transpose`, as pack_fused_weights): a scalar loop took 14% of a wide
+// bfloat16 forward.
+void pack_fused_weights_bf16(const float* w, int64_t H, int64_t K, c10::BFloat16* out) {
   constexpr int64_t W = 16;
-  const int64_t chunks = (H + W - 1) / W, K2 = (K + 1) / 2 * 2;
-  at::parallel_for(0, chunks, std::max<int64_t>(1, (int64_t{1} << 16) / (K2 * 4 * W)),
-                   [&](int64_t j0, int64_t j1) {
+  const int64_t chunks = (H + W - 1) / W, pairs = (K + 1) / 2;
+  float* out_words = reinterpret_cast<float*>(out);  // moved as bits, never computed on
+  at::parallel_for(0, chunks, std::max<int64_t>(1, (int64_t{1} << 16) / (pairs * 8 * W)),
+                   [&](int64_t j0, int64_t j1) FUSED_LSTM_BF16_TARGET {
+    std::vector<float> words(W * pairs);  // [unit][pair]
     for (int64_t j = j0; j < j1; ++j) {
-      c10::BFloat16* chunk = out + j * K2 * 4 * W;
       for (int64_t q = 0; q < 4; ++q) {
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t unit = j * W + w;
-          const float* src = unit < H ? w_hh + (q * H + unit) * K : nullptr;
-          for (int64_t k = 0; k < K2; ++k) {
-            chunk[((k / 2 * 4 + q) * W + w) * 2 + k % 2] =
-                src != nullptr && k < K ? c10::BFloat16(src[k]) : c10::BFloat16(0.f);
+        for (int64_t u = 0; u < W; ++u) {
+          float* row = words.data() + u * pairs;
+          if (j * W + u >= H) {
+            std::fill(row, row + pairs, 0.f);
+            continue;
+          }
+          const float* src = w + (q * H + j * W + u) * K;
+          for (int64_t k = 0; k < K; k += 2 * W) {
+            const int64_t left = K - k;
+            const auto lanes = [](int64_t n) {
+              return static_cast<__mmask16>(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1);
+            };
+            const __m512 lo = _mm512_maskz_loadu_ps(lanes(left), src + k);
+            const __m512 hi = _mm512_maskz_loadu_ps(lanes(left - W), src + k + W);
+            _mm512_mask_storeu_epi32(row + k / 2, lanes(pairs - k / 2),
+                                     (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
           }
         }
+        transpose(words.data(), W, pairs, pairs, out_words + (j * pairs * 4 + q) * W, 4 * W);
       }
     }
   });
