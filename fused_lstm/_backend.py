@@ -38,8 +38,9 @@ def backend_info():
     nn.LSTM), ``cpu_capability`` (the build of fused_lstm's CPU kernels in use: avx512,
     avx2 or default), ``aten_cpu_capability``, ``gemm_setting``, ``gemm_small`` /
     ``gemm_large`` (what runs each kind of GEMM), ``half_layers`` (how half and bfloat16
-    layers run), ``bfloat16_fused_forward`` (how bfloat16 layers whose loop runs fused
-    multiply: in bfloat16 on AVX512_BF16 CPUs with the avx512 build), the tuning rules in force (``fused_forward_min_hidden``,
+    layers run), ``bfloat16_products`` (where bfloat16 layers multiply in bfloat16: on AVX512_BF16
+    CPUs with the avx512 build, fused forward loops and the backward's large GEMMs), the
+    tuning rules in force (``fused_forward_min_hidden``,
     ``fused_min_steps``, ``fused_backward_weights``, ``l2_cache_bytes``), ``threads``,
     ``parallel_backend`` and ``cuda_kernels``; in a CUDA build also ``cuda_persistent``
     ("on" or "off": whether CUDA layers run the persistent kernels, see the README).

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import fused_lstm
+from conftest import CPU_CAPABILITIES
 from testing import TOLERANCES, assert_close, lstm_outputs, lstm_outputs_and_grads, random_like_weights
 
 
@@ -494,7 +495,7 @@ def test_cpu_autocast_leaves_cells_in_float32():
 
 
 def _bfloat16_kernels_in_use():
-    return fused_lstm.backend_info()["bfloat16_fused_forward"] != "as half_layers"
+    return fused_lstm.backend_info()["bfloat16_products"].startswith("AVX512_BF16")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -580,6 +581,33 @@ def test_bfloat16_fused_layer_rounds_h_each_step(B, I, H, threads):
     finally:
         torch.set_num_threads(before)
         torch.ops.fused_lstm.set_cpu_gemm("auto")
+
+
+@pytest.mark.parametrize("build", ["cpu", "avx2"])
+def test_bfloat16_training_at_large_gemm_sizes_against_float64(build, request):
+    # bfloat16 training at sizes where, on an AVX512_BF16 CPU, the backward's GEMMs run in
+    # bfloat16 (from tuning.h's bf16_gemm_min_macs, 2^24: dW_ih here is 512 x 128 x 1024)
+    # and the forward loop fuses: outputs, states and every gradient against nn.LSTM in
+    # float64 on the same values, within HALF_VS_FLOAT64, with nn.LSTM-scale weights; and
+    # on the AVX2 build (float32 inside), the same bounds.
+    from testing import HALF_VS_FLOAT64
+    if build == "avx2":
+        if "avx2" not in CPU_CAPABILITIES:
+            pytest.skip("this CPU has no AVX2 build")
+        request.addfinalizer(lambda: torch.ops.fused_lstm.set_cpu_capability(""))
+        torch.ops.fused_lstm.set_cpu_capability("avx2")
+    gen = torch.Generator().manual_seed(3)
+    ours = fused_lstm.LSTM(128, 128, num_layers=2, bidirectional=True).bfloat16()
+    exact = nn.LSTM(128, 128, num_layers=2, bidirectional=True, dtype=torch.float64)
+    exact.load_state_dict(ours.state_dict())
+    x = _random((32, 16, 128), torch.bfloat16, gen)
+    hx = tuple(_random((4, 16, 128), torch.bfloat16, gen) for _ in range(2))
+    got = lstm_outputs_and_grads(ours, x, hx)
+    expected = lstm_outputs_and_grads(exact, x.double(), tuple(h.double() for h in hx))
+    rtol, atol = HALF_VS_FLOAT64[torch.bfloat16]
+    for a, e in zip(got[0] + got[1], expected[0] + expected[1]):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.double(), e, rtol=rtol, atol=atol * max(1.0, e.abs().max().item()))
 
 
 @pytest.mark.parametrize("batch", [1, 8, 20])

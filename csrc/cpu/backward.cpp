@@ -17,12 +17,53 @@ struct CpuBackward : CpuLayerBase<scalar_t> {
   const int64_t H, P;
   const StepGemm<scalar_t> recurrent, projection;
 
+  // A layer called in bfloat16 on a CPU with the bfloat16 kernels (as the forward's
+  // bf16_operands): its GEMMs outside the loop may multiply in bfloat16 (gemm below).
+  const bool bf16_gemms;
+
   explicit CpuBackward(const LayerBackwardParams& params)
       : p(params),
         H(p.s.H),
         P(p.s.P),
         recurrent(StepGemm<scalar_t>::make(p.s.B, P, 4 * H)),
-        projection(StepGemm<scalar_t>::make(p.s.B, H, P)) {}
+        projection(StepGemm<scalar_t>::make(p.s.B, H, P)),
+        bf16_gemms(reduced_precision_call_dtype == at::kBFloat16 &&
+                   cpu_kernels<float>().fused_step_bf16 != nullptr) {}
+
+  // The GEMMs outside the loop (weight_gradients: dx = dgates W_ih, dW_ih = dgates^T x,
+  // dW_hh = dgates^T h_prev, dW_hr). For a bfloat16 layer (bf16_gemms), from tuning.h's
+  // bf16_gemm_min_macs and outside a parallel region: at::mm in bfloat16 (torch's
+  // bfloat16 GEMM, float32 sums; 2.2x float32's rate on an AMD Zen 4), its operands
+  // rounded to bfloat16 (x, h and the weights are bfloat16 values already; dgates is
+  // rounded, as nn.LSTM's bfloat16 backward rounds it) and its product added in float32.
+  // (PERF_LOG.md row 46.)
+  void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const scalar_t* A,
+            int64_t lda, const scalar_t* B, int64_t ldb, at::opmath_type<scalar_t> beta,
+            scalar_t* C, int64_t ldc) const {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (bf16_gemms && M * N * K >= cpu_tuning().bf16_gemm_min_macs &&
+          !at::in_parallel_region()) {
+        // op(X) [rows, cols] of X stored row-major with row stride ld, in bfloat16.
+        const auto rounded = [](const float* x, int64_t rows, int64_t cols, int64_t ld,
+                                bool trans) {
+          at::Tensor t = at::from_blob(const_cast<float*>(x), {trans ? cols : rows, trans ? rows : cols},
+                                       {ld, 1}, at::kFloat);
+          return (trans ? t.t() : t).to(at::kBFloat16);
+        };
+        const at::Tensor product =
+            at::mm(rounded(A, M, K, lda, trans_a), rounded(B, K, N, ldb, trans_b));
+        at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, at::kFloat);
+        if (beta == 0) {
+          c.copy_(product);
+        } else {
+          if (beta != 1) c.mul_(beta);
+          c.add_(product);
+        }
+        return;
+      }
+    }
+    CpuLayerBase<scalar_t>::gemm(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  }
 
   // out[e] = a[e] + b[e] over n elements.
   void add(int64_t n, const scalar_t* a, const scalar_t* b, scalar_t* out) const {

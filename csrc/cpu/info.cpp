@@ -30,12 +30,14 @@ c10::Dict<std::string, std::string> cpu_info() {
   info.insert("gemm_large", !aten_only && t.own_large_gemm ? "fused_lstm gemm_columns"
                                                            : torch_blas);
   // half/bfloat16 layers run in float32 (cpu/backend.h's ReducedPrecisionInFloat), but
-  // for the fused bfloat16 loops on AVX512_BF16 CPUs (CpuForward::bf16_operands).
+  // for bfloat16 products on AVX512_BF16 CPUs (CpuForward::bf16_operands,
+  // CpuBackward::gemm).
   const bool bf16_kernels = cpu_kernels<float>().fused_step_bf16 != nullptr;
   info.insert("half_layers", "in float32, rounded back once per layer");
-  info.insert("bfloat16_fused_forward",
-              bf16_kernels ? "bfloat16 products (AVX512_BF16), h rounded each step"
-                           : "as half_layers");
+  info.insert("bfloat16_products",
+              bf16_kernels ? "AVX512_BF16: fused forward loops (h rounded each step) and the "
+                             "backward's large GEMMs"
+                           : "none (as half_layers)");
   info.insert("fused_forward_min_hidden", std::to_string(t.fused_min_hidden));
   info.insert("fused_min_steps", std::to_string(t.fused_min_steps));
   info.insert("fused_backward_weights", t.fused_backward_panels ? "column panels" : "in place");

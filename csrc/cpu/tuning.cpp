@@ -60,6 +60,7 @@ CpuTuning make_tuning(int capability) {
   t.beside_loop_min_steps = 16;
   t.own_gemm_max_macs = int64_t{1} << 20;
   t.own_small_gemm_max_outputs = int64_t{1} << 18;
+  t.bf16_gemm_min_macs = int64_t{1} << 24;
   t.own_large_gemm = capability == kCapabilityAvx512 && !cpu_is_intel();
   // Both SIMD builds (measured on each); the portable build keeps W_hh in place (not measured).
   t.fused_backward_panels = capability != kCapabilityDefault;

@@ -61,6 +61,10 @@ struct CpuTuning {
   // Larger GEMMs run our gemm_columns kernel too, else torch's BLAS: on AVX-512 where
   // that BLAS is MKL on a CPU not made by Intel, which MKL runs at half the FMA width.
   bool own_large_gemm;
+  // A bfloat16 layer's backward GEMMs outside the time loop (dx, dW_ih, dW_hh) run in
+  // bfloat16 (CpuBackward::gemm) from this many multiply-adds, on CPUs with AVX512_BF16:
+  // below it the operands' rounding copies cost more than the faster GEMM saves.
+  int64_t bf16_gemm_min_macs;
   // The fused backward loop's dh = dgates W_hh reads W_hh packed in column panels
   // (pack_column_panels), not in place: W_hh's rows, H apart, touch a new page per k
   // from H = 1024 floats, and the in-place loop lost to BLAS once W_hh left L2.
