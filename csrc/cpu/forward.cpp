@@ -86,77 +86,77 @@ struct CpuForward : CpuLayerBase<scalar_t> {
                projection.small ? w_hr_t.data_ptr<scalar_t>() : nullptr, false, r, P);
   }
 
-  // The fused loop, where use_fused_step picks it. Step n reads h_prev from step n-1's
-  // output rows, and rows that start later (reverse direction) from h_state, which
-  // holds h0 until the loop ends.
+  // The fused loop, where use_fused_step picks it (with bfloat16 operands where
+  // bf16_operands).
   bool fused(const ForwardBuffers<scalar_t>& buf) const {
     if (!fused_step) return false;
-    if (fused_bf16(buf)) return true;
-    const int64_t B = p.s.B;
-    const auto& steps = p.steps;
+    if (bf16_operands) {
+      fused_bf16(buf);
+      return true;
+    }
     const int64_t width = kernels.fused_width;
     at::Tensor w_packed = at::empty({(H + width - 1) / width * width * 4 * H}, p.input.options());
     kernels.pack_fused_weights(p.w_hh.data_ptr<scalar_t>(), H, w_packed.data_ptr<scalar_t>());
     const scalar_t* w_t = w_packed.data_ptr<scalar_t>();
     scalar_t* out = buf.output;
-    run_fused_loop(steps, B, H, width, p.w_hh.nbytes(),
-                   [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1, const auto& sync) {
-      for (size_t n = 0; n < steps.size(); ++n) {
-        const Step& step = steps[n];
-        // Rows [row0, row1) of the step; h_prev from step n - 1's output for rows below
-        // `split`, from h_state (h0 until the loop ends) for the rest.
-        const int64_t row0 = std::min(r0, step.batch), row1 = std::min(r1, step.batch);
-        const int64_t split = n == 0 ? 0 : step.prev_batch;
-        const int64_t own_split = std::max<int64_t>(split - row0, 0);
-        kernels.fused_step(row1 - row0, H, out + (step.prev_offset + row0) * H, own_split,
-                           buf.h_state + (row0 + own_split) * H, w_t,
-                           buf.gates + (step.offset + row0) * 4 * H, p.keep_workspace,
-                           buf.c_state + row0 * H,
-                           buf.cells + step.offset * buf.cells_step + row0 * H,
-                           out + (step.offset + row0) * H, j0, j1);
-        sync(n);
-      }
+    run_steps(buf, p.w_hh.nbytes(), [&](const Step& step, int64_t row0, int64_t rows,
+                                        int64_t own_split, int64_t j0, int64_t j1) {
+      kernels.fused_step(rows, H, out + (step.prev_offset + row0) * H, own_split,
+                         buf.h_state + (row0 + own_split) * H, w_t,
+                         buf.gates + (step.offset + row0) * 4 * H, p.keep_workspace,
+                         buf.c_state + row0 * H,
+                         buf.cells + step.offset * buf.cells_step + row0 * H,
+                         out + (step.offset + row0) * H, j0, j1);
     });
-    copy_last_hidden(buf);
     return true;
   }
 
-  // The fused loop with bfloat16 operands (bf16_operands). out_round: [N, H] the outputs
-  // rounded, which the next step reads; h0_round: [B, H] h0.
-  bool fused_bf16(const ForwardBuffers<scalar_t>& buf) const {
-    if (!bf16_operands) return false;
+  // The fused loop with bfloat16 operands. out_round: [N, H] the outputs rounded, which
+  // the next step reads; h0_round: [B, H] h0.
+  void fused_bf16(const ForwardBuffers<scalar_t>& buf) const {
     using bf16 = c10::BFloat16;
-    const int64_t B = p.s.B;
-    const auto& steps = p.steps;
     const int64_t width = kernels.fused_width;
     const auto opts = p.input.options().dtype(at::kBFloat16);
     at::Tensor w_packed = at::empty({(H + width - 1) / width * width * 4 * H}, opts);
     kernels.pack_fused_weights_bf16(p.w_hh.data_ptr<scalar_t>(), H, H, w_packed.data_ptr<bf16>());
     at::Tensor out_round = at::empty({p.s.N, H}, opts);
-    at::Tensor h0_round = at::from_blob(buf.h_state, {B, H}, p.input.options()).to(at::kBFloat16);
+    at::Tensor h0_round =
+        at::from_blob(buf.h_state, {p.s.B, H}, p.input.options()).to(at::kBFloat16);
     const bf16* w_t = w_packed.data_ptr<bf16>();
     bf16* rounded = out_round.data_ptr<bf16>();
     const bf16* h0 = h0_round.data_ptr<bf16>();
-    scalar_t* out = buf.output;
-    run_fused_loop(steps, B, H, width, p.w_hh.nbytes() / 2,
+    run_steps(buf, p.w_hh.nbytes() / 2, [&](const Step& step, int64_t row0, int64_t rows,
+                                            int64_t own_split, int64_t j0, int64_t j1) {
+      kernels.fused_step_bf16(rows, H, rounded + (step.prev_offset + row0) * H, own_split,
+                              h0 + (row0 + own_split) * H, w_t,
+                              buf.gates + (step.offset + row0) * 4 * H, p.keep_workspace,
+                              buf.c_state + row0 * H,
+                              buf.cells + step.offset * buf.cells_step + row0 * H,
+                              buf.output + (step.offset + row0) * H,
+                              rounded + (step.offset + row0) * H, j0, j1);
+    });
+  }
+
+  // The fused loop's steps, shared between threads (run_fused_loop; `weight_bytes` of
+  // packed W_hh): step_fn(step, row0, rows, own_split, j0, j1) runs a thread's rows
+  // [row0, row0 + rows) and unit chunks [j0, j1) of a step, whose h_prev comes from the
+  // step before for its first own_split rows and from h0 for the rest (rows that start
+  // later, in reverse). Then h_n.
+  template <typename StepFn>
+  void run_steps(const ForwardBuffers<scalar_t>& buf, int64_t weight_bytes,
+                 const StepFn& step_fn) const {
+    const auto& steps = p.steps;
+    run_fused_loop(steps, p.s.B, H, kernels.fused_width, weight_bytes,
                    [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1, const auto& sync) {
       for (size_t n = 0; n < steps.size(); ++n) {
         const Step& step = steps[n];
         const int64_t row0 = std::min(r0, step.batch), row1 = std::min(r1, step.batch);
         const int64_t split = n == 0 ? 0 : step.prev_batch;
-        const int64_t own_split = std::max<int64_t>(split - row0, 0);
-        kernels.fused_step_bf16(row1 - row0, H, rounded + (step.prev_offset + row0) * H,
-                                own_split, h0 + (row0 + own_split) * H, w_t,
-                                buf.gates + (step.offset + row0) * 4 * H, p.keep_workspace,
-                                buf.c_state + row0 * H,
-                                buf.cells + step.offset * buf.cells_step + row0 * H,
-                                out + (step.offset + row0) * H,
-                                rounded + (step.offset + row0) * H, j0, j1);
+        step_fn(step, row0, row1 - row0, std::max<int64_t>(split - row0, 0), j0, j1);
         sync(n);
       }
     });
     copy_last_hidden(buf);
-    return true;
   }
 
   // h_n: each row's h at its last step (rows [next batch, batch) end at a step).

@@ -382,6 +382,27 @@ void gemm_columns_trans_a(int64_t M, int64_t n0, int64_t n1, int64_t K, const sc
 template <typename S>
 constexpr bool kFusedGateHalves = sizeof(Vectorized<S>) < 64;
 
+// The end of a fused step tile, for one row: the cell update on its summed gates
+// (units [u, u + n)), then the activated gates (where store_gates), c and h stored.
+// Returns h.
+template <typename scalar_t>
+C10_ALWAYS_INLINE Vectorized<scalar_t> fused_tile_row_update(
+    int64_t H, Vectorized<scalar_t> (&gate)[4], scalar_t* gates, bool store_gates,
+    scalar_t* c_state, scalar_t* cells, scalar_t* h_out, int64_t row, int64_t u, int64_t n) {
+  using Vec = Vectorized<scalar_t>;
+  const Vec c_prev = load(Vec{}, c_state + row * H + u, n);
+  Vec c, h;
+  cell_forward(gate[0], gate[1], gate[2], gate[3], c_prev, c, h);
+  if (store_gates) {
+    scalar_t* g_row = gates + row * 4 * H + u;
+    for (int q = 0; q < 4; ++q) store(gate[q], g_row + q * H, n);
+  }
+  store(c, c_state + row * H + u, n);
+  store(c, cells + row * H + u, n);
+  store(h, h_out + row * H + u, n);
+  return h;
+}
+
 // fused_step's tile: kRows rows x one vector of hidden units [u, u + n), all four
 // gates: 4 * kRows FMA chains over K = H, then the cell update in registers.
 // Per k, the 4 weight vectors stay in registers across the rows: 4 * kRows
@@ -417,24 +438,7 @@ C10_ALWAYS_INLINE void fused_step_tile(int64_t H, const scalar_t* const* a_rows,
     }
   }
   for (int r = 0; r < kRows; ++r) {
-    const int64_t row = row0 + r;
-    Vec& i = acc[r][0];
-    Vec& f = acc[r][1];
-    Vec& g = acc[r][2];
-    Vec& o = acc[r][3];
-    const Vec c_prev = load(Vec{}, c_state + row * H + u, n);
-    Vec c, h;
-    cell_forward(i, f, g, o, c_prev, c, h);
-    if (store_gates) {
-      scalar_t* g_row = gates + row * G + u;
-      store(i, g_row, n);
-      store(f, g_row + H, n);
-      store(g, g_row + 2 * H, n);
-      store(o, g_row + 3 * H, n);
-    }
-    store(c, c_state + row * H + u, n);
-    store(c, cells + row * H + u, n);
-    store(h, h_out + row * H + u, n);
+    fused_tile_row_update(H, acc[r], gates, store_gates, c_state, cells, h_out, row0 + r, u, n);
   }
 }
 
@@ -680,22 +684,11 @@ FUSED_LSTM_BF16_TARGET C10_ALWAYS_INLINE void fused_step_tile_bf16(
   bf16_tile_sums<kRows>(H, a_rows, w_tile, acc);
   const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
   for (int r = 0; r < kRows; ++r) {
-    const int64_t row = row0 + r;
-    Vec i(acc[r][0]), f(acc[r][1]), g(acc[r][2]), o(acc[r][3]);
-    const Vec c_prev = load(Vec{}, c_state + row * H + u, n);
-    Vec c, h;
-    cell_forward(i, f, g, o, c_prev, c, h);
-    if (store_gates) {
-      float* g_row = gates + row * G + u;
-      store(i, g_row, n);
-      store(f, g_row + H, n);
-      store(g, g_row + 2 * H, n);
-      store(o, g_row + 3 * H, n);
-    }
-    store(c, c_state + row * H + u, n);
-    store(c, cells + row * H + u, n);
-    store(h, h_out + row * H + u, n);
-    _mm256_mask_storeu_epi16(h_round + row * H + u, lanes, (__m256i)_mm512_cvtneps_pbh(h));
+    Vec gate[4] = {Vec(acc[r][0]), Vec(acc[r][1]), Vec(acc[r][2]), Vec(acc[r][3])};
+    const Vec h = fused_tile_row_update(H, gate, gates, store_gates, c_state, cells, h_out,
+                                        row0 + r, u, n);
+    _mm256_mask_storeu_epi16(h_round + (row0 + r) * H + u, lanes,
+                             (__m256i)_mm512_cvtneps_pbh(h));
   }
 }
 
