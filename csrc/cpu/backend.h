@@ -21,19 +21,20 @@
 
 namespace fused_lstm::cpu {
 
+// The dtype the layer op running on this thread was called in, where
+// ReducedPrecisionInFloat runs it in float32; Undefined otherwise. A bfloat16 layer
+// reads it to multiply in bfloat16 on AVX512_BF16 CPUs (CpuForward::bf16_operands,
+// CpuBackward::bf16_gemms).
+inline thread_local at::ScalarType reduced_precision_call_dtype = at::ScalarType::Undefined;
+
 // A layer kernel, for half and bfloat16 arguments, run in float32 with its results
-// rounded back (but for the bfloat16 recurrence of fused_step_bf16 on AVX512_BF16 CPUs):
-// the fused loops and the GEMMs of our own have no other 16-bit kernels, and
+// rounded back (but for the bfloat16 products of a bfloat16 layer on AVX512_BF16 CPUs,
+// above): the fused loops and the GEMMs of our own have no other 16-bit kernels, and
 // the per-step path in 16 bits (ATen's GEMMs, scalar cell math) ran at 0.15-0.4x of
 // nn.LSTM in bfloat16 on an AVX-512 Zen 4 (PERF_LOG.md row 42). Calls with any other
 // dtype, or floating arguments of mixed dtypes (which the kernel rejects), go straight
 // through. `gates` of the backward that overwrites them is then a float copy, left as
 // it was: the schema allows the write, nothing reads it after.
-// The dtype the layer op running on this thread was called in, where
-// ReducedPrecisionInFloat runs it in float32; Undefined otherwise. The forward's fused
-// loop reads it to multiply in bfloat16 (CpuKernels::fused_step_bf16).
-inline thread_local at::ScalarType reduced_precision_call_dtype = at::ScalarType::Undefined;
-
 template <auto kKernel>
 struct ReducedPrecisionInFloat;
 template <typename Result, typename... Args, Result (*kKernel)(Args...)>
