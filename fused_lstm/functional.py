@@ -4,7 +4,7 @@ stack of layers and directions that `fused_lstm.LSTM` runs (`lstm`).
 Shapes: T steps, B batch, I input size, H hidden size, P = proj_size or H.
 Gate order in every weight is i, f, g, o, as in torch.nn.LSTM.
 """
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +16,23 @@ from . import _onnx
 __all__ = ["lstm_layer", "lstm", "lstm_cell"]
 
 
+# batch_sizes of dense input, [T] of B, by (T, B): made once (1.3 us a call, 10% of an
+# LSTMCell step at B1 H32), and only in eager code (a trace or graph must compute them
+# from the sizes).
+_DENSE_BATCH_SIZES: Dict[Tuple[int, int], Tensor] = {}
+
+
 def _dense_batch_sizes(T: int, B: int) -> Tensor:
-    return torch.full((T,), B, dtype=torch.long)
+    if not torch.jit.is_scripting():
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            sizes = _DENSE_BATCH_SIZES.get((T, B))
+            if sizes is None:
+                if len(_DENSE_BATCH_SIZES) >= 256:
+                    _DENSE_BATCH_SIZES.clear()
+                sizes = torch.full((T,), B, dtype=torch.long, device="cpu")
+                _DENSE_BATCH_SIZES[(T, B)] = sizes
+            return sizes
+    return torch.full((T,), B, dtype=torch.long, device="cpu")
 
 
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()  # a constant of the build (dynamo skips the call)
@@ -124,7 +139,13 @@ def lstm_cell(
 ) -> Tuple[Tensor, Tensor]:
     """One LSTM step: ``input [B, I]``, ``hx = (h [B, H], c [B, H])`` -> ``(h', c')``.
     The same op as a layer, run for a single timestep."""
-    _, (h, c) = lstm_layer(input.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh)
+    if not torch.jit.is_scripting():
+        if _onnx.exporting():
+            _, (h, c) = lstm_layer(input.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh)
+            return h, c
+    # One step of dense input is its own packed data: [B, I] with batch_sizes [B].
+    _, h, c = torch.ops.fused_lstm.lstm_layer(input, _dense_batch_sizes(1, input.size(0)), hx[0],
+                                              hx[1], w_ih, w_hh, b_ih, b_hh, None, False)
     return h, c
 
 

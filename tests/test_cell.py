@@ -82,3 +82,22 @@ def test_cell_errors(args, error, match):
     cell = fused_lstm.LSTMCell(7, 9)
     with pytest.raises(error, match=match):
         cell(*args())
+
+
+def test_cell_trains_after_a_call_under_inference_mode():
+    # Dense batch_sizes are made once per (steps, batch) and reused
+    # (functional._dense_batch_sizes), so one first made under torch.inference_mode is an
+    # inference tensor: a cell and an LSTM first called there at a new batch size then
+    # train at it, matching nn.
+    torch.manual_seed(0)
+    for ours, ref, x in ((fused_lstm.LSTMCell(4, 5), nn.LSTMCell(4, 5), torch.randn(13, 4)),
+                         (fused_lstm.LSTM(4, 5), nn.LSTM(4, 5), torch.randn(3, 11, 4))):
+        ref.load_state_dict(ours.state_dict())
+        with torch.inference_mode():
+            ours(x)
+        for module in (ours, ref):
+            out = module(x)
+            out = out[0] if isinstance(module, nn.LSTM) else out[0] + out[1]
+            out.square().sum().backward()
+        for a, e in zip(ours.parameters(), ref.parameters()):
+            assert_close(a.grad, e.grad)
