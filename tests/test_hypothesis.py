@@ -3,7 +3,8 @@ configuration (sizes 1..70, layers 1..3, bidirectional, batch_first, bias, proj_
 dense / unbatched / packed sorted / packed unsorted input, hx given or not, float32 or
 float64, contiguous or not) and every output, state and gradient must match nn.LSTM's
 (float64 to 1e-10; float32 against float64 truth, within 1e-5 of the magnitude or
-FLOAT32_VS_NN times nn.LSTM's own float32 error); and malformed input must raise the exception type nn.LSTM raises.
+FLOAT32_VS_NN times nn.LSTM's own float32 error); bfloat16 against float64 truth within
+HALF_VS_FLOAT64; and malformed input must raise the exception type nn.LSTM raises.
 
 Profiles (conftest.py): "ci" by default; `pytest --hypothesis-profile=deep` draws many more."""
 import pytest
@@ -104,6 +105,43 @@ def test_matches_nn_lstm(cfg):
         assert ours_err <= max(FLOAT32_VS_NN * nn_err, atol * scale), (
             f"{name}: fused_lstm's float32 error {ours_err:.2e} against float64, nn.LSTM's "
             f"{nn_err:.2e}, magnitude {scale:.2e}")
+
+
+@given(configs())
+def test_bfloat16_against_float64(cfg):
+    # bfloat16 on the CPU (float32 inside each layer op; on AVX512_BF16 CPUs bfloat16
+    # products in the fused loops and the backward's large GEMMs): every output, state and
+    # gradient against nn.LSTM in float64 on the same rounded values, within
+    # HALF_VS_FLOAT64 of the tensor's magnitude. nn.LSTM's own initialisation (weights
+    # of 1/sqrt(H)): with the differential test's larger weights a recurrence that rounds
+    # h each step drifts from the truth, as nn.LSTM's own bfloat16 does (PERF_LOG row 45).
+    from testing import HALF_VS_FLOAT64
+    kind, T, B = cfg["kind"], cfg["T"], cfg["B"]
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    kwargs = {k: cfg[k] for k in ("input_size", "hidden_size", "num_layers", "bidirectional",
+                                  "batch_first", "bias", "proj_size")}
+    torch.manual_seed(cfg["seed"])
+    ours = fused_lstm.LSTM(**kwargs, dtype=torch.bfloat16)
+    truth = nn.LSTM(**kwargs, dtype=torch.float64)
+    truth.load_state_dict(ours.state_dict())
+    LD = cfg["num_layers"] * (2 if cfg["bidirectional"] else 1)
+    P, H, I = cfg["proj_size"] or cfg["hidden_size"], cfg["hidden_size"], cfg["input_size"]
+    x = _tensor((B, T, I) if cfg["batch_first"] else (T, B, I), torch.bfloat16, gen, True)
+    hx = (_tensor((LD, B, P), torch.bfloat16, gen, True), _tensor((LD, B, H), torch.bfloat16, gen, True))
+    hx = hx if cfg["give_hx"] else None
+    lengths = None
+    if kind.startswith("packed"):
+        lengths = torch.randint(1, T + 1, (B,), generator=gen)
+        lengths[0] = T
+        lengths = lengths.sort(descending=True).values
+    got = lstm_outputs_and_grads(ours, x, hx, lengths, seed=cfg["seed"])
+    expected = lstm_outputs_and_grads(truth, x.double(), tuple(h.double() for h in hx) if hx else None,
+                                      lengths, seed=cfg["seed"])
+    rtol, atol = HALF_VS_FLOAT64[torch.bfloat16]
+    for a, e in zip(got[0] + got[1], expected[0] + expected[1]):
+        assert a.dtype == torch.bfloat16 and a.shape == e.shape
+        scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+        torch.testing.assert_close(a.double(), e, rtol=rtol, atol=atol * scale)
 
 
 def _malformed(draw_kind, gen):
