@@ -33,7 +33,7 @@ c10::Dict<std::string, std::string> cpu_info() {
   // for bfloat16 products on AVX512_BF16 CPUs (CpuForward::bf16_operands,
   // CpuBackward::gemm).
   const bool bf16_kernels = cpu_kernels<float>().fused_step_bf16 != nullptr;
-  info.insert("half_layers", "in float32, rounded back once per layer");
+  info.insert("half_layers", "in float32, rounded back once per layer, but for bfloat16_products");
   info.insert("bfloat16_products",
               bf16_kernels ? "AVX512_BF16: fused forward loops (h rounded each step) and the "
                              "backward's large GEMMs"
