@@ -189,7 +189,7 @@ class LSTMCell(nn.LSTMCell):
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         # A decoding loop calls this once a token: the Python here is kept to what the
         # checks need (nn.LSTMCell's messages; the full checks run only where a fast test
-        # fails). B1 I32 H32: 27 -> 14 us a call, the op alone 9 (PERF_LOG.md row 47).
+        # fails). B1 I32 H32: 27 -> 15 us a call, the op alone 9 (PERF_LOG.md row 47).
         dim = input.dim()
         if dim not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {dim}D instead")
