@@ -1,8 +1,10 @@
 """The CPU GEMMs the kernels run (csrc/cpu/gemm.h), called directly through the op
 cpu_gemm: op(a) @ op(b), + c, or + a bias row (gemm_bias, the input GEMM's path), on
 every CPU path, at sizes on both sides of each backend's cut-over (tuning.h: our
-register-blocked kernel up to 2^20 multiply-adds, then gemm_columns or torch's BLAS)
-and of the kernels' tile edges (6 and 4 rows, 64-column blocks, 256 KiB K slices)."""
+register-blocked kernel up to 2^20 multiply-adds, then gemm_columns or torch's BLAS;
+with b transposed and up to 8 rows, or 16 with b up to 4 MB, the dot-product kernel)
+and of the kernels' tile edges (6 and 4 rows, 64-column blocks, 256 KiB K slices; the
+dot kernel's blocks of one vector of b's rows and K slices of 256)."""
 import itertools
 
 import pytest
@@ -16,9 +18,13 @@ gemm = torch.ops.fused_lstm.cpu_gemm
 # (M, K, N): tiny; under the small-GEMM cut-over with odd edges; past it with rows left
 # over after the 6- and 4-row tiles and a column block cut short; K past one 256 KiB slice
 # of a 64-column block (1024 floats), under the cut-over and past it (a row left over);
-# a wide N; few multiply-adds into a C too large for one thread's small_gemm (K = 1).
+# a wide N; few multiply-adds into a C too large for one thread's small_gemm (K = 1);
+# with b transposed, the dot kernel's rows (8 with b of 2.4 MB, K past two slices and a
+# block of b's rows cut short; 16 with b under 4 MB) and just past them (12 rows, b of
+# 4.5 MB: BLAS).
 SHAPES = [(1, 1, 1), (7, 3, 5), (33, 17, 100), (203, 129, 77), (301, 64, 1030),
-          (13, 1100, 70), (23, 1100, 70), (64, 300, 2000), (600, 1, 500)]
+          (13, 1100, 70), (23, 1100, 70), (64, 300, 2000), (600, 1, 500),
+          (8, 600, 1000), (16, 300, 130), (12, 1100, 1030)]
 
 
 def _operands(M, K, N, trans_a, trans_b, dtype):

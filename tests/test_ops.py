@@ -361,7 +361,8 @@ def test_backend_info_says_what_runs():
     from conftest import CPU_CAPABILITIES
     info = fused_lstm.backend_info()
     for key in ("cpu_model", "cpu_flags", "torch_blas", "cpu_capability", "aten_cpu_capability",
-                "gemm_setting", "gemm_small", "gemm_large", "threads", "parallel_backend"):
+                "gemm_setting", "gemm_small", "gemm_few_rows", "gemm_large", "threads",
+                "parallel_backend"):
         assert info[key], key
     assert info["threads"] == str(torch.get_num_threads())
     try:
@@ -371,7 +372,7 @@ def test_backend_info_says_what_runs():
         ops.set_cpu_gemm("aten")
         aten = fused_lstm.backend_info()
         assert aten["gemm_setting"] == "aten" and "torch's BLAS" in aten["gemm_large"]
-        assert "torch's BLAS" in aten["gemm_small"]
+        assert "torch's BLAS" in aten["gemm_small"] and "torch's BLAS" in aten["gemm_few_rows"]
     finally:
         ops.set_cpu_capability("")
         ops.set_cpu_gemm("auto")

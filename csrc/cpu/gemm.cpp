@@ -159,18 +159,25 @@ void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool tran
   }
 }
 
-// Which of our kernels gemm() runs for these sizes (with beta 0 or 1), if any: small_gemm
-// up to tuning.h's own_gemm_max_macs and own_small_gemm_max_outputs, gemm_columns above
-// them where tuning.h says so; neither where its copy of op(B) would cost more than the
-// GEMM (own_gemm_copy_*).
-enum class OwnPath { kNone, kSmall, kLarge };
+// Which of our kernels gemm() runs for these sizes (with beta 0 or 1), if any:
+// small_gemm_trans_b for op(B) = B^T and few rows of A (tuning.h's dot_gemm_*), which
+// reads B in place; small_gemm up to tuning.h's own_gemm_max_macs and
+// own_small_gemm_max_outputs, gemm_columns above them where tuning.h says so; neither
+// where its copy of op(B) would cost more than the GEMM (own_gemm_copy_*).
+enum class OwnPath { kNone, kSmall, kLarge, kDotRows };
 template <typename scalar_t>
-OwnPath own_path(const CpuKernels<scalar_t>& kernels, bool trans_b, int64_t M, int64_t N,
-                 int64_t K) {
+OwnPath own_path(const CpuKernels<scalar_t>& kernels, bool trans_a, bool trans_b, int64_t M,
+                 int64_t N, int64_t K) {
   if (cpu_gemm_setting() == GemmSetting::kAten) return OwnPath::kNone;
   const CpuTuning& tuning = cpu_tuning();
+  const int64_t b_bytes = N * K * int64_t(sizeof(scalar_t));
+  if (trans_b && !trans_a && kernels.small_gemm_trans_b != nullptr &&
+      (M <= tuning.dot_gemm_max_rows ||
+       (M <= tuning.dot_gemm_max_rows_b_in_cache && b_bytes <= tuning.dot_gemm_cache_bytes))) {
+    return OwnPath::kDotRows;
+  }
   const bool copy_pays = M >= tuning.own_gemm_copy_min_rows ||
-                         N * K * int64_t(sizeof(scalar_t)) <= tuning.own_gemm_copy_max_bytes;
+                         b_bytes <= tuning.own_gemm_copy_max_bytes;
   if (M * N * K <= tuning.own_gemm_max_macs && M * N <= tuning.own_small_gemm_max_outputs) {
     return kernels.small_gemm != nullptr && (!trans_b || copy_pays) ? OwnPath::kSmall
                                                                     : OwnPath::kNone;
@@ -217,8 +224,12 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
   }
   const auto& kernels = cpu_kernels<scalar_t>();
   const OwnPath path = beta == opmath_t(0) || beta == opmath_t(1)
-                           ? own_path(kernels, trans_b, M, N, K)
+                           ? own_path(kernels, trans_a, trans_b, M, N, K)
                            : OwnPath::kNone;
+  if (path == OwnPath::kDotRows) {
+    kernels.small_gemm_trans_b(M, N, K, A, lda, B, ldb, beta == opmath_t(1), C, ldc);
+    return;
+  }
   if (path == OwnPath::kSmall) {
     const scalar_t* b_rows = rows_of_op_b(trans_b, N, K, B, ldb);
     const int64_t ld_rows = trans_b ? N : ldb;
@@ -241,7 +252,7 @@ void gemm_bias(bool trans_b, int64_t M, int64_t N, int64_t K, const scalar_t* A,
   const auto& kernels = cpu_kernels<scalar_t>();
   // Where gemm() would run gemm_columns, the bias is where its tiles start: no pass over
   // C to fill it, and no read of C back (PERF_LOG.md row 38).
-  if (bias != nullptr && K > 0 && own_path(kernels, trans_b, M, N, K) == OwnPath::kLarge) {
+  if (bias != nullptr && K > 0 && own_path(kernels, false, trans_b, M, N, K) == OwnPath::kLarge) {
     own_large_gemm(kernels, false, trans_b, M, N, K, A, lda, B, ldb, false, bias, C, ldc);
     return;
   }

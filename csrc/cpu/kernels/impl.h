@@ -292,6 +292,123 @@ void small_gemm_trans_a(int64_t M, int64_t N, int64_t K, const scalar_t* A, int6
   small_gemm_impl<scalar_t, true>(M, N, K, A, lda, B, ldb, accumulate, C, ldc);
 }
 
+// out lane i = the sum of acc[i]'s lanes, for one vector of accumulators (W of W
+// lanes): a tree of cross-lane shuffles and adds (AVX-512: 16 -> 8 partial sums each in
+// a 256-bit half, 8 -> 4 in a 128-bit lane, 4 -> 2 -> 1 within lanes, then one permute
+// into order; AVX2 likewise from 8), 3 instructions a sum where storing and adding
+// lanes took 16; the portable and double builds add lanes.
+template <typename scalar_t>
+C10_ALWAYS_INLINE Vectorized<scalar_t> sum_lanes(
+    const Vectorized<scalar_t> (&acc)[Vectorized<scalar_t>::size()]) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int W = Vec::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    __m512 s[8], t[4], u[2];
+    for (int p = 0; p < 8; ++p) {  // s[p]: acc[2p] in the low 256 bits, acc[2p + 1] high
+      const __m512 x = acc[2 * p], y = acc[2 * p + 1];
+      s[p] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+    }
+    for (int p = 0; p < 4; ++p) {  // t[p]: 128-bit lane j holds acc[4p + j]
+      t[p] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * p], s[2 * p + 1], 0x88),
+                           _mm512_shuffle_f32x4(s[2 * p], s[2 * p + 1], 0xDD));
+    }
+    for (int p = 0; p < 2; ++p) {  // u[p], lane j: acc[8p + j] at 0, 2; acc[8p + 4 + j] at 1, 3
+      u[p] = _mm512_add_ps(_mm512_unpacklo_ps(t[2 * p], t[2 * p + 1]),
+                           _mm512_unpackhi_ps(t[2 * p], t[2 * p + 1]));
+    }
+    // v: element 4j + c is the sum of acc[4c + j].
+    const __m512 v = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x44),
+                                   _mm512_shuffle_ps(u[0], u[1], 0xEE));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_ps(order, v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    __m256 s[4], t[2];
+    for (int p = 0; p < 4; ++p) {  // s[p]: acc[2p] in the low 128 bits, acc[2p + 1] high
+      const __m256 x = acc[2 * p], y = acc[2 * p + 1];
+      s[p] = _mm256_add_ps(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31));
+    }
+    for (int p = 0; p < 2; ++p) {  // t[p], half h: acc[4p + h] at 0, 2; acc[4p + 2 + h] at 1, 3
+      t[p] = _mm256_add_ps(_mm256_unpacklo_ps(s[2 * p], s[2 * p + 1]),
+                           _mm256_unpackhi_ps(s[2 * p], s[2 * p + 1]));
+    }
+    // v: element 4h + c is the sum of acc[2c + h].
+    const __m256 v = _mm256_add_ps(_mm256_shuffle_ps(t[0], t[1], 0x44),
+                                   _mm256_shuffle_ps(t[0], t[1], 0xEE));
+    return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
+#endif
+  alignas(64) scalar_t lanes[W][W];
+  alignas(64) scalar_t sums[W];
+  for (int i = 0; i < W; ++i) acc[i].store(lanes[i]);
+  for (int i = 0; i < W; ++i) {
+    scalar_t sum = 0;
+    for (int l = 0; l < W; ++l) sum += lanes[i][l];
+    sums[i] = sum;
+  }
+  return Vec::loadu(sums);
+}
+
+// CpuKernels::small_gemm_trans_b: C[M, N] = A[M, K] B^T (+ C when accumulate), B stored
+// [N, K] and read in place, as dot products along K: W rows of B at a time (W
+// accumulators, one A vector and W B vectors a step of K), each such block over every
+// row of A, its W sums one store (sum_lanes). K goes in slices of 256, so that a
+// block's slice of B (16 KB) comes from L1 for the rows of A after the first (whole,
+// the 64 KB of W rows at K = 1024 came from L2: 0.6x of BLAS at 16 rows). Blocks split
+// between threads. For few rows, where small_gemm would first gather B^T and BLAS
+// copies B every call (MKL's sgemm copy was 32% of a one-step decode). Tried: tiles of
+// 2 rows x W / 2 (fewer loads a FMA; 8 pointers to B's rows on AVX-512, not 16), 1.2-2x
+// faster with B of 16-64 MB but 1.1-1.5x slower at a decoding LSTM's 0.1-2 MB, its
+// accumulators going through the stack (AMD Zen 4).
+template <typename scalar_t>
+void small_gemm_trans_b(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+                        const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C,
+                        int64_t ldc) {
+  if constexpr (kVectorized<scalar_t>) {
+    using Vec = Vectorized<scalar_t>;
+    constexpr int64_t W = Vec::size(), kSlice = 256;
+    const int64_t blocks = (N + W - 1) / W;
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(M * K * W, 1));
+    const auto run = [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t n = j * W, rows = std::min(W, N - n);
+        const scalar_t* b[W];  // rows past N repeat row n; their sums are not stored
+        for (int64_t i = 0; i < W; ++i) b[i] = B + (n + (i < rows ? i : 0)) * ldb;
+        for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += kSlice) {
+          const int64_t k1 = std::min(K, k0 + kSlice);
+          for (int64_t m = 0; m < M; ++m) {
+            const scalar_t* a = A + m * lda;
+            Vec acc[W];
+            for (int64_t i = 0; i < W; ++i) acc[i] = Vec(scalar_t(0));
+            int64_t k = k0;
+            for (; k + W <= k1; k += W) {
+              const Vec x = Vec::loadu(a + k);
+              for (int64_t i = 0; i < W; ++i) acc[i] = at::vec::fmadd(x, Vec::loadu(b[i] + k), acc[i]);
+            }
+            if (k < k1) {
+              const Vec x = load(Vec{}, a + k, k1 - k);
+              for (int64_t i = 0; i < W; ++i) {
+                acc[i] = at::vec::fmadd(x, load(Vec{}, b[i] + k, k1 - k), acc[i]);
+              }
+            }
+            Vec sums = sum_lanes<scalar_t>(acc);
+            scalar_t* c = C + m * ldc + n;
+            if (accumulate || k0 > 0) sums = sums + load(Vec{}, c, rows);
+            store(sums, c, rows);
+          }
+        }
+      }
+    };
+    if (blocks <= grain) {
+      run(0, blocks);
+    } else {
+      at::parallel_for(0, blocks, grain, run);
+    }
+  }
+}
+
 // C[M, n0:n1) = A[M, K] B[K, n0:n1) (+ C when accumulate), on the calling thread: the
 // fused backward step's dh GEMM over a thread's own rows or columns. Larger blocks than
 // small_gemm's, for batches past 8: up to 6 rows x 4 vectors (24 accumulators + 4
@@ -815,6 +932,7 @@ CpuKernels<scalar_t> cpu_kernels() {
   CpuKernels<scalar_t> kernels{&forward_step<scalar_t>, &backward_step<scalar_t>,
           kVectorized<scalar_t> ? &small_gemm<scalar_t> : nullptr,
           kVectorized<scalar_t> ? &small_gemm_trans_a<scalar_t> : nullptr,
+          kVectorized<scalar_t> ? &small_gemm_trans_b<scalar_t> : nullptr,
           kVectorized<scalar_t> ? &fused_step<scalar_t> : nullptr,
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) : 0,
           nullptr,  // fused_step_bf16, pack_fused_weights_bf16 and input_gemm_bf16: below

@@ -36,6 +36,12 @@ struct CpuKernels {
   void (*small_gemm_trans_a)(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
                              const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C,
                              int64_t ldc);
+  // The same with B stored transposed, [N, K] (ldb its row stride), read in place: C =
+  // A B^T (+ C), dot products along K, for few rows of A (cpu/gemm.cpp: x W^T and h
+  // W_hh^T of a one-step call, where B is too large to copy each call).
+  void (*small_gemm_trans_b)(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+                             const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C,
+                             int64_t ldc);
   // A whole forward step (no projection; where use_fused_step in cpu/backend.h picks
   // it): the recurrent GEMM and the cell update fused per tile of rows and fused_width
   // hidden units, the gates never leaving registers in between. h_prev row r is
