@@ -159,11 +159,12 @@ void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool tran
   }
 }
 
-// Which of our kernels gemm() runs for these sizes (with beta 0 or 1), if any:
-// small_gemm_trans_b for op(B) = B^T and few rows of A (tuning.h's dot_gemm_*), which
-// reads B in place; small_gemm up to tuning.h's own_gemm_max_macs and
-// own_small_gemm_max_outputs, gemm_columns above them where tuning.h says so; neither
-// where its copy of op(B) would cost more than the GEMM (own_gemm_copy_*).
+// Which of our kernels gemm() runs for these sizes (with beta 0 or 1), if any. For few
+// rows of A (tuning.h's few_rows_*) one that reads B in place, copying nothing:
+// small_gemm_trans_b for op(B) = B^T, small_gemm for B; else small_gemm up to tuning.h's
+// own_gemm_max_macs and own_small_gemm_max_outputs, gemm_columns above them where
+// tuning.h says so; neither where its copy of op(B) would cost more than the GEMM
+// (own_gemm_copy_*).
 enum class OwnPath { kNone, kSmall, kLarge, kDotRows };
 template <typename scalar_t>
 OwnPath own_path(const CpuKernels<scalar_t>& kernels, bool trans_a, bool trans_b, int64_t M,
@@ -171,10 +172,14 @@ OwnPath own_path(const CpuKernels<scalar_t>& kernels, bool trans_a, bool trans_b
   if (cpu_gemm_setting() == GemmSetting::kAten) return OwnPath::kNone;
   const CpuTuning& tuning = cpu_tuning();
   const int64_t b_bytes = N * K * int64_t(sizeof(scalar_t));
-  if (trans_b && !trans_a && kernels.small_gemm_trans_b != nullptr &&
-      (M <= tuning.dot_gemm_max_rows ||
-       (M <= tuning.dot_gemm_max_rows_b_in_cache && b_bytes <= tuning.dot_gemm_cache_bytes))) {
+  const bool b_in_cache = b_bytes <= tuning.few_rows_b_cache_bytes;
+  if (!trans_a && trans_b && kernels.small_gemm_trans_b != nullptr &&
+      (M <= tuning.few_rows_max_rows || (M <= tuning.few_rows_max_rows_b_in_cache && b_in_cache))) {
     return OwnPath::kDotRows;
+  }
+  if (!trans_a && !trans_b && kernels.small_gemm != nullptr && M <= tuning.few_rows_max_rows &&
+      b_in_cache) {
+    return OwnPath::kSmall;
   }
   const bool copy_pays = M >= tuning.own_gemm_copy_min_rows ||
                          b_bytes <= tuning.own_gemm_copy_max_bytes;

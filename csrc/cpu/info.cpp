@@ -27,12 +27,15 @@ c10::Dict<std::string, std::string> cpu_info() {
                                             " multiply-adds and " +
                                             std::to_string(t.own_small_gemm_max_outputs) +
                                             " outputs)");
-  info.insert("gemm_few_rows", aten_only ? torch_blas
-                                         : "fused_lstm dot products, B^T read in place (up to " +
-                                               std::to_string(t.dot_gemm_max_rows) + " rows; " +
-                                               std::to_string(t.dot_gemm_max_rows_b_in_cache) +
-                                               " with B up to " +
-                                               std::to_string(t.dot_gemm_cache_bytes) + " bytes)");
+  const std::string rows = std::to_string(t.few_rows_max_rows);
+  const std::string cache = std::to_string(t.few_rows_b_cache_bytes);
+  info.insert("gemm_few_rows",
+              aten_only ? torch_blas
+                        : "fused_lstm, B read in place: dot products with B^T up to " + rows +
+                              " rows (" + std::to_string(t.few_rows_max_rows_b_in_cache) +
+                              " with B up to " + cache + " bytes); with B as stored, "
+                              "register-blocked up to " + rows + " rows with B up to " + cache +
+                              " bytes");
   info.insert("gemm_large", !aten_only && t.own_large_gemm ? "fused_lstm gemm_columns"
                                                            : torch_blas);
   // half/bfloat16 layers run in float32 (cpu/backend.h's ReducedPrecisionInFloat), but

@@ -55,9 +55,9 @@ CpuTuning make_tuning(int capability) {
   t.fused_min_steps = 2;
   t.own_gemm_copy_min_rows = 16;
   t.own_gemm_copy_max_bytes = int64_t{64} << 10;
-  t.dot_gemm_max_rows = 8;
-  t.dot_gemm_max_rows_b_in_cache = 16;
-  t.dot_gemm_cache_bytes = int64_t{4} << 20;
+  t.few_rows_max_rows = 8;
+  t.few_rows_max_rows_b_in_cache = 16;
+  t.few_rows_b_cache_bytes = int64_t{4} << 20;
   t.row_split_min_rows = 4;
   t.row_split_max_weight_bytes = l2;
   t.beside_loop_min_steps = 16;

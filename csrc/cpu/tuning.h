@@ -40,15 +40,18 @@ struct CpuTuning {
   // BLAS reads B in place instead.
   int64_t own_gemm_copy_min_rows;
   int64_t own_gemm_copy_max_bytes;
-  // gemm() with op(B) = B^T runs small_gemm_trans_b, which reads B [N, K] in place
-  // (dot products along K) and copies nothing, up to dot_gemm_max_rows rows of A, or
-  // up to dot_gemm_max_rows_b_in_cache where B is at most dot_gemm_cache_bytes: at 16
-  // rows and B of 16 MB it lost to BLAS (0.6x on one thread, 0.9x on two), with B up
-  // to 4 MB it was 0.9-1.1x on one thread and 1.1-1.6x on two (AMD Zen 4, PERF_LOG.md
+  // gemm() with few rows of A reads B in place and copies nothing: op(B) = B^T through
+  // small_gemm_trans_b (dot products along K) up to few_rows_max_rows rows, or up to
+  // few_rows_max_rows_b_in_cache where B is at most few_rows_b_cache_bytes (at 16 rows
+  // and B of 16 MB it lost to BLAS, 0.6x on one thread, 0.9x on two; with B up to 4 MB
+  // it was 0.9-1.1x on one thread and 1.1-1.6x on two); op(B) = B through small_gemm
+  // up to few_rows_max_rows rows where B is at most few_rows_b_cache_bytes (at 8 rows
+  // 1.4-1.8x on one thread, 1.6-2.7x on two; at 16 MB 0.5x on one). BLAS copies B every
+  // call, and one-step calls (decoding, LSTMCell) are these GEMMs (AMD Zen 4, PERF_LOG.md
   // row 48).
-  int64_t dot_gemm_max_rows;
-  int64_t dot_gemm_max_rows_b_in_cache;
-  int64_t dot_gemm_cache_bytes;
+  int64_t few_rows_max_rows;
+  int64_t few_rows_max_rows_b_in_cache;
+  int64_t few_rows_b_cache_bytes;
   // A fused step of at most this many multiply-adds (B * 4H * H) runs on one thread.
   int64_t fused_step_max_macs_one_thread;
   // The fused loops split batch rows between threads (no barrier) where each gets at
