@@ -37,9 +37,10 @@ def backend_info():
     ``torch_blas`` (the BLAS torch was built with), ``mkldnn`` (oneDNN in torch, used by
     nn.LSTM), ``cpu_capability`` (the build of fused_lstm's CPU kernels in use: avx512,
     avx2 or default), ``aten_cpu_capability``, ``gemm_setting``, ``gemm_small`` /
-    ``gemm_few_rows`` / ``gemm_large`` (what runs each kind of GEMM), ``half_layers`` (how half and bfloat16
-    layers run), ``bfloat16_products`` (where bfloat16 layers multiply in bfloat16: on AVX512_BF16
-    CPUs with the avx512 build, fused forward loops and the backward's large GEMMs), the
+    ``gemm_few_rows`` / ``gemm_large`` (what runs each kind of GEMM), ``half_layers``
+    (how half and bfloat16 layers run), ``bfloat16_products`` (where bfloat16 layers
+    multiply in bfloat16: on AVX512_BF16 CPUs with the avx512 build, fused forward loops,
+    one-step forward calls of few rows and the backward's large GEMMs), the
     tuning rules in force (``fused_forward_min_hidden``,
     ``fused_min_steps``, ``fused_backward_weights``, ``l2_cache_bytes``), ``threads``,
     ``parallel_backend`` and ``cuda_kernels``; in a CUDA build also ``cuda_persistent``

@@ -587,6 +587,53 @@ def test_bfloat16_fused_layer_rounds_h_each_step(B, I, H):
         torch.ops.fused_lstm.set_cpu_gemm("auto")
 
 
+def _weight_shaped_conversions(fn, shapes):
+    # The aten::_to_copy calls fn makes on tensors of the given shapes (torch.profiler).
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fn()
+    return [e.input_shapes[0] for e in prof.events()
+            if e.name == "aten::_to_copy" and e.input_shapes and e.input_shapes[0] in shapes]
+
+
+@pytest.mark.parametrize("B,I,H,T", [(1, 7, 10, 1), (8, 65, 130, 1), (3, 33, 64, 1), (16, 40, 48, 1),
+                                     (4, 16, 144, 5)], ids=str)
+def test_bfloat16_layer_reads_its_weights_as_stored(B, I, H, T):
+    # On an AVX512_BF16 CPU a bfloat16 layer whose GEMMs all run in bfloat16 (one step of
+    # few rows, tuning.h's few_rows_*: x W_ih^T and h0 W_hh^T as dot products on the
+    # weights in place; or its loop fused) never copies its weights to float32 (row 49; that copy was most of
+    # a one-step call): no conversion of a weight-shaped tensor in the op, the call an
+    # LSTMCell or a decoding LSTM makes. Its output is the float64 model of bfloat16
+    # products with float32 sums (_bfloat16_recurrence) within 2^-7, nearly all equal.
+    if not _bfloat16_kernels_in_use():
+        pytest.skip("this CPU has no AVX512_BF16 (the bfloat16 layers run in float32)")
+    gen = torch.Generator().manual_seed(B * I + H)
+    x = _random((T, B, I), torch.bfloat16, gen)
+    h0, c0 = (_random((B, H), torch.bfloat16, gen) for _ in range(2))
+    w_ih, w_hh, b_ih, b_hh = (_random(shape, torch.float32, gen).div(H ** 0.5).bfloat16()
+                              for shape in ((4 * H, I), (4 * H, H), (4 * H,), (4 * H,)))
+    args = (x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+    out = []
+
+    def run():
+        with torch.no_grad():
+            out.append(fused_lstm.functional.lstm_layer(*args)[0])
+    assert _weight_shaped_conversions(run, [[4 * H, I], [4 * H, H]]) == []
+    expected = _bfloat16_recurrence(x, h0, c0, w_ih, w_hh, b_ih.float() + b_hh.float())
+    off = (out[0].double() - expected).abs()
+    assert out[0].dtype == torch.bfloat16 and off.max() <= 2.0 ** -7
+    assert (off > 0).double().mean() < 0.01
+    # The same call with a gradient (the training forward, which keeps the workspace)
+    # reads them as stored too, and gives the same output; its backward runs as before.
+    h0.requires_grad_()
+    trained = []
+    assert _weight_shaped_conversions(
+        lambda: trained.append(fused_lstm.functional.lstm_layer(*args)[0]),
+        [[4 * H, I], [4 * H, H]]) == []
+    assert torch.equal(trained[0].detach(), out[0])
+    trained[0].float().sum().backward()
+    assert h0.grad is not None and torch.isfinite(h0.grad.float()).all()
+
+
 @pytest.mark.parametrize("build", ["cpu", "avx2"])
 def test_bfloat16_training_at_large_gemm_sizes_against_float64(build, request):
     # bfloat16 training at sizes where, on an AVX512_BF16 CPU, the backward's GEMMs run in

@@ -22,14 +22,13 @@
 namespace fused_lstm::cpu {
 
 // The dtype the layer op running on this thread was called in, where
-// ReducedPrecisionInFloat runs it in float32; Undefined otherwise. A bfloat16 layer
-// reads it to multiply in bfloat16 on AVX512_BF16 CPUs (CpuForward::bf16_operands,
-// CpuBackward::bf16_gemms).
+// ReducedPrecisionInFloat runs it in float32; Undefined otherwise. A bfloat16 layer's
+// backward reads it to multiply in bfloat16 on AVX512_BF16 CPUs (CpuBackward::bf16_gemms).
 inline thread_local at::ScalarType reduced_precision_call_dtype = at::ScalarType::Undefined;
 
 // A layer kernel, for half and bfloat16 arguments, run in float32 with its results
-// rounded back (but for the bfloat16 products of a bfloat16 layer on AVX512_BF16 CPUs,
-// above): the fused loops and the GEMMs of our own have no other 16-bit kernels, and
+// rounded back (but for the bfloat16 products of a bfloat16 layer on AVX512_BF16 CPUs:
+// above, and the forward's forward_bf16_weights in cpu/forward.cpp): the fused loops and the GEMMs of our own have no other 16-bit kernels, and
 // the per-step path in 16 bits (ATen's GEMMs, scalar cell math) ran at 0.15-0.4x of
 // nn.LSTM in bfloat16 on an AVX-512 Zen 4 (PERF_LOG.md row 42). Calls with any other
 // dtype, or floating arguments of mixed dtypes (which the kernel rejects), go straight

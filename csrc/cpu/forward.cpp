@@ -15,17 +15,41 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   const int64_t H, P;
   const StepGemm<scalar_t> recurrent, projection;
   const bool fused_step;
+  // A bfloat16 layer whose weights come as stored (bf16_weights_apply: a CPU with the
+  // bfloat16 kernels, its loop fused or one step of few rows; lstm_layer_cpu below):
+  // its GEMMs multiply x, h_prev and the weights in bfloat16, two exact products per
+  // vdpbf16ps into float32 sums, at twice float32's rate; each step reads the h before
+  // it rounded to bfloat16, as nn.LSTM's bfloat16 layer does; c and the cell update stay
+  // float32. (PERF_LOG.md rows 45, 49.)
+  const bool bf16_operands;
   // small_gemm reads B as [K, N]: the transposed weights, made once per call.
   const at::Tensor w_hh_t, w_hr_t;  // [P, 4H], [H, P], or undefined
-  // A layer called in bfloat16 (ReducedPrecisionInFloat) whose loop runs fused, on a CPU
-  // with the bfloat16 kernels (CpuKernels::fused_step_bf16), H even: its GEMMs multiply
-  // x, h_prev and the weights as stored, in bfloat16, at twice float32's rate; each step
-  // reads the h before it rounded to bfloat16, as nn.LSTM's bfloat16 layer does; sums,
-  // c and the cell update stay float32. (PERF_LOG.md row 45.)
-  const bool bf16_operands;
 
   static bool enough_steps(const LayerForwardParams& params) {
     return int64_t(params.steps.size()) >= cpu_tuning().fused_min_steps;
+  }
+  // Whether the loop runs fused (use_fused_step), from the sizes and steps alone.
+  static bool runs_fused(const LayerForwardParams& params) {
+    const auto& k = cpu_kernels<scalar_t>();
+    const StepGemm<scalar_t> step = StepGemm<scalar_t>::make(
+        params.s.B, 4 * params.s.H, params.s.P, enough_steps(params));
+    return !params.s.has_proj && k.fused_step != nullptr &&
+           use_fused_step(step.small, params.s.H, params.steps.size());
+  }
+  // Whether a bfloat16 layer of these sizes runs with bfloat16 operands throughout, so
+  // that its weights need no float32 copy: fused, or one step of few rows (its GEMMs
+  // small_gemm_trans_b_bf16 on the weights in place, gemm()'s few_rows_dot rule); no
+  // projection, H even.
+  static bool bf16_weights_apply(const LayerForwardParams& params) {
+    const LayerSizes& s = params.s;
+    if (!std::is_same_v<scalar_t, float> || cpu_kernels<float>().fused_step_bf16 == nullptr ||
+        s.has_proj || s.H % 2 != 0 || s.N == 0) {
+      return false;
+    }
+    const int64_t weight_bytes = 4 * s.H * std::max(s.I, s.P) * int64_t(sizeof(c10::BFloat16));
+    return runs_fused(params) ||
+           (params.steps.size() == 1 && cpu_gemm_setting() != GemmSetting::kAten &&
+            few_rows_dot(cpu_tuning(), s.B, weight_bytes));
   }
 
   explicit CpuForward(const LayerForwardParams& params)
@@ -35,16 +59,25 @@ struct CpuForward : CpuLayerBase<scalar_t> {
         // Small step GEMMs read W_hh^T and W_hr^T, copied below once per call.
         recurrent(StepGemm<scalar_t>::make(p.s.B, 4 * H, P, enough_steps(p))),
         projection(StepGemm<scalar_t>::make(p.s.B, P, H, enough_steps(p))),
-        fused_step(!p.s.has_proj && kernels.fused_step != nullptr &&
-                   use_fused_step(recurrent.small, H, p.steps.size())),
-        w_hh_t(recurrent.small && !fused_step ? p.w_hh.t().contiguous() : at::Tensor()),
-        w_hr_t(p.s.has_proj && projection.small ? p.w_hr.t().contiguous() : at::Tensor()),
-        bf16_operands(fused_step && reduced_precision_call_dtype == at::kBFloat16 &&
-                      kernels.fused_step_bf16 != nullptr && H % 2 == 0 && p.s.N > 0) {}
+        fused_step(runs_fused(p)),
+        bf16_operands(p.w_ih.scalar_type() == at::kBFloat16 &&
+                      c10::CppTypeToScalarType<scalar_t>::value != at::kBFloat16),
+        w_hh_t(recurrent.small && !fused_step && !bf16_operands ? p.w_hh.t().contiguous()
+                                                               : at::Tensor()),
+        w_hr_t(p.s.has_proj && projection.small ? p.w_hr.t().contiguous() : at::Tensor()) {
+    TORCH_INTERNAL_ASSERT(!bf16_operands || bf16_weights_apply(p),
+                          "CpuForward: bfloat16 weights where bf16_weights_apply is false");
+  }
+
+  // The layer's weights as stored, in bfloat16 (bf16_operands).
+  static const c10::BFloat16* stored_bf16(const at::Tensor& w) {
+    return w.data_ptr<c10::BFloat16>();
+  }
 
   // gates [N, 4H] = x [N, I] W_ih^T + (b_ih + b_hh), the bias where the GEMM's tiles start
-  // (gemm_bias); with bfloat16 operands (bf16_operands) x and W_ih as stored, x padded
-  // to an even I.
+  // (gemm_bias); with bfloat16 operands (bf16_operands) x and W_ih as stored: few rows
+  // (few_rows_dot) through small_gemm_trans_b_bf16 on W_ih in place, more through W_ih
+  // packed and input_gemm_bf16, x padded to an even I.
   void input_gemm(scalar_t* gates) const {
     std::vector<scalar_t> bias;
     if (p.b_ih.defined()) {
@@ -55,22 +88,42 @@ struct CpuForward : CpuLayerBase<scalar_t> {
     }
     const scalar_t* bias_ptr = bias.empty() ? nullptr : bias.data();
     if (bf16_operands) {
-      const int64_t I = p.s.I, K = (I + 1) / 2 * 2, width = kernels.fused_width;
+      const int64_t N = p.s.N, I = p.s.I;
       const auto opts = p.input.options().dtype(at::kBFloat16);
-      at::Tensor x = I == K ? p.input.to(at::kBFloat16).contiguous() : at::zeros({p.s.N, K}, opts);
+      if (few_rows_dot(cpu_tuning(), N, 4 * H * I * int64_t(sizeof(c10::BFloat16)))) {
+        const at::Tensor x = p.input.to(at::kBFloat16);
+        for (int64_t r = 0; bias_ptr != nullptr && r < N; ++r) {
+          std::copy_n(bias_ptr, 4 * H, gates + r * 4 * H);
+        }
+        kernels.small_gemm_trans_b_bf16(N, 4 * H, I, x.data_ptr<c10::BFloat16>(), I,
+                                        stored_bf16(p.w_ih), I, bias_ptr != nullptr, gates,
+                                        4 * H);
+        return;
+      }
+      const int64_t K = (I + 1) / 2 * 2, width = kernels.fused_width;
+      at::Tensor x = I == K ? p.input.to(at::kBFloat16).contiguous() : at::zeros({N, K}, opts);
       if (I != K) x.narrow(1, 0, I).copy_(p.input);
       at::Tensor w = at::empty({(H + width - 1) / width * width * 4 * K}, opts);
-      kernels.pack_fused_weights_bf16(p.w_ih.data_ptr<scalar_t>(), H, I, w.data_ptr<c10::BFloat16>());
-      kernels.input_gemm_bf16(p.s.N, H, K, x.data_ptr<c10::BFloat16>(),
-                              w.data_ptr<c10::BFloat16>(), bias_ptr, gates);
+      kernels.pack_fused_weights_bf16(stored_bf16(p.w_ih), H, I, w.data_ptr<c10::BFloat16>());
+      kernels.input_gemm_bf16(N, H, K, x.data_ptr<c10::BFloat16>(), w.data_ptr<c10::BFloat16>(),
+                              bias_ptr, gates);
       return;
     }
     gemm_bias<scalar_t>(true, p.s.N, 4 * H, p.s.I, p.input.data_ptr<scalar_t>(), p.s.I,
                         p.w_ih.data_ptr<scalar_t>(), p.s.I, bias_ptr, gates, 4 * H);
   }
 
-  // g [b, 4H] += h [b, P] W_hh^T
+  // g [b, 4H] += h [b, P] W_hh^T; with bfloat16 operands (a one-step call: h is h0, a
+  // bfloat16 value) h rounded to bfloat16 and W_hh as stored.
   void recurrent_gemm(int64_t b, const scalar_t* h, scalar_t* g) const {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (bf16_operands) {
+        std::vector<c10::BFloat16> h_round(h, h + b * P);
+        kernels.small_gemm_trans_b_bf16(b, 4 * H, P, h_round.data(), P, stored_bf16(p.w_hh),
+                                        P, true, g, 4 * H);
+        return;
+      }
+    }
     recurrent(b, 4 * H, P, h, P, p.w_hh.data_ptr<scalar_t>(), true,
               recurrent.small ? w_hh_t.data_ptr<scalar_t>() : nullptr, true, g, 4 * H);
   }
@@ -118,7 +171,7 @@ struct CpuForward : CpuLayerBase<scalar_t> {
     const int64_t width = kernels.fused_width;
     const auto opts = p.input.options().dtype(at::kBFloat16);
     at::Tensor w_packed = at::empty({(H + width - 1) / width * width * 4 * H}, opts);
-    kernels.pack_fused_weights_bf16(p.w_hh.data_ptr<scalar_t>(), H, H, w_packed.data_ptr<bf16>());
+    kernels.pack_fused_weights_bf16(stored_bf16(p.w_hh), H, H, w_packed.data_ptr<bf16>());
     at::Tensor out_round = at::empty({p.s.N, H}, opts);
     at::Tensor h0_round =
         at::from_blob(buf.h_state, {p.s.B, H}, p.input.options()).to(at::kBFloat16);
@@ -172,10 +225,66 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   }
 };
 
+namespace {
+
+// The CPU forward ops. A bfloat16 layer that runs with bfloat16 operands throughout
+// (CpuForward::bf16_weights_apply) keeps its weights as stored, where
+// ReducedPrecisionInFloat widens every argument: x, h0, c0 and the biases are widened,
+// the results rounded back, as there. The weights' float32 copies were most of a
+// one-step call (PERF_LOG.md row 49). Every other call goes through
+// ReducedPrecisionInFloat (which passes non-16-bit calls straight to the kernel).
+template <bool kKeepWorkspace>
+std::optional<ForwardResult> forward_bf16_weights(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, bool reverse) {
+  if (input.scalar_type() != at::kBFloat16 || cpu_kernels<float>().fused_step_bf16 == nullptr) {
+    return std::nullopt;
+  }
+  LayerForwardParams p = make_forward_params(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                             w_hr, reverse, kKeepWorkspace);
+  if (!CpuForward<float>::bf16_weights_apply(p)) return std::nullopt;
+  for (at::Tensor* t : {&p.input, &p.h0, &p.c0, &p.b_ih, &p.b_hh}) {
+    if (t->defined()) *t = t->to(at::kFloat);
+  }
+  ForwardResult result = layer_forward<CpuBackend>(p);
+  std::apply([](auto&... t) { ((t = t.to(at::kBFloat16)), ...); }, result);
+  return result;
+}
+
+ForwardResult lstm_layer_forward_cpu(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, bool reverse) {
+  if (auto result = forward_bf16_weights<true>(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih,
+                                               b_hh, w_hr, reverse)) {
+    return *result;
+  }
+  return ReducedPrecisionInFloat<&lstm_layer_forward_kernel<CpuBackend>>::call(
+      input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse);
+}
+
+LayerResult lstm_layer_cpu(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, bool reverse) {
+  if (auto result = forward_bf16_weights<CpuBackend::kInferenceKeepsWorkspace>(
+          input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)) {
+    auto& [output, h_n, c_n, gates, cells, hiddens] = *result;
+    return {output, h_n, c_n};
+  }
+  return ReducedPrecisionInFloat<&lstm_layer_kernel<CpuBackend>>::call(
+      input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
-  m.impl("lstm_layer_forward",
-         &ReducedPrecisionInFloat<&lstm_layer_forward_kernel<CpuBackend>>::call);
-  m.impl("lstm_layer", &ReducedPrecisionInFloat<&lstm_layer_kernel<CpuBackend>>::call);
+  m.impl("lstm_layer_forward", &lstm_layer_forward_cpu);
+  m.impl("lstm_layer", &lstm_layer_cpu);
 }
 
 }  // namespace fused_lstm::cpu

@@ -174,7 +174,7 @@ OwnPath own_path(const CpuKernels<scalar_t>& kernels, bool trans_a, bool trans_b
   const int64_t b_bytes = N * K * int64_t(sizeof(scalar_t));
   const bool b_in_cache = b_bytes <= tuning.few_rows_b_cache_bytes;
   if (!trans_a && trans_b && kernels.small_gemm_trans_b != nullptr &&
-      (M <= tuning.few_rows_max_rows || (M <= tuning.few_rows_max_rows_b_in_cache && b_in_cache))) {
+      few_rows_dot(tuning, M, b_bytes)) {
     return OwnPath::kDotRows;
   }
   if (!trans_a && !trans_b && kernels.small_gemm != nullptr && M <= tuning.few_rows_max_rows &&

@@ -44,7 +44,8 @@ c10::Dict<std::string, std::string> cpu_info() {
   const bool bf16_kernels = cpu_kernels<float>().fused_step_bf16 != nullptr;
   info.insert("half_layers", "in float32, rounded back once per layer, but for bfloat16_products");
   info.insert("bfloat16_products",
-              bf16_kernels ? "AVX512_BF16: fused forward loops (h rounded each step) and the "
+              bf16_kernels ? "AVX512_BF16: fused forward loops (h rounded each step), one-step "
+                             "forward calls of few rows (weights read as stored) and the "
                              "backward's large GEMMs"
                            : "none (as half_layers)");
   info.insert("fused_forward_min_hidden", std::to_string(t.fused_min_hidden));

@@ -86,6 +86,13 @@ struct CpuTuning {
 // The rules for the capability in use (kernels/kernels.h) on this CPU.
 const CpuTuning& cpu_tuning();
 
+// Whether M rows of A against a B^T of b_bytes go through the dot-product kernel, B read
+// in place (few_rows_*): gemm()'s rule, and a one-step bfloat16 layer's.
+inline bool few_rows_dot(const CpuTuning& t, int64_t M, int64_t b_bytes) {
+  return M <= t.few_rows_max_rows ||
+         (M <= t.few_rows_max_rows_b_in_cache && b_bytes <= t.few_rows_b_cache_bytes);
+}
+
 // The running CPU's L2 size per core in bytes (sysconf), or 0 where it cannot be read.
 int64_t l2_cache_bytes();
 

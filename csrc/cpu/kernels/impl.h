@@ -879,18 +879,17 @@ FUSED_LSTM_BF16_TARGET void input_gemm_bf16(int64_t M, int64_t H, int64_t K,
   });
 }
 
-// CpuKernels::pack_fused_weights_bf16: w [4H, K] (row-major) to out[j][k / 2][q][u][k %
-// 2] = w[q * H + j * 16 + u][k] rounded to bfloat16 (exact for a layer stored in
-// bfloat16), 0 past unit H and, for odd K, at k = K. Per chunk and gate, each unit's row
-// as pairs of k (32-bit words, vcvtne2ps2bf16), then the [16, K / 2] words transposed
-// into place (`transpose`, as pack_fused_weights): a scalar loop took 14% of a wide
-// bfloat16 forward.
-void pack_fused_weights_bf16(const float* w, int64_t H, int64_t K, c10::BFloat16* out) {
+// CpuKernels::pack_fused_weights_bf16: w [4H, K] (row-major, bfloat16 as the layer stores
+// it) to out[j][k / 2][q][u][k % 2] = w[q * H + j * 16 + u][k], 0 past unit H and, for odd
+// K, at k = K. Per chunk and gate, each unit's row as pairs of k (32-bit words, as
+// stored), then the [16, K / 2] words transposed into place (`transpose`, as
+// pack_fused_weights): a scalar loop took 14% of a wide bfloat16 forward.
+void pack_fused_weights_bf16(const c10::BFloat16* w, int64_t H, int64_t K, c10::BFloat16* out) {
   constexpr int64_t W = 16;
   const int64_t chunks = (H + W - 1) / W, pairs = (K + 1) / 2;
   float* out_words = reinterpret_cast<float*>(out);  // moved as bits, never computed on
   at::parallel_for(0, chunks, std::max<int64_t>(1, (int64_t{1} << 16) / (pairs * 8 * W)),
-                   [&](int64_t j0, int64_t j1) FUSED_LSTM_BF16_TARGET {
+                   [&](int64_t j0, int64_t j1) {
     std::vector<float> words(W * pairs);  // [unit][pair]
     for (int64_t j = j0; j < j1; ++j) {
       for (int64_t q = 0; q < 4; ++q) {
@@ -900,22 +899,66 @@ void pack_fused_weights_bf16(const float* w, int64_t H, int64_t K, c10::BFloat16
             std::fill(row, row + pairs, 0.f);
             continue;
           }
-          const float* src = w + (q * H + j * W + u) * K;
-          for (int64_t k = 0; k < K; k += 2 * W) {
-            const int64_t left = K - k;
-            const auto lanes = [](int64_t n) {
-              return static_cast<__mmask16>(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1);
-            };
-            const __m512 lo = _mm512_maskz_loadu_ps(lanes(left), src + k);
-            const __m512 hi = _mm512_maskz_loadu_ps(lanes(left - W), src + k + W);
-            _mm512_mask_storeu_epi32(row + k / 2, lanes(pairs - k / 2),
-                                     (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-          }
+          c10::BFloat16* row16 = reinterpret_cast<c10::BFloat16*>(row);
+          std::memcpy(row16, w + (q * H + j * W + u) * K, K * sizeof(c10::BFloat16));
+          if (K % 2 != 0) row16[K] = c10::BFloat16(0.f);
         }
         transpose(words.data(), W, pairs, pairs, out_words + (j * pairs * 4 + q) * W, 4 * W);
       }
     }
   });
+}
+
+// CpuKernels::small_gemm_trans_b_bf16: small_gemm_trans_b with A and B in bfloat16 as
+// stored, C in float32: each step of K 32 elements, one vdpbf16ps per row of B adding
+// two exact products per lane into the float32 sums; K slices of 512 (a block's 16 KB);
+// the partial step masked by elements (odd K included).
+FUSED_LSTM_BF16_TARGET void small_gemm_trans_b_bf16(int64_t M, int64_t N, int64_t K,
+                                                    const c10::BFloat16* A, int64_t lda,
+                                                    const c10::BFloat16* B, int64_t ldb,
+                                                    bool accumulate, float* C, int64_t ldc) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = 16, kStep = 32, kSlice = 512;
+  const int64_t blocks = (N + W - 1) / W;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(M * K * W, 1));
+  const auto run = [&](int64_t j0, int64_t j1) FUSED_LSTM_BF16_TARGET {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t n = j * W, rows = std::min(W, N - n);
+      const c10::BFloat16* b[W];  // rows past N repeat row n; their sums are not stored
+      for (int64_t i = 0; i < W; ++i) b[i] = B + (n + (i < rows ? i : 0)) * ldb;
+      for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += kSlice) {
+        const int64_t k1 = std::min(K, k0 + kSlice);
+        for (int64_t m = 0; m < M; ++m) {
+          const c10::BFloat16* a = A + m * lda;
+          Vec acc[W];
+          for (int64_t i = 0; i < W; ++i) acc[i] = Vec(0.f);
+          int64_t k = k0;
+          for (; k + kStep <= k1; k += kStep) {
+            const __m512bh x = (__m512bh)_mm512_loadu_si512(a + k);
+            for (int64_t i = 0; i < W; ++i) {
+              acc[i] = _mm512_dpbf16_ps(acc[i], x, (__m512bh)_mm512_loadu_si512(b[i] + k));
+            }
+          }
+          if (k < k1) {
+            const __mmask32 lanes = static_cast<__mmask32>((uint64_t{1} << (k1 - k)) - 1);
+            const __m512bh x = (__m512bh)_mm512_maskz_loadu_epi16(lanes, a + k);
+            for (int64_t i = 0; i < W; ++i) {
+              acc[i] = _mm512_dpbf16_ps(acc[i], x, (__m512bh)_mm512_maskz_loadu_epi16(lanes, b[i] + k));
+            }
+          }
+          Vec sums = sum_lanes<float>(acc);
+          float* c = C + m * ldc + n;
+          if (accumulate || k0 > 0) sums = sums + load(Vec{}, c, rows);
+          store(sums, c, rows);
+        }
+      }
+    }
+  };
+  if (blocks <= grain) {
+    run(0, blocks);
+  } else {
+    at::parallel_for(0, blocks, grain, run);
+  }
 }
 
 // Whether this CPU runs fused_step_bf16 (AVX512_BF16).
@@ -935,7 +978,8 @@ CpuKernels<scalar_t> cpu_kernels() {
           kVectorized<scalar_t> ? &small_gemm_trans_b<scalar_t> : nullptr,
           kVectorized<scalar_t> ? &fused_step<scalar_t> : nullptr,
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) : 0,
-          nullptr,  // fused_step_bf16, pack_fused_weights_bf16 and input_gemm_bf16: below
+          nullptr,  // fused_step_bf16, pack_fused_weights_bf16, input_gemm_bf16 and
+          nullptr,  // small_gemm_trans_b_bf16: below
           nullptr,
           nullptr,
           kVectorized<scalar_t> ? &pack_fused_weights<scalar_t> : nullptr,
@@ -952,6 +996,7 @@ CpuKernels<scalar_t> cpu_kernels() {
       kernels.fused_step_bf16 = &fused_step_bf16;
       kernels.pack_fused_weights_bf16 = &pack_fused_weights_bf16;
       kernels.input_gemm_bf16 = &input_gemm_bf16;
+      kernels.small_gemm_trans_b_bf16 = &small_gemm_trans_b_bf16;
     }
   }
 #endif

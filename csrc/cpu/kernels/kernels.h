@@ -65,19 +65,25 @@ struct CpuKernels {
   // and the cell update in float32. h goes to h_out in float32 and, rounded, to h_round
   // [b, H], which the next step reads. w_packed: [ceil(H / fused_width)][H / 2][4
   // gates][fused_width][2 k] (pack_fused_weights_bf16). H even. Non-null only for float
-  // in the AVX-512 build on a CPU with AVX512_BF16, as the two below.
+  // in the AVX-512 build on a CPU with AVX512_BF16, as the three below.
   void (*fused_step_bf16)(int64_t b, int64_t H, const c10::BFloat16* a_main, int64_t split,
                           const c10::BFloat16* a_rest, const c10::BFloat16* w_packed,
                           scalar_t* gates, bool store_gates, scalar_t* c_state, scalar_t* cells,
                           scalar_t* h_out, c10::BFloat16* h_round, int64_t j0, int64_t j1);
-  // w [4H, K] (W_hh, K = H; or W_ih, K = I) rounded to bfloat16 and packed by pairs of k:
+  // w [4H, K] (W_hh, K = H; or W_ih, K = I) as the layer stores it, packed by pairs of k:
   // [ceil(H / fused_width)][ceil(K / 2)][4 gates][fused_width][2] (0 past unit H and, for
   // odd K, at k = K). The chunks split between threads.
-  void (*pack_fused_weights_bf16)(const scalar_t* w, int64_t H, int64_t K, c10::BFloat16* out);
+  void (*pack_fused_weights_bf16)(const c10::BFloat16* w, int64_t H, int64_t K,
+                                  c10::BFloat16* out);
   // The input GEMM of such a layer: gates [M, 4H] = x [M, K] W_ih^T + bias (bias [4H] or
   // null), x in bfloat16 (K even, padded), W_ih packed as above, float32 sums; threaded.
   void (*input_gemm_bf16)(int64_t M, int64_t H, int64_t K, const c10::BFloat16* x,
                           const c10::BFloat16* w_packed, const scalar_t* bias, scalar_t* gates);
+  // small_gemm_trans_b with A [M, K] and B [N, K] in bfloat16 as stored (read in place),
+  // C in float32: a one-step bfloat16 layer's x W_ih^T and h W_hh^T.
+  void (*small_gemm_trans_b_bf16)(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A,
+                                  int64_t lda, const c10::BFloat16* B, int64_t ldb,
+                                  bool accumulate, scalar_t* C, int64_t ldc);
   // Packs w_hh [4H, H] (row-major) into fused_step's w_packed: each tile's weights
   // contiguous in the order the step reads them, out[j][k][q][w] = w_hh[q * H + j *
   // fused_width + w][k] (0 past unit H), or in gate halves out[j][q / 2][k][q % 2][w]:
