@@ -16,7 +16,7 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   const StepGemm<scalar_t> recurrent, projection;
   const bool fused_step;
   // A bfloat16 layer whose weights come as stored (bf16_weights_apply: a CPU with the
-  // bfloat16 kernels, its loop fused or one step of few rows; lstm_layer_cpu below):
+  // bfloat16 kernels, its loop fused or one step of few rows; forward_bf16_weights below):
   // its GEMMs multiply x, h_prev and the weights in bfloat16, two exact products per
   // vdpbf16ps into float32 sums, at twice float32's rate; each step reads the h before
   // it rounded to bfloat16, as nn.LSTM's bfloat16 layer does; c and the cell update stay

@@ -370,7 +370,8 @@ void small_gemm_trans_b(int64_t M, int64_t N, int64_t K, const scalar_t* A, int6
     using Vec = Vectorized<scalar_t>;
     constexpr int64_t W = Vec::size(), kSlice = 256;
     const int64_t blocks = (N + W - 1) / W;
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(M * K * W, 1));
+    const int64_t grain =
+        std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(M * K * W, 1));
     const auto run = [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t n = j * W, rows = std::min(W, N - n);
@@ -385,7 +386,9 @@ void small_gemm_trans_b(int64_t M, int64_t N, int64_t K, const scalar_t* A, int6
             int64_t k = k0;
             for (; k + W <= k1; k += W) {
               const Vec x = Vec::loadu(a + k);
-              for (int64_t i = 0; i < W; ++i) acc[i] = at::vec::fmadd(x, Vec::loadu(b[i] + k), acc[i]);
+              for (int64_t i = 0; i < W; ++i) {
+                acc[i] = at::vec::fmadd(x, Vec::loadu(b[i] + k), acc[i]);
+              }
             }
             if (k < k1) {
               const Vec x = load(Vec{}, a + k, k1 - k);
@@ -920,7 +923,8 @@ FUSED_LSTM_BF16_TARGET void small_gemm_trans_b_bf16(int64_t M, int64_t N, int64_
   using Vec = Vectorized<float>;
   constexpr int64_t W = 16, kStep = 32, kSlice = 512;
   const int64_t blocks = (N + W - 1) / W;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(M * K * W, 1));
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(M * K * W, 1));
   const auto run = [&](int64_t j0, int64_t j1) FUSED_LSTM_BF16_TARGET {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t n = j * W, rows = std::min(W, N - n);
@@ -943,7 +947,8 @@ FUSED_LSTM_BF16_TARGET void small_gemm_trans_b_bf16(int64_t M, int64_t N, int64_
             const __mmask32 lanes = static_cast<__mmask32>((uint64_t{1} << (k1 - k)) - 1);
             const __m512bh x = (__m512bh)_mm512_maskz_loadu_epi16(lanes, a + k);
             for (int64_t i = 0; i < W; ++i) {
-              acc[i] = _mm512_dpbf16_ps(acc[i], x, (__m512bh)_mm512_maskz_loadu_epi16(lanes, b[i] + k));
+              const __m512bh y = (__m512bh)_mm512_maskz_loadu_epi16(lanes, b[i] + k);
+              acc[i] = _mm512_dpbf16_ps(acc[i], x, y);
             }
           }
           Vec sums = sum_lanes<float>(acc);
