@@ -30,7 +30,7 @@ c10::Dict<std::string, std::string> cpu_info() {
   const std::string rows = std::to_string(t.few_rows_max_rows);
   const std::string cache = std::to_string(t.few_rows_b_cache_bytes);
   info.insert("gemm_few_rows",
-              aten_only ? torch_blas
+              aten_only || t.few_rows_max_rows == 0 ? torch_blas
                         : "fused_lstm, B read in place: dot products with B^T up to " + rows +
                               " rows (" + std::to_string(t.few_rows_max_rows_b_in_cache) +
                               " with B up to " + cache + " bytes); with B as stored, "

@@ -68,8 +68,11 @@ CpuTuning make_tuning(int capability) {
   // Both SIMD builds (measured on each); the portable build keeps W_hh in place (not measured).
   t.fused_backward_panels = capability != kCapabilityDefault;
   if (capability == kCapabilityDefault) {
-    // The portable build has no SIMD FMA: our kernels lose to torch's BLAS sooner.
+    // The portable build has no SIMD FMA: our kernels lose to torch's BLAS sooner. Its
+    // few-row GEMMs stay with torch's BLAS (not measured on it).
     t.own_gemm_max_macs = int64_t{1} << 16;
+    t.few_rows_max_rows = 0;
+    t.few_rows_max_rows_b_in_cache = 0;
   }
   return t;
 }
