@@ -44,16 +44,17 @@ struct WeightGradientArgs {
 };
 
 // grad_input = dgates W_ih, grad_w_ih = dgates^T x, grad_w_hh = dgates^T h_prev
-// (read in place from output and h0 where prev_hidden_terms allows, else gathered),
-// grad_w_hr = dr^T hiddens.
+// (read in place from output and h0 where prev_hidden_terms allows, else, or where
+// `gather` asks, gathered: one GEMM, for a GEMM that rounds its result, as one in
+// bfloat16 does, so that the two terms are not rounded twice), grad_w_hr = dr^T hiddens.
 template <typename scalar_t, typename Gemm, typename CopyRows>
 void weight_gradients(const LayerSizes& s, const std::vector<Step>& steps, bool reverse,
                       const WeightGradientArgs<scalar_t>& a, const Gemm& gemm,
-                      const CopyRows& copy_rows) {
+                      const CopyRows& copy_rows, bool gather = false) {
   const int64_t N = s.N, I = s.I, H = s.H, P = s.P, G = 4 * s.H;
   if (a.grad_input != nullptr) gemm(false, false, N, I, G, a.dgates, G, a.w_ih, I, 0, a.grad_input, I);
   gemm(true, false, G, I, N, a.dgates, G, a.input, I, 0, a.grad_w_ih, I);
-  const auto terms = prev_hidden_terms(steps, reverse);
+  const auto terms = gather ? std::vector<PrevHiddenTerm>() : prev_hidden_terms(steps, reverse);
   if (terms.empty()) {
     gather_prev_state(steps.data(), steps.data() + steps.size(), a.output, a.h0, P, a.h_prev,
                       copy_rows);

@@ -146,11 +146,118 @@ struct CpuBackward : CpuLayerBase<scalar_t> {
   }
 };
 
+namespace {
+
+// The backward of a bfloat16 layer whose loop runs fused, on a CPU with the bfloat16
+// kernels: its workspace (gates, cells, output), x, grad_output and weights are read as
+// stored, where ReducedPrecisionInFloat widens every argument to float32 (those copies
+// were most of a bfloat16 training step's peak memory, PERF_LOG.md row 50). Per step the
+// cell backward in float32 from the bfloat16 gates and cells, dgates rounded to bfloat16
+// (as nn.LSTM's bfloat16 backward rounds them) over the gates where the op may
+// overwrite them, then dh = dgates W_hh by bfloat16 products into float32 sums
+// (gemm_columns_bf16, threads sharing the loop as the float32 one); dh and dc stay
+// float32. Then the weight gradients, single bfloat16 GEMMs (at::mm: float32 sums,
+// rounded once). Other calls: nullopt.
+std::optional<BackwardResult> backward_bf16_workspace(const LayerBackwardParams& p) {
+  using bf16 = c10::BFloat16;
+  const auto& k = cpu_kernels<float>();
+  const auto [N, T, B, I, H, P, has_proj] = p.s;
+  if (p.input.scalar_type() != at::kBFloat16 || k.backward_block_bf16 == nullptr || has_proj ||
+      N == 0 || !use_fused_step(StepGemm<float>::make(B, P, 4 * H).small, H, p.steps.size())) {
+    return std::nullopt;
+  }
+  const int64_t G = 4 * H;
+  const auto opts = p.input.options();
+  const auto& steps = p.steps;
+  at::Tensor dgates = p.overwrite_gates ? p.gates : scratch_buffer(Scratch::kGradGates, N, G, opts);
+  at::Tensor dh = p.grad_h_n.to(at::kFloat).contiguous();  // [B, H] running dL/dh
+  at::Tensor dc = p.grad_c_n.to(at::kFloat).contiguous();  // [B, H] running dL/dc
+  constexpr int64_t width = kBf16PanelColumns;             // a thread's units, whole panels
+  at::Tensor w_pairs = at::empty({(H + width - 1) / width * G * width}, opts);
+  k.pack_column_pairs_bf16(p.w_hh.data_ptr<bf16>(), G, H, w_pairs.data_ptr<bf16>());
+
+  const bf16 *gates = p.gates.data_ptr<bf16>(), *cells = p.cells.data_ptr<bf16>();
+  const bf16 *c0 = p.c0.data_ptr<bf16>(), *grad_output = p.grad_output.data_ptr<bf16>();
+  const bf16* w = w_pairs.data_ptr<bf16>();
+  bf16* dg = dgates.data_ptr<bf16>();
+  float *dh_p = dh.data_ptr<float>(), *dc_p = dc.data_ptr<float>();
+  run_fused_loop(steps, B, H, width, p.w_hh.nbytes(),
+                 [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1, const auto& sync) {
+    const int64_t u0 = j0 * width, u1 = std::min(H, j1 * width);
+    for (size_t n = 0; n < steps.size(); ++n) {
+      const Step& step = steps[steps.size() - 1 - n];
+      const int64_t row0 = std::min(r0, step.batch), row1 = std::min(r1, step.batch);
+      bf16* dg_t = dg + step.offset * G;
+      k.backward_block_bf16(row0, row1, u0, u1, H, gates + step.offset * G,
+                            cells + step.offset * H, cells + step.prev_offset * H,
+                            step.prev_batch, c0, dh_p, grad_output + step.offset * H, dc_p,
+                            dg_t);
+      sync(n);
+      // dL/dh_prev[rows, u0:u1) = dgates[t][rows] W_hh[:, u0:u1)
+      k.gemm_columns_bf16(row1 - row0, u0, u1, G, dg_t + row0 * G, G, w, dh_p + row0 * H, H);
+    }
+  });
+
+  at::Tensor grad_input = at::empty({p.need_grad_input ? N : 0, I}, opts);
+  at::Tensor grad_w_ih = at::empty({G, I}, opts), grad_w_hh = at::empty({G, P}, opts);
+  at::Tensor h_prev = scratch_buffer(Scratch::kPrevHidden, N, P, opts);  // gathered (below)
+  const auto ptr = [](const at::Tensor& t) {
+    return t.defined() && t.numel() > 0 ? t.data_ptr<bf16>() : static_cast<bf16*>(nullptr);
+  };
+  const WeightGradientArgs<bf16> args{
+      dg, ptr(p.input), ptr(p.w_ih), ptr(p.output), ptr(p.h0), ptr(h_prev), nullptr, nullptr,
+      ptr(grad_input), ptr(grad_w_ih), ptr(grad_w_hh), nullptr};
+  // C [M, N] (row stride ldc) = op(A) op(B), all bfloat16. (h_prev gathered: dW_hh one
+  // GEMM, not two terms, each rounded.)
+  const auto gemm = [&](bool trans_a, bool trans_b, int64_t M, int64_t Nc, int64_t K,
+                        const bf16* A, int64_t lda, const bf16* Bm, int64_t ldb, float beta,
+                        bf16* C, int64_t ldc) {
+    TORCH_INTERNAL_ASSERT(beta == 0, "backward_bf16_workspace: a GEMM accumulating");
+    const auto view = [&](const bf16* x, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+      at::Tensor t = at::from_blob(const_cast<bf16*>(x), {trans ? cols : rows, trans ? rows : cols},
+                                   {ld, 1}, opts);
+      return trans ? t.t() : t;
+    };
+    at::Tensor c = at::from_blob(C, {M, Nc}, {ldc, 1}, opts);
+    const at::Tensor a = view(A, M, K, lda, trans_a), b = view(Bm, K, Nc, ldb, trans_b);
+    at::mm_out(c, a, b);
+  };
+  weight_gradients(
+      p.s, steps, p.reverse, args, gemm,
+      [](bf16* dst, const bf16* src, int64_t rows, int64_t cols) { copy_rows(dst, src, rows, cols); },
+      /*gather=*/true);
+  at::Tensor grad_bias = dgates.sum(0);  // float32 sums, rounded once
+  if (!p.need_grad_input) grad_input = grad_input.view({0});
+  return BackwardResult{grad_input, dh.to(at::kBFloat16), dc.to(at::kBFloat16), grad_w_ih,
+                        grad_w_hh, grad_bias, at::empty({0}, opts)};
+}
+
+// Ops lstm_layer_backward and, kOverwriteGates, lstm_layer_backward_overwrite_gates:
+// backward_bf16_workspace where it applies, else the driver's backward (half and
+// bfloat16 through ReducedPrecisionInFloat).
+template <bool kOverwriteGates>
+BackwardResult lstm_layer_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
+    const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input) {
+  if (input.scalar_type() == at::kBFloat16 && cpu_kernels<float>().backward_block_bf16 != nullptr) {
+    const LayerBackwardParams p = make_backward_params(
+        grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, output,
+        gates, cells, hiddens, reverse, need_grad_input, kOverwriteGates);
+    if (auto result = backward_bf16_workspace(p)) return *result;
+  }
+  return ReducedPrecisionInFloat<&lstm_layer_backward_kernel<CpuBackend, kOverwriteGates>>::call(
+      grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, output,
+      gates, cells, hiddens, reverse, need_grad_input);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
-  m.impl("lstm_layer_backward",
-         &ReducedPrecisionInFloat<&lstm_layer_backward_kernel<CpuBackend, false>>::call);
-  m.impl("lstm_layer_backward_overwrite_gates",
-         &ReducedPrecisionInFloat<&lstm_layer_backward_kernel<CpuBackend, true>>::call);
+  m.impl("lstm_layer_backward", &lstm_layer_backward_cpu<false>);
+  m.impl("lstm_layer_backward_overwrite_gates", &lstm_layer_backward_cpu<true>);
 }
 
 }  // namespace fused_lstm::cpu

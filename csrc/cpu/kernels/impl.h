@@ -39,6 +39,17 @@ C10_ALWAYS_INLINE void store(at::opmath_type<S> v, S* p, int64_t) {
   *p = static_cast<S>(v);
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// bfloat16 storage read into float lanes, and float lanes rounded (to nearest even) into
+// it: a bfloat16 layer's workspace in the fused backward (backward_rows<float, BFloat16>).
+C10_ALWAYS_INLINE Vectorized<float> load(Vectorized<float>, const c10::BFloat16* p, int64_t n) {
+  return std::get<0>(at::vec::convert_bfloat16_float(Vectorized<c10::BFloat16>::loadu(p, n)));
+}
+C10_ALWAYS_INLINE void store(const Vectorized<float>& v, c10::BFloat16* p, int64_t n) {
+  at::vec::convert_float_bfloat16(v, v).store(p, n);
+}
+#endif
+
 template <typename S>
 constexpr bool kVectorized = std::is_same_v<S, float> || std::is_same_v<S, double>;
 
@@ -111,18 +122,21 @@ void forward_step(int64_t b, int64_t H, scalar_t* gates, scalar_t* c_state, scal
   });
 }
 
-// The cell backward of rows [r0, r1), units [u0, u1), on the calling thread.
-template <typename scalar_t>
+// The cell backward of rows [r0, r1), units [u0, u1), on the calling thread. The
+// workspace (gates, cells, c_prev, c0, dh_extra) and dgates in store_t: scalar_t, or
+// bfloat16 for a bfloat16 layer's fused backward (CpuKernels::backward_block_bf16:
+// float math, dgates rounded); dh and dc in scalar_t.
+template <typename scalar_t, typename store_t = scalar_t>
 void backward_rows(int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H,
-                   const scalar_t* gates, const scalar_t* cells, const scalar_t* c_prev_step,
-                   int64_t prev_batch, const scalar_t* c0, const scalar_t* dh,
-                   const scalar_t* dh_extra, scalar_t* dc, scalar_t* dgates) {
+                   const store_t* gates, const store_t* cells, const store_t* c_prev_step,
+                   int64_t prev_batch, const store_t* c0, const scalar_t* dh,
+                   const store_t* dh_extra, scalar_t* dc, store_t* dgates) {
   // One unit group of row r. dgates may be gates: every load comes before the stores.
   const auto unit = [&](auto lane, int64_t r, int64_t k, int64_t n) FUSED_LSTM_INLINE_LAMBDA {
     using T = decltype(lane);
-    const scalar_t* g = gates + r * 4 * H;
-    const scalar_t* c_prev_row = r < prev_batch ? c_prev_step + r * H : c0 + r * H;
-    scalar_t* dg_row = dgates + r * 4 * H;
+    const store_t* g = gates + r * 4 * H;
+    const store_t* c_prev_row = r < prev_batch ? c_prev_step + r * H : c0 + r * H;
+    store_t* dg_row = dgates + r * 4 * H;
     const T i = load(lane, g + k, n), f = load(lane, g + H + k, n);
     const T gg = load(lane, g + 2 * H + k, n), o = load(lane, g + 3 * H + k, n);
     const T c_prev = load(lane, c_prev_row + k, n);
@@ -767,7 +781,8 @@ void fused_step(int64_t b, int64_t H, const scalar_t* a_main, int64_t split,
 
 // The bfloat16 tiles' sums: acc[r][q] += sum over k < K of a_rows[r][k] w[k][q][16
 // units], by pairs of k: one vdpbf16ps a row and gate adds both products (exact in
-// float32) to the float32 sum. w_tile: [K / 2][4][16][2]; K even.
+// float32) to the float32 sum. w_tile: [K / 2][4][16][2]; K even. (q: a gate, or in
+// gemm_columns_bf16 a panel's vector of columns.)
 template <int kRows>
 FUSED_LSTM_BF16_TARGET C10_ALWAYS_INLINE void bf16_tile_sums(int64_t K,
                                                              const c10::BFloat16* const* a_rows,
@@ -966,6 +981,93 @@ FUSED_LSTM_BF16_TARGET void small_gemm_trans_b_bf16(int64_t M, int64_t N, int64_
   }
 }
 
+// CpuKernels::pack_column_pairs_bf16: b [K, N] to out[p][k / 2][w][k % 2] = b[k][p * 64
+// + w], panels of kBf16PanelColumns = 64 columns by pairs of k (0 past column N and, for
+// odd K, at k = K): per pair of rows and 32 columns, the two rows' elements interleaved
+// by one vpermt2w each half. The panels split between threads.
+void pack_column_pairs_bf16(const c10::BFloat16* b, int64_t K, int64_t N, c10::BFloat16* out) {
+  constexpr int64_t kPanel = kBf16PanelColumns, kHalf = 32;
+  static_assert(kPanel == 2 * kHalf, "a panel is two halves of 32 columns");
+  const int64_t panels = (N + kPanel - 1) / kPanel, pairs = (K + 1) / 2;
+  // Word j of the low (high) result: element j (16 + j) of row 2 k2, then of row 2 k2 + 1.
+  alignas(64) int16_t low[32], high[32];
+  for (int j = 0; j < 16; ++j) {
+    low[2 * j] = j, low[2 * j + 1] = 32 + j;
+    high[2 * j] = 16 + j, high[2 * j + 1] = 48 + j;
+  }
+  const __m512i low_idx = _mm512_load_si512(low), high_idx = _mm512_load_si512(high);
+  at::parallel_for(0, panels, std::max<int64_t>(1, (int64_t{1} << 16) / (pairs * 2 * kPanel)),
+                   [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t k2 = 0; k2 < pairs; ++k2) {
+        const c10::BFloat16* row0 = b + 2 * k2 * N;
+        const bool second = 2 * k2 + 1 < K;
+        c10::BFloat16* dst = out + (p * pairs + k2) * 2 * kPanel;
+        for (int64_t c = p * kPanel; c < (p + 1) * kPanel; c += kHalf) {
+          const int64_t cols = std::clamp<int64_t>(N - c, 0, kHalf);
+          const __mmask32 lanes = static_cast<__mmask32>((uint64_t{1} << cols) - 1);
+          const __m512i x0 = _mm512_maskz_loadu_epi16(lanes, row0 + c);
+          const __m512i x1 = second ? _mm512_maskz_loadu_epi16(lanes, row0 + N + c)
+                                    : _mm512_setzero_si512();
+          _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(x0, low_idx, x1));
+          _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(x0, high_idx, x1));
+          dst += 2 * kHalf;
+        }
+      }
+    }
+  });
+}
+
+// CpuKernels::gemm_columns_bf16: C[M, n0:n1) = A[M, K] B[K, n0:n1), A in bfloat16, B
+// packed by pack_column_pairs_bf16, float32 sums: a panel's 4 vectors of columns taken
+// as bf16_tile_sums' 4 gates, tiles of 6 rows. K goes in slices of 2048 (a panel's 256
+// KB), so that the tiles after the first read it from L2. On the calling thread.
+FUSED_LSTM_BF16_TARGET void gemm_columns_bf16(int64_t M, int64_t n0, int64_t n1, int64_t K,
+                                              const c10::BFloat16* A, int64_t lda,
+                                              const c10::BFloat16* b_packed, float* C,
+                                              int64_t ldc) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = 16, kPanel = kBf16PanelColumns, kRows = 6, kSlice = 2048;
+  static_assert(kPanel == 4 * W, "a panel is bf16_tile_sums' 4 vectors");
+  for (int64_t n = n0; n < n1; n += kPanel) {
+    const c10::BFloat16* panel = b_packed + n / kPanel * K * kPanel;
+    int64_t cols[4];  // valid columns of each vector
+    for (int q = 0; q < 4; ++q) cols[q] = std::clamp<int64_t>(n1 - n - q * W, 0, W);
+    for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
+      const int64_t k = std::min(kSlice, K - k0);
+      for (int64_t r = 0; r < M; r += kRows) {
+        const auto tile = [&](auto rows) FUSED_LSTM_BF16_TARGET {
+          constexpr int kTileRows = decltype(rows)::value;
+          const c10::BFloat16* a_rows[kTileRows];
+          __m512 acc[kTileRows][4];
+          for (int i = 0; i < kTileRows; ++i) {
+            a_rows[i] = A + (r + i) * lda + k0;
+            for (int q = 0; q < 4; ++q) {
+              acc[i][q] = k0 > 0 && cols[q] > 0
+                              ? __m512(load(Vec{}, C + (r + i) * ldc + n + q * W, cols[q]))
+                              : _mm512_setzero_ps();
+            }
+          }
+          bf16_tile_sums<kTileRows>(k, a_rows, panel + k0 * kPanel, acc);
+          for (int i = 0; i < kTileRows; ++i) {
+            for (int q = 0; q < 4 && cols[q] > 0; ++q) {
+              store(Vec(acc[i][q]), C + (r + i) * ldc + n + q * W, cols[q]);
+            }
+          }
+        };
+        switch (std::min<int64_t>(kRows, M - r)) {
+          case 6: tile(std::integral_constant<int, 6>{}); break;
+          case 5: tile(std::integral_constant<int, 5>{}); break;
+          case 4: tile(std::integral_constant<int, 4>{}); break;
+          case 3: tile(std::integral_constant<int, 3>{}); break;
+          case 2: tile(std::integral_constant<int, 2>{}); break;
+          default: tile(std::integral_constant<int, 1>{}); break;
+        }
+      }
+    }
+  }
+}
+
 // Whether this CPU runs fused_step_bf16 (AVX512_BF16).
 bool cpu_has_bf16_dot() {
   static const bool has = __builtin_cpu_supports("avx512bf16");
@@ -983,8 +1085,11 @@ CpuKernels<scalar_t> cpu_kernels() {
           kVectorized<scalar_t> ? &small_gemm_trans_b<scalar_t> : nullptr,
           kVectorized<scalar_t> ? &fused_step<scalar_t> : nullptr,
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) : 0,
-          nullptr,  // fused_step_bf16, pack_fused_weights_bf16, input_gemm_bf16 and
-          nullptr,  // small_gemm_trans_b_bf16: below
+          nullptr,  // fused_step_bf16, pack_fused_weights_bf16, input_gemm_bf16,
+          nullptr,  // small_gemm_trans_b_bf16, backward_block_bf16,
+          nullptr,  // pack_column_pairs_bf16 and gemm_columns_bf16: below
+          nullptr,
+          nullptr,
           nullptr,
           nullptr,
           kVectorized<scalar_t> ? &pack_fused_weights<scalar_t> : nullptr,
@@ -1002,6 +1107,9 @@ CpuKernels<scalar_t> cpu_kernels() {
       kernels.pack_fused_weights_bf16 = &pack_fused_weights_bf16;
       kernels.input_gemm_bf16 = &input_gemm_bf16;
       kernels.small_gemm_trans_b_bf16 = &small_gemm_trans_b_bf16;
+      kernels.backward_block_bf16 = &backward_rows<float, c10::BFloat16>;
+      kernels.pack_column_pairs_bf16 = &pack_column_pairs_bf16;
+      kernels.gemm_columns_bf16 = &gemm_columns_bf16;
     }
   }
 #endif

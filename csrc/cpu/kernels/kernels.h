@@ -12,6 +12,9 @@
 
 namespace fused_lstm::cpu {
 
+// Columns of a panel of pack_column_pairs_bf16 (four AVX-512 vectors of float sums).
+constexpr int64_t kBf16PanelColumns = 64;
+
 template <typename scalar_t>
 struct CpuKernels {
   // gates: [b, 4H] pre-activations in, activated out; c_state: [b, H] c_prev in, c out;
@@ -84,6 +87,27 @@ struct CpuKernels {
   void (*small_gemm_trans_b_bf16)(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A,
                                   int64_t lda, const c10::BFloat16* B, int64_t ldb,
                                   bool accumulate, scalar_t* C, int64_t ldc);
+  // The fused backward loop of a bfloat16 layer whose workspace stays as stored
+  // (cpu/backward.cpp's backward_bf16_workspace): backward_block with gates, cells,
+  // c_prev_step, c0, dh_extra and dgates in bfloat16 (dgates rounded; it may be gates),
+  // the math, dh and dc in float32.
+  void (*backward_block_bf16)(int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H,
+                              const c10::BFloat16* gates, const c10::BFloat16* cells,
+                              const c10::BFloat16* c_prev_step, int64_t prev_batch,
+                              const c10::BFloat16* c0, const scalar_t* dh,
+                              const c10::BFloat16* dh_extra, scalar_t* dc,
+                              c10::BFloat16* dgates);
+  // b [K, N] (row-major) packed for gemm_columns_bf16: out[p][k / 2][w][k % 2] =
+  // b[k][p * kBf16PanelColumns + w], 0 past column N and, for odd K, at k = K; ceil(N /
+  // 64) * ceil(K / 2) * 128 elements. The panels split between threads.
+  void (*pack_column_pairs_bf16)(const c10::BFloat16* b, int64_t K, int64_t N,
+                                 c10::BFloat16* out);
+  // gemm_columns (no accumulate, no bias) with A [M, K] in bfloat16 and B packed by
+  // pack_column_pairs_bf16, float32 sums: n0 a multiple of kBf16PanelColumns, K even.
+  // dh = dgates W_hh of that backward loop.
+  void (*gemm_columns_bf16)(int64_t M, int64_t n0, int64_t n1, int64_t K,
+                            const c10::BFloat16* A, int64_t lda,
+                            const c10::BFloat16* b_packed, scalar_t* C, int64_t ldc);
   // Packs w_hh [4H, H] (row-major) into fused_step's w_packed: each tile's weights
   // contiguous in the order the step reads them, out[j][k][q][w] = w_hh[q * H + j *
   // fused_width + w][k] (0 past unit H), or in gate halves out[j][q / 2][k][q % 2][w]:
