@@ -803,6 +803,20 @@ FUSED_LSTM_BF16_TARGET C10_ALWAYS_INLINE void bf16_tile_sums(int64_t K,
   }
 }
 
+// The bfloat16 GEMMs' row tiles: tile(std::integral_constant<int, R>{}) for the R =
+// min(6, rows) rows left.
+template <typename Tile>
+FUSED_LSTM_BF16_TARGET C10_ALWAYS_INLINE void bf16_row_tile(int64_t rows, const Tile& tile) {
+  switch (std::min<int64_t>(6, rows)) {
+    case 6: tile(std::integral_constant<int, 6>{}); break;
+    case 5: tile(std::integral_constant<int, 5>{}); break;
+    case 4: tile(std::integral_constant<int, 4>{}); break;
+    case 3: tile(std::integral_constant<int, 3>{}); break;
+    case 2: tile(std::integral_constant<int, 2>{}); break;
+    default: tile(std::integral_constant<int, 1>{}); break;
+  }
+}
+
 // fused_step_tile with bfloat16 operands (bf16_tile_sums over K = H), h also stored
 // rounded to h_round.
 template <int kRows>
@@ -884,14 +898,7 @@ FUSED_LSTM_BF16_TARGET void input_gemm_bf16(int64_t M, int64_t H, int64_t K,
             for (int q = 0; q < 4; ++q) store(Vec(acc[i][q]), gates + (r + i) * 4 * H + q * H + u, n);
           }
         };
-        switch (std::min<int64_t>(kRows, M - r)) {
-          case 6: tile(std::integral_constant<int, 6>{}); break;
-          case 5: tile(std::integral_constant<int, 5>{}); break;
-          case 4: tile(std::integral_constant<int, 4>{}); break;
-          case 3: tile(std::integral_constant<int, 3>{}); break;
-          case 2: tile(std::integral_constant<int, 2>{}); break;
-          default: tile(std::integral_constant<int, 1>{}); break;
-        }
+        bf16_row_tile(M - r, tile);
       }
     }
   });
@@ -1055,14 +1062,7 @@ FUSED_LSTM_BF16_TARGET void gemm_columns_bf16(int64_t M, int64_t n0, int64_t n1,
             }
           }
         };
-        switch (std::min<int64_t>(kRows, M - r)) {
-          case 6: tile(std::integral_constant<int, 6>{}); break;
-          case 5: tile(std::integral_constant<int, 5>{}); break;
-          case 4: tile(std::integral_constant<int, 4>{}); break;
-          case 3: tile(std::integral_constant<int, 3>{}); break;
-          case 2: tile(std::integral_constant<int, 2>{}); break;
-          default: tile(std::integral_constant<int, 1>{}); break;
-        }
+        bf16_row_tile(M - r, tile);
       }
     }
   }
