@@ -178,7 +178,7 @@ struct CpuForward : CpuLayerBase<scalar_t> {
     const bf16* w_t = w_packed.data_ptr<bf16>();
     bf16* rounded = out_round.data_ptr<bf16>();
     const bf16* h0 = h0_round.data_ptr<bf16>();
-    run_steps(buf, p.w_hh.nbytes() / 2, [&](const Step& step, int64_t row0, int64_t rows,
+    run_steps(buf, p.w_hh.nbytes(), [&](const Step& step, int64_t row0, int64_t rows,
                                             int64_t own_split, int64_t j0, int64_t j1) {
       kernels.fused_step_bf16(rows, H, rounded + (step.prev_offset + row0) * H, own_split,
                               h0 + (row0 + own_split) * H, w_t,
