@@ -669,18 +669,22 @@ def _bfloat16_backward_model(grad_output, grad_h_n, grad_c_n, x, batch_sizes, h0
                                  dgates.sum(0))]
 
 
-@pytest.mark.parametrize("B,I,H,packed,reverse", [(4, 7, 144, False, False), (13, 64, 34, True, False),
-                                                  (37, 16, 18, True, True), (32, 16, 64, False, True),
-                                                  (8, 32, 200, True, True)], ids=str)
+@pytest.mark.parametrize("B,I,H,T,packed,reverse", [
+    (4, 7, 144, 9, False, False), (13, 64, 34, 9, True, False), (37, 16, 18, 9, True, True),
+    (32, 16, 64, 9, False, True), (8, 32, 200, 9, True, True), (8, 48, 256, 1, False, False),
+    (3, 16, 130, 1, False, True)], ids=str)
 @pytest.mark.parametrize("op_name", ["lstm_layer_backward", "lstm_layer_backward_overwrite_gates"])
-def test_bfloat16_fused_backward_reads_its_workspace_as_stored(B, I, H, packed, reverse, op_name):
-    # On an AVX512_BF16 CPU the backward of a bfloat16 layer whose loop runs fused reads its
+def test_bfloat16_fused_backward_reads_its_workspace_as_stored(B, I, H, T, packed, reverse, op_name):
+    # On an AVX512_BF16 CPU the backward of a bfloat16 layer whose loop runs fused (or of
+    # one step: an LSTMCell, a decoding loop) reads its
     # workspace (gates, cells, output), x, grad_output and weights as stored: no
     # conversion of a workspace-shaped tensor in the op (ReducedPrecisionInFloat's float32
     # copies were most of a bfloat16 training step's peak memory, PERF_LOG row 50). Its
     # dgates are rounded to bfloat16 each step, its dh = dgates W_hh in bfloat16 products:
     # every gradient equals the float64 model of that (_bfloat16_backward_model) but for
-    # under 2% of the elements, each within 2^-7 of the largest; bit for bit on 1 and 2
+    # under 5% of the elements, each within 2^-7 of the largest (float32 sums move a
+    # rounding of dgates now and then, and the change flows on through dh: 0-2% here at
+    # 9 steps, ~5% at 12 steps of 8 rows); bit for bit on 1 and 2
     # threads (B4 H144, H200: threads split units; B32 H64, B37: rows). The float32-inside
     # backward (the AVX2 build) differs from the model in ~40% of them: the test tells the
     # two apart.
@@ -690,7 +694,6 @@ def test_bfloat16_fused_backward_reads_its_workspace_as_stored(B, I, H, packed, 
     before = torch.get_num_threads()
     try:
         gen = torch.Generator().manual_seed(B * H + packed)
-        T = 9
         bs = (torch.randint(1, B + 1, (T,), generator=gen).sort(descending=True).values
               if packed else torch.full((T,), B))
         bs[0] = B
@@ -705,19 +708,20 @@ def test_bfloat16_fused_backward_reads_its_workspace_as_stored(B, I, H, packed, 
         expected = _bfloat16_backward_model(go, gh, gc, x, bs, h0, c0, w_ih, w_hh, out, gates, cells,
                                             reverse)
         op = getattr(torch.ops.fused_lstm, op_name)
+        # Workspace-, input- and weight-shaped (dh and dc, [B, H], are widened).
+        shapes = [[N, 4 * H], [N, I], [4 * H, I], [4 * H, H]] + ([[N, H]] if N != B else [])
         runs = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
             args[11] = gates.clone()  # the overwriting op writes dgates over it
             runs.append([])
-            assert _weight_shaped_conversions(lambda: runs[-1].extend(op(*args)),
-                                              [[N, 4 * H], [N, H], [N, I]]) == []
+            assert _weight_shaped_conversions(lambda: runs[-1].extend(op(*args)), shapes) == []
         for a, b in zip(*runs):
             assert torch.equal(a, b)
         for got, e in zip(runs[0], expected):
             off = (got.double() - e).abs()
             assert got.dtype == torch.bfloat16 and off.max() <= 2.0 ** -7 * e.abs().max()
-            assert (off > 0).double().mean() < 0.02
+            assert (off > 0).double().mean() < 0.05
         torch.ops.fused_lstm.set_cpu_capability("avx2")
         try:
             args[11] = gates.clone()

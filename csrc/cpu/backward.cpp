@@ -148,8 +148,8 @@ struct CpuBackward : CpuLayerBase<scalar_t> {
 
 namespace {
 
-// The backward of a bfloat16 layer whose loop runs fused, on a CPU with the bfloat16
-// kernels: its workspace (gates, cells, output), x, grad_output and weights are read as
+// The backward of a bfloat16 layer whose loop runs fused, or of one step (an LSTMCell, a
+// decoding loop), on a CPU with the bfloat16 kernels: its workspace (gates, cells, output), x, grad_output and weights are read as
 // stored, where ReducedPrecisionInFloat widens every argument to float32 (those copies
 // were most of a bfloat16 training step's peak memory, PERF_LOG.md row 50). Per step the
 // cell backward in float32 from the bfloat16 gates and cells, dgates rounded to bfloat16
@@ -163,7 +163,9 @@ std::optional<BackwardResult> backward_bf16_workspace(const LayerBackwardParams&
   const auto& k = cpu_kernels<float>();
   const auto [N, T, B, I, H, P, has_proj] = p.s;
   if (p.input.scalar_type() != at::kBFloat16 || k.backward_block_bf16 == nullptr || has_proj ||
-      N == 0 || !use_fused_step(StepGemm<float>::make(B, P, 4 * H).small, H, p.steps.size())) {
+      N == 0 ||
+      (p.steps.size() > 1 &&
+       !use_fused_step(StepGemm<float>::make(B, P, 4 * H).small, H, p.steps.size()))) {
     return std::nullopt;
   }
   const int64_t G = 4 * H;
@@ -172,31 +174,39 @@ std::optional<BackwardResult> backward_bf16_workspace(const LayerBackwardParams&
   at::Tensor dgates = p.overwrite_gates ? p.gates : scratch_buffer(Scratch::kGradGates, N, G, opts);
   at::Tensor dh = p.grad_h_n.to(at::kFloat).contiguous();  // [B, H] running dL/dh
   at::Tensor dc = p.grad_c_n.to(at::kFloat).contiguous();  // [B, H] running dL/dc
-  constexpr int64_t width = kBf16PanelColumns;             // a thread's units, whole panels
-  at::Tensor w_pairs = at::empty({(H + width - 1) / width * G * width}, opts);
-  k.pack_column_pairs_bf16(p.w_hh.data_ptr<bf16>(), G, H, w_pairs.data_ptr<bf16>());
-
   const bf16 *gates = p.gates.data_ptr<bf16>(), *cells = p.cells.data_ptr<bf16>();
   const bf16 *c0 = p.c0.data_ptr<bf16>(), *grad_output = p.grad_output.data_ptr<bf16>();
-  const bf16* w = w_pairs.data_ptr<bf16>();
   bf16* dg = dgates.data_ptr<bf16>();
   float *dh_p = dh.data_ptr<float>(), *dc_p = dc.data_ptr<float>();
-  run_fused_loop(steps, B, H, width, p.w_hh.nbytes(),
-                 [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1, const auto& sync) {
-    const int64_t u0 = j0 * width, u1 = std::min(H, j1 * width);
-    for (size_t n = 0; n < steps.size(); ++n) {
-      const Step& step = steps[steps.size() - 1 - n];
-      const int64_t row0 = std::min(r0, step.batch), row1 = std::min(r1, step.batch);
-      bf16* dg_t = dg + step.offset * G;
-      k.backward_block_bf16(row0, row1, u0, u1, H, gates + step.offset * G,
-                            cells + step.offset * H, cells + step.prev_offset * H,
-                            step.prev_batch, c0, dh_p, grad_output + step.offset * H, dc_p,
-                            dg_t);
-      sync(n);
-      // dL/dh_prev[rows, u0:u1) = dgates[t][rows] W_hh[:, u0:u1)
-      k.gemm_columns_bf16(row1 - row0, u0, u1, G, dg_t + row0 * G, G, w, dh_p + row0 * H, H);
-    }
-  });
+  at::Tensor grad_h0;
+  if (steps.size() == 1) {
+    // One step: no loop to share, and dh_prev is grad_h0 itself: one bfloat16 GEMM on
+    // W_hh as stored, where a W_hh pack (the loop's) cost more than the step.
+    k.backward_block_bf16(0, B, 0, H, H, gates, cells, cells, 0, c0, dh_p, grad_output, dc_p, dg);
+    grad_h0 = at::mm(dgates, p.w_hh);
+  } else {
+    constexpr int64_t width = kBf16PanelColumns;  // a thread's units, whole panels
+    at::Tensor w_pairs = at::empty({(H + width - 1) / width * G * width}, opts);
+    k.pack_column_pairs_bf16(p.w_hh.data_ptr<bf16>(), G, H, w_pairs.data_ptr<bf16>());
+    const bf16* w = w_pairs.data_ptr<bf16>();
+    run_fused_loop(steps, B, H, width, p.w_hh.nbytes(),
+                   [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1, const auto& sync) {
+      const int64_t u0 = j0 * width, u1 = std::min(H, j1 * width);
+      for (size_t n = 0; n < steps.size(); ++n) {
+        const Step& step = steps[steps.size() - 1 - n];
+        const int64_t row0 = std::min(r0, step.batch), row1 = std::min(r1, step.batch);
+        bf16* dg_t = dg + step.offset * G;
+        k.backward_block_bf16(row0, row1, u0, u1, H, gates + step.offset * G,
+                              cells + step.offset * H, cells + step.prev_offset * H,
+                              step.prev_batch, c0, dh_p, grad_output + step.offset * H, dc_p,
+                              dg_t);
+        sync(n);
+        // dL/dh_prev[rows, u0:u1) = dgates[t][rows] W_hh[:, u0:u1)
+        k.gemm_columns_bf16(row1 - row0, u0, u1, G, dg_t + row0 * G, G, w, dh_p + row0 * H, H);
+      }
+    });
+    grad_h0 = dh.to(at::kBFloat16);
+  }
 
   at::Tensor grad_input = at::empty({p.need_grad_input ? N : 0, I}, opts);
   at::Tensor grad_w_ih = at::empty({G, I}, opts), grad_w_hh = at::empty({G, P}, opts);
@@ -228,8 +238,8 @@ std::optional<BackwardResult> backward_bf16_workspace(const LayerBackwardParams&
       /*gather=*/true);
   at::Tensor grad_bias = dgates.sum(0);  // float32 sums, rounded once
   if (!p.need_grad_input) grad_input = grad_input.view({0});
-  return BackwardResult{grad_input, dh.to(at::kBFloat16), dc.to(at::kBFloat16), grad_w_ih,
-                        grad_w_hh, grad_bias, at::empty({0}, opts)};
+  return BackwardResult{grad_input, grad_h0, dc.to(at::kBFloat16), grad_w_ih, grad_w_hh,
+                        grad_bias, at::empty({0}, opts)};
 }
 
 // Ops lstm_layer_backward and, kOverwriteGates, lstm_layer_backward_overwrite_gates:
