@@ -596,11 +596,12 @@ def _weight_shaped_conversions(fn, shapes):
 
 
 @pytest.mark.parametrize("B,I,H,T", [(1, 7, 10, 1), (8, 65, 130, 1), (3, 33, 64, 1), (16, 40, 48, 1),
-                                     (4, 16, 144, 5)], ids=str)
+                                     (40, 65, 130, 1), (64, 32, 96, 1), (4, 16, 144, 5)], ids=str)
 def test_bfloat16_layer_reads_its_weights_as_stored(B, I, H, T):
-    # On an AVX512_BF16 CPU a bfloat16 layer whose GEMMs all run in bfloat16 (one step of
-    # few rows, tuning.h's few_rows_*: x W_ih^T and h0 W_hh^T as dot products on the
-    # weights in place; or its loop fused) never copies its weights to float32 (row 49; that copy was most of
+    # On an AVX512_BF16 CPU a bfloat16 layer whose GEMMs all run in bfloat16 (one step:
+    # x W_ih^T and h0 W_hh^T as dot products on the weights in place for few rows,
+    # tuning.h's few_rows_*, else on the weights packed in bfloat16, B40 and B64 here; or
+    # its loop fused) never copies its weights to float32 (rows 49, 52; that copy was most of
     # a one-step call): no conversion of a weight-shaped tensor in the op, the call an
     # LSTMCell or a decoding LSTM makes. Its output is the float64 model of bfloat16
     # products with float32 sums (_bfloat16_recurrence) within 2^-7, nearly all equal.

@@ -37,19 +37,16 @@ struct CpuForward : CpuLayerBase<scalar_t> {
            use_fused_step(step.small, params.s.H, params.steps.size());
   }
   // Whether a bfloat16 layer of these sizes runs with bfloat16 operands throughout, so
-  // that its weights need no float32 copy: fused, or one step of few rows (its GEMMs
-  // small_gemm_trans_b_bf16 on the weights in place, gemm()'s few_rows_dot rule); no
-  // projection, H even.
+  // that its weights need no float32 copy: fused, or one step (its two GEMMs
+  // gemm_bf16_operands); no projection, H even.
   static bool bf16_weights_apply(const LayerForwardParams& params) {
     const LayerSizes& s = params.s;
     if (!std::is_same_v<scalar_t, float> || cpu_kernels<float>().fused_step_bf16 == nullptr ||
         s.has_proj || s.H % 2 != 0 || s.N == 0) {
       return false;
     }
-    const int64_t weight_bytes = 4 * s.H * std::max(s.I, s.P) * int64_t(sizeof(c10::BFloat16));
     return runs_fused(params) ||
-           (params.steps.size() == 1 && cpu_gemm_setting() != GemmSetting::kAten &&
-            few_rows_dot(cpu_tuning(), s.B, weight_bytes));
+           (params.steps.size() == 1 && cpu_gemm_setting() != GemmSetting::kAten);
   }
 
   explicit CpuForward(const LayerForwardParams& params)
@@ -75,9 +72,8 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   }
 
   // gates [N, 4H] = x [N, I] W_ih^T + (b_ih + b_hh), the bias where the GEMM's tiles start
-  // (gemm_bias); with bfloat16 operands (bf16_operands) x and W_ih as stored: few rows
-  // (few_rows_dot) through small_gemm_trans_b_bf16 on W_ih in place, more through W_ih
-  // packed and input_gemm_bf16, x padded to an even I.
+  // (gemm_bias); with bfloat16 operands (bf16_operands) x and W_ih as stored
+  // (gemm_bf16_operands), x padded to an even I where it is fed to the packed path.
   void input_gemm(scalar_t* gates) const {
     std::vector<scalar_t> bias;
     if (p.b_ih.defined()) {
@@ -89,24 +85,15 @@ struct CpuForward : CpuLayerBase<scalar_t> {
     const scalar_t* bias_ptr = bias.empty() ? nullptr : bias.data();
     if (bf16_operands) {
       const int64_t N = p.s.N, I = p.s.I;
-      const auto opts = p.input.options().dtype(at::kBFloat16);
-      if (few_rows_dot(cpu_tuning(), N, 4 * H * I * int64_t(sizeof(c10::BFloat16)))) {
-        const at::Tensor x = p.input.to(at::kBFloat16);
-        for (int64_t r = 0; bias_ptr != nullptr && r < N; ++r) {
-          std::copy_n(bias_ptr, 4 * H, gates + r * 4 * H);
-        }
-        kernels.small_gemm_trans_b_bf16(N, 4 * H, I, x.data_ptr<c10::BFloat16>(), I,
-                                        stored_bf16(p.w_ih), I, bias_ptr != nullptr, gates,
-                                        4 * H);
-        return;
+      const bool dot = few_rows_dot(cpu_tuning(), N, 4 * H * I * int64_t(sizeof(c10::BFloat16)));
+      const int64_t K = dot ? I : (I + 1) / 2 * 2;
+      at::Tensor x = p.input.to(at::kBFloat16);
+      if (K != I) {
+        x = at::zeros({N, K}, x.options());
+        x.narrow(1, 0, I).copy_(p.input);
       }
-      const int64_t K = (I + 1) / 2 * 2, width = kernels.fused_width;
-      at::Tensor x = I == K ? p.input.to(at::kBFloat16).contiguous() : at::zeros({N, K}, opts);
-      if (I != K) x.narrow(1, 0, I).copy_(p.input);
-      at::Tensor w = at::empty({(H + width - 1) / width * width * 4 * K}, opts);
-      kernels.pack_fused_weights_bf16(stored_bf16(p.w_ih), H, I, w.data_ptr<c10::BFloat16>());
-      kernels.input_gemm_bf16(N, H, K, x.data_ptr<c10::BFloat16>(), w.data_ptr<c10::BFloat16>(),
-                              bias_ptr, gates);
+      gemm_bf16_operands(N, K, x.contiguous().data_ptr<c10::BFloat16>(), p.w_ih, bias_ptr, false,
+                         gates);
       return;
     }
     gemm_bias<scalar_t>(true, p.s.N, 4 * H, p.s.I, p.input.data_ptr<scalar_t>(), p.s.I,
@@ -119,13 +106,33 @@ struct CpuForward : CpuLayerBase<scalar_t> {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (bf16_operands) {
         std::vector<c10::BFloat16> h_round(h, h + b * P);
-        kernels.small_gemm_trans_b_bf16(b, 4 * H, P, h_round.data(), P, stored_bf16(p.w_hh),
-                                        P, true, g, 4 * H);
+        gemm_bf16_operands(b, P, h_round.data(), p.w_hh, nullptr, true, g);
         return;
       }
     }
     recurrent(b, 4 * H, P, h, P, p.w_hh.data_ptr<scalar_t>(), true,
               recurrent.small ? w_hh_t.data_ptr<scalar_t>() : nullptr, true, g, 4 * H);
+  }
+
+  // gates [M, 4H] = a [M, K] w^T + bias (bias [4H] or null), or with accumulate +=, a and
+  // w [4H, K] (W_ih or W_hh) in bfloat16, float32 sums: few rows (few_rows_dot) as dot
+  // products on w in place (small_gemm_trans_b_bf16), more through w packed and
+  // input_gemm_bf16's register tiles (K even: the caller pads a).
+  void gemm_bf16_operands(int64_t M, int64_t K, const c10::BFloat16* a, const at::Tensor& w,
+                          const scalar_t* bias, bool accumulate, scalar_t* gates) const {
+    const int64_t k_stored = w.size(1);
+    if (few_rows_dot(cpu_tuning(), M, w.nbytes())) {
+      for (int64_t r = 0; !accumulate && bias != nullptr && r < M; ++r) {
+        std::copy_n(bias, 4 * H, gates + r * 4 * H);
+      }
+      kernels.small_gemm_trans_b_bf16(M, 4 * H, k_stored, a, K, stored_bf16(w), k_stored,
+                                      accumulate || bias != nullptr, gates, 4 * H);
+      return;
+    }
+    const int64_t width = kernels.fused_width;
+    at::Tensor packed = at::empty({(H + width - 1) / width * width * 4 * K}, w.options());
+    kernels.pack_fused_weights_bf16(stored_bf16(w), H, k_stored, packed.data_ptr<c10::BFloat16>());
+    kernels.input_gemm_bf16(M, H, K, a, packed.data_ptr<c10::BFloat16>(), bias, accumulate, gates);
   }
 
   void cell_forward(int64_t b, scalar_t* g, scalar_t* c_state, scalar_t* cells, scalar_t* h_out,

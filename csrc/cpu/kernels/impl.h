@@ -861,13 +861,13 @@ FUSED_LSTM_BF16_TARGET void fused_step_bf16(int64_t b, int64_t H, const c10::BFl
   });
 }
 
-// CpuKernels::input_gemm_bf16: gates[M, 4H] = a[M, K] w^T + bias, the layer's input GEMM
-// with bfloat16 operands (bf16_tile_sums), float32 sums. w_packed: w [4H, K] packed by
-// pack_fused_weights_bf16; K even; bias [4H] or null. Tiles of 6 rows x one chunk's 4
-// gates x 16 units, shared between threads.
+// CpuKernels::input_gemm_bf16: gates[M, 4H] = a[M, K] w^T + bias (or, accumulate, +=), the
+// layer's input GEMM with bfloat16 operands (bf16_tile_sums), float32 sums. w_packed: w
+// [4H, K] packed by pack_fused_weights_bf16; K even; bias [4H] or null. Tiles of 6 rows x
+// one chunk's 4 gates x 16 units, shared between threads.
 FUSED_LSTM_BF16_TARGET void input_gemm_bf16(int64_t M, int64_t H, int64_t K,
                                             const c10::BFloat16* a, const c10::BFloat16* w_packed,
-                                            const float* bias, float* gates) {
+                                            const float* bias, bool accumulate, float* gates) {
   using Vec = Vectorized<float>;
   constexpr int64_t W = 16, kRows = 6;
   const int64_t chunks = (H + W - 1) / W, row_tiles = (M + kRows - 1) / kRows;
@@ -891,7 +891,10 @@ FUSED_LSTM_BF16_TARGET void input_gemm_bf16(int64_t M, int64_t H, int64_t K,
           __m512 acc[kTileRows][4];
           for (int i = 0; i < kTileRows; ++i) {
             a_rows[i] = a + (r + i) * K;
-            for (int q = 0; q < 4; ++q) acc[i][q] = bias_q[q];
+            for (int q = 0; q < 4; ++q) {
+              acc[i][q] = accumulate ? __m512(load(Vec{}, gates + (r + i) * 4 * H + q * H + u, n))
+                                     : __m512(bias_q[q]);
+            }
           }
           bf16_tile_sums<kTileRows>(K, a_rows, w_tile, acc);
           for (int i = 0; i < kTileRows; ++i) {

@@ -79,9 +79,11 @@ struct CpuKernels {
   void (*pack_fused_weights_bf16)(const c10::BFloat16* w, int64_t H, int64_t K,
                                   c10::BFloat16* out);
   // The input GEMM of such a layer: gates [M, 4H] = x [M, K] W_ih^T + bias (bias [4H] or
-  // null), x in bfloat16 (K even, padded), W_ih packed as above, float32 sums; threaded.
+  // null), or with accumulate gates += x W_ih^T (a one-step call's h0 W_hh^T), x in
+  // bfloat16 (K even, padded), W_ih packed as above, float32 sums; threaded.
   void (*input_gemm_bf16)(int64_t M, int64_t H, int64_t K, const c10::BFloat16* x,
-                          const c10::BFloat16* w_packed, const scalar_t* bias, scalar_t* gates);
+                          const c10::BFloat16* w_packed, const scalar_t* bias, bool accumulate,
+                          scalar_t* gates);
   // small_gemm_trans_b with A [M, K] and B [N, K] in bfloat16 as stored (read in place),
   // C in float32: a one-step bfloat16 layer's x W_ih^T and h W_hh^T.
   void (*small_gemm_trans_b_bf16)(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A,
