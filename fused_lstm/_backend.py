@@ -39,8 +39,8 @@ def backend_info():
     avx2 or default), ``aten_cpu_capability``, ``gemm_setting``, ``gemm_small`` /
     ``gemm_few_rows`` / ``gemm_large`` (what runs each kind of GEMM), ``half_layers``
     (how half and bfloat16 layers run), ``bfloat16_products`` (where bfloat16 layers
-    multiply in bfloat16: on AVX512_BF16 CPUs with the avx512 build, fused forward loops,
-    one-step forward calls of few rows and the backward's large GEMMs), the
+    multiply in bfloat16: on AVX512_BF16 CPUs with the avx512 build, fused loops and
+    one-step calls, forward and backward, and other layers' backward large GEMMs), the
     tuning rules in force (``fused_forward_min_hidden``,
     ``fused_min_steps``, ``fused_backward_weights``, ``l2_cache_bytes``), ``threads``,
     ``parallel_backend`` and ``cuda_kernels``; in a CUDA build also ``cuda_persistent``

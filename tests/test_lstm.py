@@ -673,7 +673,7 @@ def _bfloat16_backward_model(grad_output, grad_h_n, grad_c_n, x, batch_sizes, h0
 @pytest.mark.parametrize("B,I,H,T,packed,reverse", [
     (4, 7, 144, 9, False, False), (13, 64, 34, 9, True, False), (37, 16, 18, 9, True, True),
     (32, 16, 64, 9, False, True), (8, 32, 200, 9, True, True), (8, 48, 256, 1, False, False),
-    (3, 16, 130, 1, False, True)], ids=str)
+    (3, 16, 130, 1, False, True), (4, 16, 600, 3, False, False)], ids=str)
 @pytest.mark.parametrize("op_name", ["lstm_layer_backward", "lstm_layer_backward_overwrite_gates"])
 def test_bfloat16_fused_backward_reads_its_workspace_as_stored(B, I, H, T, packed, reverse, op_name):
     # On an AVX512_BF16 CPU the backward of a bfloat16 layer whose loop runs fused (or of
@@ -688,7 +688,7 @@ def test_bfloat16_fused_backward_reads_its_workspace_as_stored(B, I, H, T, packe
     # 9 steps, ~5% at 12 steps of 8 rows); bit for bit on 1 and 2
     # threads (B4 H144, H200: threads split units; B32 H64, B37: rows). The float32-inside
     # backward (the AVX2 build) differs from the model in ~40% of them: the test tells the
-    # two apart.
+    # two apart. (H600: dh's GEMM over 4H = 2400 in two slices of K.)
     if not _bfloat16_kernels_in_use():
         pytest.skip("this CPU has no AVX512_BF16 (the bfloat16 layers run in float32)")
     torch.ops.fused_lstm.set_cpu_gemm("small")  # the fused loop at every size

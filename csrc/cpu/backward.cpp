@@ -3,7 +3,8 @@
 // fused backward loop, its work shared the same way (fused_loop.h): per step the cell
 // backward of a thread's rows and units, then (after a barrier when threads own
 // units: dh needs all of dgates) its rows and units of dh = dgates W_hh, which only it
-// reads next step. No BLAS call, no fork/join.
+// reads next step. No BLAS call, no fork/join. A bfloat16 layer's fused or one-step
+// backward keeps its operands in bfloat16 (backward_bf16_workspace, at the end).
 #include <torch/library.h>
 
 #include "cpu/backend.h"
@@ -17,8 +18,9 @@ struct CpuBackward : CpuLayerBase<scalar_t> {
   const int64_t H, P;
   const StepGemm<scalar_t> recurrent, projection;
 
-  // A layer called in bfloat16 on a CPU with the bfloat16 kernels (as the forward's
-  // bf16_operands): its GEMMs outside the loop may multiply in bfloat16 (gemm below).
+  // A layer called in bfloat16 on a CPU with the bfloat16 kernels that did not take
+  // backward_bf16_workspace (below: a projection, a loop not fused): its GEMMs outside
+  // the loop may multiply in bfloat16 (gemm below).
   const bool bf16_gemms;
 
   explicit CpuBackward(const LayerBackwardParams& params)
