@@ -151,9 +151,10 @@ struct CpuBackward : CpuLayerBase<scalar_t> {
 namespace {
 
 // The backward of a bfloat16 layer whose loop runs fused, or of one step (an LSTMCell, a
-// decoding loop), on a CPU with the bfloat16 kernels: its workspace (gates, cells, output), x, grad_output and weights are read as
-// stored, where ReducedPrecisionInFloat widens every argument to float32 (those copies
-// were most of a bfloat16 training step's peak memory, PERF_LOG.md row 50). Per step the
+// decoding loop), on a CPU with the bfloat16 kernels: its workspace (gates, cells,
+// output), x, grad_output and weights are read as stored, where ReducedPrecisionInFloat
+// widens every argument to float32 (those copies were most of a bfloat16 training
+// step's peak memory, PERF_LOG.md rows 50-51). Per step the
 // cell backward in float32 from the bfloat16 gates and cells, dgates rounded to bfloat16
 // (as nn.LSTM's bfloat16 backward rounds them) over the gates where the op may
 // overwrite them, then dh = dgates W_hh by bfloat16 products into float32 sums
@@ -234,10 +235,10 @@ std::optional<BackwardResult> backward_bf16_workspace(const LayerBackwardParams&
     const at::Tensor a = view(A, M, K, lda, trans_a), b = view(Bm, K, Nc, ldb, trans_b);
     at::mm_out(c, a, b);
   };
-  weight_gradients(
-      p.s, steps, p.reverse, args, gemm,
-      [](bf16* dst, const bf16* src, int64_t rows, int64_t cols) { copy_rows(dst, src, rows, cols); },
-      /*gather=*/true);
+  const auto copy = [](bf16* dst, const bf16* src, int64_t rows, int64_t cols) {
+    copy_rows(dst, src, rows, cols);
+  };
+  weight_gradients(p.s, steps, p.reverse, args, gemm, copy, /*gather=*/true);
   at::Tensor grad_bias = dgates.sum(0);  // float32 sums, rounded once
   if (!p.need_grad_input) grad_input = grad_input.view({0});
   return BackwardResult{grad_input, grad_h0, dc.to(at::kBFloat16), grad_w_ih, grad_w_hh,
