@@ -466,11 +466,18 @@ def test_cpu_autocast_like_nn(case, onednn, monkeypatch):
     hx = tuple(_random((L * D, B, n), torch.float32, gen).requires_grad_() for n in (P, H_))
     lens = None if lengths is None else torch.tensor(lengths)
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected_dtypes = [t.dtype for t in lstm_outputs(ref, x, hx, lens)]
-        outs, grads = _outputs_and_grads_through_float(ours, x, hx, lens)
     cast = onednn and lengths is None and "proj_size" not in kwargs
     dtype = torch.bfloat16 if cast else torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        try:
+            expected_dtypes = [t.dtype for t in lstm_outputs(ref, x, hx, lens)]
+        except RuntimeError as e:
+            # oneDNN's bfloat16 LSTM primitive needs AVX-512: on AVX2-only CPUs nn.LSTM
+            # raises here (torch 2.13, AMD Zen 3), and ours runs; the dtypes are the rule's.
+            if not cast or "primitive descriptor" not in str(e):
+                raise
+            expected_dtypes = [dtype] * 3
+        outs, grads = _outputs_and_grads_through_float(ours, x, hx, lens)
     if "proj_size" in kwargs:
         expected_dtypes = [torch.float32] * 3
     assert [t.dtype for t in outs] == expected_dtypes == [dtype] * 3

@@ -38,15 +38,24 @@ int in_use() {
 
 }  // namespace
 
+// The table of build c. Each build's cpu_kernels() is compiled for its ISA, so even
+// filling the table may use its instructions (g++ zeroes the bfloat16 table with zmm
+// stores): a build the CPU lacks is never called, its slot holds the default build's
+// table, and in_use() never picks it (set_cpu_capability refuses it).
+template <typename scalar_t>
+CpuKernels<scalar_t> build_table(int c) {
+#if defined(FUSED_LSTM_SIMD_BUILDS)
+  if (c > supported()) return default_cpu::cpu_kernels<scalar_t>();
+  if (c == kAvx512) return avx512::cpu_kernels<scalar_t>();
+  if (c == kAvx2) return avx2::cpu_kernels<scalar_t>();
+#endif
+  return default_cpu::cpu_kernels<scalar_t>();
+}
+
 template <typename scalar_t>
 const CpuKernels<scalar_t>& cpu_kernels() {
-#if defined(FUSED_LSTM_SIMD_BUILDS)
-  static const CpuKernels<scalar_t> builds[] = {default_cpu::cpu_kernels<scalar_t>(),
-                                                 avx2::cpu_kernels<scalar_t>(),
-                                                 avx512::cpu_kernels<scalar_t>()};
-#else
-  static const CpuKernels<scalar_t> builds[] = {default_cpu::cpu_kernels<scalar_t>()};
-#endif
+  static const CpuKernels<scalar_t> builds[] = {
+      build_table<scalar_t>(kDefault), build_table<scalar_t>(kAvx2), build_table<scalar_t>(kAvx512)};
   return builds[in_use()];
 }
 
