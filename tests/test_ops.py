@@ -357,6 +357,43 @@ def test_cpu_gemm_switch():
     ops.set_cpu_gemm("auto")
 
 
+def test_cpu_tuning_switch():
+    # set_cpu_tuning changes a rule of the capability in use and returns the old value;
+    # backend_info reads the rules in use; -1 restores the default.
+    default = ops.set_cpu_tuning("fused_min_hidden", 77)
+    try:
+        assert fused_lstm.backend_info()["fused_forward_min_hidden"] == "77"
+        assert ops.set_cpu_tuning("fused_min_hidden", -1) == 77
+        assert fused_lstm.backend_info()["fused_forward_min_hidden"] == str(default)
+        assert ops.set_cpu_tuning("fused_min_hidden", -1) == default
+    finally:
+        ops.set_cpu_tuning("fused_min_hidden", -1)
+    with pytest.raises(RuntimeError, match="unknown rule 'fused_max_hidden'"):
+        ops.set_cpu_tuning("fused_max_hidden", 1)
+    with pytest.raises(RuntimeError, match="must be >= 0"):
+        ops.set_cpu_tuning("fused_min_hidden", -2)
+
+
+def test_fused_min_hidden_both_sides(cpu_path, request):
+    # Both sides of tuning.h's fused_min_hidden on every path (AVX2 fuses at any H, the
+    # other builds from H 128): the fused loops and the per-step GEMMs at H 40, batch 16
+    # (past small_step_max_batch), dense and packed, against nn.LSTM in float64.
+    from testing import assert_close, lstm_outputs_and_grads, random_like_weights
+    request.addfinalizer(lambda: ops.set_cpu_tuning("fused_min_hidden", -1))
+    for min_hidden in (1, 4096):
+        ops.set_cpu_tuning("fused_min_hidden", min_hidden)
+        ours = fused_lstm.LSTM(24, 40, num_layers=2, dtype=torch.float64)
+        random_like_weights(ours, min_hidden)
+        ref = torch.nn.LSTM(24, 40, num_layers=2, dtype=torch.float64)
+        ref.load_state_dict(ours.state_dict())
+        x = torch.randn(6, 16, 24, dtype=torch.float64)
+        for lengths in (None, [6] * 4 + [5] * 8 + [2] * 4):
+            got = lstm_outputs_and_grads(ours, x, lengths=lengths)
+            want = lstm_outputs_and_grads(ref, x, lengths=lengths)
+            for a, e in zip(got[0] + got[1], want[0] + want[1]):
+                assert_close(a, e, torch.float64, f"fused_min_hidden {min_hidden}")
+
+
 def test_backend_info_says_what_runs():
     from conftest import CPU_CAPABILITIES
     info = fused_lstm.backend_info()

@@ -8,6 +8,9 @@
 #endif
 
 #include <cstring>
+#include <type_traits>
+
+#include <c10/util/Exception.h>
 
 #include "cpu/kernels/kernels.h"
 
@@ -48,7 +51,9 @@ CpuTuning make_tuning(int capability) {
   // Where the L2 is unknown, 1 MiB (the AVX-512 machine's, where the rule was measured).
   const int64_t l2 = l2_cache_bytes() > 0 ? l2_cache_bytes() : int64_t{1} << 20;
   CpuTuning t{};
-  t.fused_min_hidden = 128;
+  // AVX2: any H (measured on the AVX2-only kind, session 24); the others as measured on
+  // AVX-512 in session 7 (the portable build not measured).
+  t.fused_min_hidden = capability == kCapabilityAvx2 ? 1 : 128;
   t.small_step_max_batch = 8;
   t.small_step_max_weight_bytes = int64_t{1} << 19;
   t.fused_step_max_macs_one_thread = int64_t{1} << 16;
@@ -77,13 +82,55 @@ CpuTuning make_tuning(int capability) {
   return t;
 }
 
+CpuTuning& tuning_of(int capability) {
+  static CpuTuning tunings[] = {make_tuning(kCapabilityDefault), make_tuning(kCapabilityAvx2),
+                                make_tuning(kCapabilityAvx512)};
+  return tunings[capability];
+}
+
+// The integer rules by name, for set_cpu_tuning.
+template <typename F>
+void for_each_rule(CpuTuning& t, const F& f) {
+  f("fused_min_hidden", t.fused_min_hidden);
+  f("small_step_max_batch", t.small_step_max_batch);
+  f("small_step_max_weight_bytes", t.small_step_max_weight_bytes);
+  f("fused_min_steps", t.fused_min_steps);
+  f("own_gemm_copy_min_rows", t.own_gemm_copy_min_rows);
+  f("own_gemm_copy_max_bytes", t.own_gemm_copy_max_bytes);
+  f("few_rows_max_rows", t.few_rows_max_rows);
+  f("few_rows_max_rows_b_in_cache", t.few_rows_max_rows_b_in_cache);
+  f("few_rows_b_cache_bytes", t.few_rows_b_cache_bytes);
+  f("fused_step_max_macs_one_thread", t.fused_step_max_macs_one_thread);
+  f("row_split_min_rows", t.row_split_min_rows);
+  f("row_split_max_weight_bytes", t.row_split_max_weight_bytes);
+  f("beside_loop_min_steps", t.beside_loop_min_steps);
+  f("own_gemm_max_macs", t.own_gemm_max_macs);
+  f("own_small_gemm_max_outputs", t.own_small_gemm_max_outputs);
+  f("own_large_gemm", t.own_large_gemm);
+  f("bf16_gemm_min_macs", t.bf16_gemm_min_macs);
+  f("fused_backward_panels", t.fused_backward_panels);
+}
+
 }  // namespace
 
-const CpuTuning& cpu_tuning() {
-  static const CpuTuning tunings[] = {make_tuning(kCapabilityDefault),
-                                      make_tuning(kCapabilityAvx2),
-                                      make_tuning(kCapabilityAvx512)};
-  return tunings[capability_in_use()];
+const CpuTuning& cpu_tuning() { return tuning_of(capability_in_use()); }
+
+int64_t set_cpu_tuning(const std::string& name, int64_t value) {
+  TORCH_CHECK(value >= -1, "fused_lstm: set_cpu_tuning: value must be >= 0, or -1 for the default");
+  const int capability = capability_in_use();
+  CpuTuning defaults = make_tuning(capability);
+  int64_t previous = -1, fallback = -1;
+  for_each_rule(defaults, [&](const char* rule, auto& field) {
+    if (name == rule) fallback = int64_t(field);
+  });
+  for_each_rule(tuning_of(capability), [&](const char* rule, auto& field) {
+    if (name != rule) return;
+    using T = std::remove_reference_t<decltype(field)>;
+    previous = int64_t(field);
+    field = static_cast<T>(value == -1 ? fallback : value);
+  });
+  TORCH_CHECK(previous != -1, "fused_lstm: set_cpu_tuning: unknown rule '", name, "'");
+  return previous;
 }
 
 }  // namespace fused_lstm::cpu

@@ -19,7 +19,9 @@ constexpr int64_t kCellPassUnitsPerTask = 16384;
 
 struct CpuTuning {
   // The fused loops (no projection) run at any batch from this hidden size: below it a
-  // step is too little work per hidden-unit chunk to share between threads.
+  // step was too little work per hidden-unit chunk to share between threads (AVX-512,
+  // session 7, before the row split). AVX2 fuses at any H: since the row split the
+  // fused loops beat the per-step GEMM at H 16-96, B 16-256 (PERF_LOG.md row 53).
   int64_t fused_min_hidden;
   // Per-step GEMMs go through small_gemm, and the loops fuse at any hidden size, up to
   // this batch with B (W_hh^T or W_hr^T) up to small_step_max_weight_bytes: there a
@@ -85,6 +87,12 @@ struct CpuTuning {
 
 // The rules for the capability in use (kernels/kernels.h) on this CPU.
 const CpuTuning& cpu_tuning();
+
+// Sets one integer rule of the capability in use, by its field name ("fused_min_hidden",
+// ...; bools as 0 / 1), and returns its previous value; value -1 restores the default.
+// For experiments and tests that measure or cross a threshold on the machine at hand
+// (op set_cpu_tuning); not thread-safe against running kernels.
+int64_t set_cpu_tuning(const std::string& name, int64_t value);
 
 // Whether M rows of A against a B^T of b_bytes go through the dot-product kernel, B read
 // in place (few_rows_*): gemm()'s rule, and a one-step bfloat16 layer's.

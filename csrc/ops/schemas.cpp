@@ -8,6 +8,7 @@
 #include "cpu/info.h"
 #include "cpu/kernels/kernels.h"
 #include "cpu/scratch.h"
+#include "cpu/tuning.h"
 #include "lstm.h"
 
 // Importing fused_lstm._C loads this library, which registers the ops.
@@ -61,6 +62,9 @@ TORCH_LIBRARY(fused_lstm, m) {
   m.def("set_cpu_capability(str capability) -> str", &cpu::set_cpu_capability);
   // Which GEMM path the CPU kernels take: "auto", "aten" or "small" (cpu/gemm.h).
   m.def("set_cpu_gemm(str backend) -> str", &cpu::set_cpu_gemm);
+  // Sets one dispatch rule of cpu/tuning.h for the capability in use (value -1: its
+  // default), for experiments and tests; returns the previous value.
+  m.def("set_cpu_tuning(str name, int value) -> int", &cpu::set_cpu_tuning);
   // What the CPU kernels run on this machine (cpu/gemm.h), for fused_lstm.backend_info().
   m.def("cpu_info() -> Dict(str, str)", &cpu::cpu_info);
   // The CPU GEMMs the kernels use (cpu/gemm.h), for tests and benchmarks: op(a) @ op(b)
