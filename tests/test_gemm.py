@@ -21,10 +21,12 @@ gemm = torch.ops.fused_lstm.cpu_gemm
 # a wide N; few multiply-adds into a C too large for one thread's small_gemm (K = 1);
 # with b transposed, the dot kernel's rows (8 with b of 2.4 MB, K past two slices and a
 # block of b's rows cut short; 16 with b under 4 MB) and just past them (12 rows, b of
-# 4.5 MB: BLAS).
+# 4.5 MB: BLAS on AVX-512); AVX2's wider rule (32 rows, 128 with b up to 4 MB) and past
+# it (40 rows with b of 4.5 MB, 130 with b of 1.2 MB).
 SHAPES = [(1, 1, 1), (7, 3, 5), (33, 17, 100), (203, 129, 77), (301, 64, 1030),
           (13, 1100, 70), (23, 1100, 70), (64, 300, 2000), (600, 1, 500),
-          (8, 600, 1000), (16, 300, 130), (12, 1100, 1030)]
+          (8, 600, 1000), (16, 300, 130), (12, 1100, 1030), (32, 1100, 1030),
+          (40, 1100, 1030), (128, 300, 1000), (130, 300, 1000)]
 
 
 def _operands(M, K, N, trans_a, trans_b, dtype):

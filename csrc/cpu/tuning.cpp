@@ -60,10 +60,15 @@ CpuTuning make_tuning(int capability) {
   t.fused_min_steps = 2;
   t.own_gemm_copy_min_rows = 16;
   t.own_gemm_copy_max_bytes = int64_t{64} << 10;
-  t.few_rows_max_rows = 8;
-  t.few_rows_max_rows_b_in_cache = 16;
+  // AVX2: 32 / 128 (the AVX2-only kind, session 24: MKL's small-M GEMM on this AMD CPU
+  // copies B and runs its slower path; the dot kernel led to 48 rows with B of 16 MB
+  // and to 128 with B of 4 MB, PERF_LOG.md row 55); AVX-512: 8 / 16 (row 48).
+  t.few_rows_max_rows = capability == kCapabilityAvx2 ? 32 : 8;
+  t.few_rows_max_rows_b_in_cache = capability == kCapabilityAvx2 ? 128 : 16;
   t.few_rows_b_cache_bytes = int64_t{4} << 20;
-  t.row_split_min_rows = 4;
+  // AVX2: 8 (the AVX2-only kind, session 24: with 5-6 rows a thread the unit split ran
+  // 4-10% faster at H 128, level at 4 rows, rows ahead from 8); AVX-512: 4 (session 10).
+  t.row_split_min_rows = capability == kCapabilityAvx2 ? 8 : 4;
   t.row_split_max_weight_bytes = l2;
   t.beside_loop_min_steps = 16;
   t.own_gemm_max_macs = int64_t{1} << 20;

@@ -50,7 +50,7 @@ struct CpuTuning {
   // up to few_rows_max_rows rows where B is at most few_rows_b_cache_bytes (at 8 rows
   // 1.4-1.8x on one thread, 1.6-2.7x on two; at 16 MB 0.5x on one). BLAS copies B every
   // call, and one-step calls (decoding, LSTMCell) are these GEMMs (AMD Zen 4, PERF_LOG.md
-  // row 48).
+  // row 48). On AVX2 the limits are 32 and 128 rows (AMD Zen 3, PERF_LOG.md row 55).
   int64_t few_rows_max_rows;
   int64_t few_rows_max_rows_b_in_cache;
   int64_t few_rows_b_cache_bytes;
@@ -58,7 +58,8 @@ struct CpuTuning {
   int64_t fused_step_max_macs_one_thread;
   // The fused loops split batch rows between threads (no barrier) where each gets at
   // least this many rows and every core can keep all of W_hh in its L2
-  // (row_split_max_weight_bytes, the L2 size); else they split hidden units.
+  // (row_split_max_weight_bytes, the L2 size, measured on both kinds); else they split
+  // hidden units (PERF_LOG.md rows 23, 54).
   int64_t row_split_min_rows;
   int64_t row_split_max_weight_bytes;
   // The weight gradients go beside a one-thread backward loop from this many steps.
