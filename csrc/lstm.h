@@ -59,6 +59,10 @@ struct LayerBackwardParams {
   std::vector<Step> steps;  // in the forward's order
   bool reverse;
   bool need_grad_input;
+  // Whether grad_h0 is wanted. Without it the first step's dL/dh_prev = dgates W_hh is
+  // not computed (h0 that needs no gradient: an LSTMCell or decoding step's h, an LSTM's
+  // default zeros).
+  bool need_grad_h0;
   // The gate gradients go over `gates` (op lstm_layer_backward_overwrite_gates: each
   // step reads its gates before it writes their gradients), else into a buffer.
   bool overwrite_gates;
@@ -69,6 +73,12 @@ struct LayerBackwardParams {
   at::Tensor gates;                            // [N, 4H] activated i, f, g, o
   at::Tensor cells;                            // [N, H] c_t
   at::Tensor hiddens;                          // [N, H] h_t before the projection, or [0]
+
+  // Whether step's dL/dh_prev = dgates W_hh is computed: unless every row of it starts
+  // from h0 (the first step) and grad_h0 is not wanted. (Steps where only some rows do,
+  // in reverse over packed input, compute them all: a GEMM of fewer rows may round its
+  // other rows differently, and the other gradients stay bit for bit the same.)
+  bool needs_dh_prev(const Step& step) const { return need_grad_h0 || step.prev_batch > 0; }
 };
 
 LayerForwardParams make_forward_params(
@@ -83,7 +93,7 @@ LayerBackwardParams make_backward_params(
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
     const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input,
-    bool overwrite_gates);
+    bool need_grad_h0, bool overwrite_gates);
 
 // (output [N, P], h_n [B, P], c_n [B, H],
 //  gates [N, 4H] activated i, f, g, o, cells [N, H] c_t, hiddens [N, H] h_t before
@@ -94,7 +104,8 @@ using ForwardResult =
 // (output [N, P], h_n [B, P], c_n [B, H]): the forward without the workspace.
 using LayerResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-// (grad_input [N, I] or [0] when not needed, grad_h0 [B, P], grad_c0 [B, H],
+// (grad_input [N, I] or [0] when not needed, grad_h0 [B, P] or [0] when not needed,
+//  grad_c0 [B, H],
 //  grad_w_ih [4H, I], grad_w_hh [4H, P], grad_bias [4H] (for b_ih and b_hh alike),
 //  grad_w_hr [P, H] or [0])
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -160,6 +171,7 @@ using BackwardSignature = BackwardResult(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
-    const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input);
+    const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input,
+    bool need_grad_h0);
 
 }  // namespace fused_lstm

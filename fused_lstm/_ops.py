@@ -41,11 +41,12 @@ def _lstm_layer_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, r
 @torch.library.register_fake("fused_lstm::lstm_layer_backward_overwrite_gates")
 def _lstm_layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0,
                               w_ih, w_hh, w_hr, output, gates, cells, hiddens, reverse,
-                              need_grad_input):
+                              need_grad_input, need_grad_h0=True):
     N, H, P = _sizes(input, w_ih, w_hr)
     grad_input = input.new_empty(input.shape) if need_grad_input else input.new_empty((0,))
+    grad_h0 = h0.new_empty(h0.shape) if need_grad_h0 else input.new_empty((0,))
     grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else input.new_empty((0,))
-    return (grad_input, h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+    return (grad_input, grad_h0, c0.new_empty(c0.shape),
             w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
             input.new_empty((4 * H,)), grad_w_hr)
 

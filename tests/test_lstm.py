@@ -8,6 +8,7 @@ import zlib
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_lstm
 from conftest import CPU_CAPABILITIES
@@ -329,6 +330,42 @@ def test_gradients_from_one_output(used, proj_size):
             assert a is None or not a.any()
         else:
             assert_close(a, e)
+
+
+@pytest.mark.parametrize("module", ["lstm", "lstm-proj", "cell"])
+@pytest.mark.parametrize("wanted", ["h0", "c0", "x"])
+@on_each_cpu_path
+def test_gradients_of_some_inputs_only(wanted, module):
+    # Only some of x, h0, c0 need a gradient (an LSTMCell's h and c in training, x alone
+    # with states that are constants): the backward skips the GEMMs of the others
+    # (grad_input, the first step's dL/dh_prev), and the gradients still equal nn's.
+    gen = torch.Generator().manual_seed(len(wanted) + len(module))
+    if module == "cell":
+        ref = nn.LSTMCell(I, H, dtype=torch.float64)
+        ours = fused_lstm.LSTMCell(I, H, dtype=torch.float64)
+        x, states = _random((4, I), torch.float64, gen), [(4, H), (4, H)]
+    else:
+        kwargs = dict(num_layers=2, bidirectional=True, proj_size=3 if module == "lstm-proj" else 0,
+                      dtype=torch.float64)
+        ref, ours = nn.LSTM(I, H, **kwargs), fused_lstm.LSTM(I, H, **kwargs)
+        x, states = _random((5, 4, I), torch.float64, gen), [(4, 4, kwargs["proj_size"] or H), (4, 4, H)]
+    random_like_weights(ref, 3)
+    ours.load_state_dict(ref.state_dict())
+    h0, c0 = (_random(shape, torch.float64, gen) for shape in states)
+    lengths = torch.tensor([5, 4, 2, 1])
+
+    def grads(m):
+        leaves = {"x": x.clone(), "h0": h0.clone(), "c0": c0.clone()}
+        leaves[wanted].requires_grad_()
+        inp = leaves["x"] if module == "cell" else pack_padded_sequence(leaves["x"], lengths)
+        out = m(inp, (leaves["h0"], leaves["c0"]))
+        results = list(out) if module == "cell" else [out[0].data, *out[1]]
+        loss = sum((t * torch.linspace(-1, 2, t.numel(), dtype=t.dtype).view(t.shape)).sum()
+                   for t in results)
+        return torch.autograd.grad(loss, [leaves[wanted]] + list(m.parameters()))
+
+    for a, e in zip(grads(ours), grads(ref)):
+        assert_close(a, e)
 
 
 class _WordLanguageModel(nn.Module):

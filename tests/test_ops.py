@@ -203,19 +203,50 @@ def test_inference_buffer_reuse_across_sizes():
             assert torch.equal(got, e)
 
 
-def backward_args(proj, need_grad_input, dtype=torch.float32):
+def backward_args(proj, need_grad_input, dtype=torch.float32, need_grad_h0=True):
     args = layer_args(dtype=dtype, packed=True, proj=proj, requires_grad=False)
     out, h_n, c_n, gates, cells, hiddens = ops.lstm_layer_forward(**args)
     return (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), args["input"],
             args["batch_sizes"], args["h0"], args["c0"], args["w_ih"], args["w_hh"], args["w_hr"],
-            out, gates, cells, hiddens, args["reverse"], need_grad_input)
+            out, gates, cells, hiddens, args["reverse"], need_grad_input, need_grad_h0)
 
 
 @pytest.mark.parametrize("op_name", ["lstm_layer_backward", "lstm_layer_backward_overwrite_gates"])
-@pytest.mark.parametrize("proj,need_grad_input", [(False, True), (True, False)])
-def test_opcheck_backward(proj, need_grad_input, op_name):
-    torch.library.opcheck(getattr(ops, op_name), backward_args(proj, need_grad_input),
+@pytest.mark.parametrize("proj,need_grad_input,need_grad_h0", [(False, True, True), (True, False, False)])
+def test_opcheck_backward(proj, need_grad_input, need_grad_h0, op_name):
+    torch.library.opcheck(getattr(ops, op_name),
+                          backward_args(proj, need_grad_input, need_grad_h0=need_grad_h0),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("op_name", ["lstm_layer_backward", "lstm_layer_backward_overwrite_gates"])
+@pytest.mark.parametrize("batch_sizes,hidden", [([3], 4), ([3, 3, 3], 4), ([3, 3, 2, 1], 4),
+                                                ([9, 9, 7, 4, 1], 40)], ids=str)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("proj", [False, True], ids=["noproj", "proj"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_backward_without_grad_h0(device, dtype, proj, reverse, batch_sizes, hidden, op_name):
+    # need_grad_h0=False (autograd passes it when h0 needs no gradient: an LSTMCell's h, an
+    # LSTM's default zeros): grad_h0 comes back as [0], dL/dh_prev is skipped at the steps
+    # (and, in reverse over packed input, the rows) that start from h0, and every other
+    # gradient is the same, bit for bit, on every path (dense and packed, one step and
+    # several, the fused loops, the bfloat16 workspace backward where the CPU has it).
+    gen = torch.Generator().manual_seed(len(batch_sizes) + hidden)
+    rnd = lambda *shape: torch.randn(shape, generator=gen, dtype=torch.float64).to(device, dtype)
+    bs = torch.tensor(batch_sizes)
+    N, B, p = sum(batch_sizes), batch_sizes[0], 3 if proj else hidden
+    x, h0, c0 = rnd(N, 5), rnd(B, p), rnd(B, hidden)
+    w_ih, w_hh = rnd(4 * hidden, 5), rnd(4 * hidden, p).div(p ** 0.5)
+    w_hr = rnd(p, hidden) if proj else None
+    out, _, _, gates, cells, hiddens = ops.lstm_layer_forward(x, bs, h0, c0, w_ih, w_hh, None,
+                                                              None, w_hr, reverse)
+    grads = (rnd(N, p), rnd(B, p), rnd(B, hidden))
+    op = getattr(ops, op_name)
+    results = [op(*grads, x, bs, h0, c0, w_ih, w_hh, w_hr, out, gates.clone(), cells, hiddens,
+                  reverse, True, need_grad_h0=need) for need in (True, False)]
+    assert results[0][1].shape == (B, p) and results[1][1].shape == (0,)
+    for i in (0, 2, 3, 4, 5, 6):
+        assert torch.equal(results[1][i], results[0][i]), f"result {i}"
 
 
 @pytest.mark.parametrize("proj", [False, True])

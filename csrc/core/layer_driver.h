@@ -170,7 +170,9 @@ BackwardResult layer_backward(const LayerBackwardParams& p) {
                             buf.cells + step.prev_offset * H, step.prev_batch, buf.c0,
                             dh_hidden, dh_extra, buf.dc, buf.dgates + step.offset * 4 * H);
         // dL/dh_prev = dgates[t] W_hh
-        layer.recurrent_gemm(b, buf.dgates + step.offset * 4 * H, buf.dh);
+        if (p.needs_dh_prev(step)) {
+          layer.recurrent_gemm(b, buf.dgates + step.offset * 4 * H, buf.dh);
+        }
       }
     }
     if (fused != FusedBackward::kLoopAndWeightGradients) {
@@ -185,6 +187,7 @@ BackwardResult layer_backward(const LayerBackwardParams& p) {
   // Accumulated in float for half/bfloat16 (ATen's sum uses opmath).
   at::Tensor grad_bias = grad_gates.sum(0);
   if (!p.need_grad_input) grad_input = grad_input.view({0});
+  if (!p.need_grad_h0) grad_h = at::empty({0}, opts);
   return {grad_input, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
@@ -220,10 +223,11 @@ BackwardResult lstm_layer_backward_kernel(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
-    const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input) {
+    const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input,
+    bool need_grad_h0) {
   return layer_backward<Backend>(make_backward_params(
       grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, output,
-      gates, cells, hiddens, reverse, need_grad_input, kOverwriteGates));
+      gates, cells, hiddens, reverse, need_grad_input, need_grad_h0, kOverwriteGates));
 }
 
 }  // namespace fused_lstm

@@ -121,6 +121,7 @@ struct CpuBackward : CpuLayerBase<scalar_t> {
                                step.prev_batch, buf.c0, dh, buf.grad_output + step.offset * H,
                                buf.dc, dgates_t);
         sync(n);
+        if (!p.needs_dh_prev(step)) continue;
         // dL/dh_prev[rows, u0:u1) = dgates[t][rows] W_hh[:, u0:u1)
         if (panels) {
           for (int64_t u = u0; u < u1; u += width) {
@@ -186,7 +187,7 @@ std::optional<BackwardResult> backward_bf16_workspace(const LayerBackwardParams&
     // One step: no loop to share, and dh_prev is grad_h0 itself: one bfloat16 GEMM on
     // W_hh as stored, where a W_hh pack (the loop's) cost more than the step.
     k.backward_block_bf16(0, B, 0, H, H, gates, cells, cells, 0, c0, dh_p, grad_output, dc_p, dg);
-    grad_h0 = at::mm(dgates, p.w_hh);
+    grad_h0 = p.need_grad_h0 ? at::mm(dgates, p.w_hh) : at::empty({0}, opts);
   } else {
     constexpr int64_t width = kBf16PanelColumns;  // a thread's units, whole panels
     at::Tensor w_pairs = at::empty({(H + width - 1) / width * G * width}, opts);
@@ -204,11 +205,12 @@ std::optional<BackwardResult> backward_bf16_workspace(const LayerBackwardParams&
                               step.prev_batch, c0, dh_p, grad_output + step.offset * H, dc_p,
                               dg_t);
         sync(n);
+        if (!p.needs_dh_prev(step)) continue;
         // dL/dh_prev[rows, u0:u1) = dgates[t][rows] W_hh[:, u0:u1)
         k.gemm_columns_bf16(row1 - row0, u0, u1, G, dg_t + row0 * G, G, w, dh_p + row0 * H, H);
       }
     });
-    grad_h0 = dh.to(at::kBFloat16);
+    grad_h0 = p.need_grad_h0 ? dh.to(at::kBFloat16) : at::empty({0}, opts);
   }
 
   at::Tensor grad_input = at::empty({p.need_grad_input ? N : 0, I}, opts);
@@ -254,16 +256,17 @@ BackwardResult lstm_layer_backward_cpu(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
-    const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input) {
+    const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input,
+    bool need_grad_h0) {
   if (input.scalar_type() == at::kBFloat16 && cpu_kernels<float>().backward_block_bf16 != nullptr) {
     const LayerBackwardParams p = make_backward_params(
         grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, output,
-        gates, cells, hiddens, reverse, need_grad_input, kOverwriteGates);
+        gates, cells, hiddens, reverse, need_grad_input, need_grad_h0, kOverwriteGates);
     if (auto result = backward_bf16_workspace(p)) return *result;
   }
   return ReducedPrecisionInFloat<&lstm_layer_backward_kernel<CpuBackend, kOverwriteGates>>::call(
       grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, output,
-      gates, cells, hiddens, reverse, need_grad_input);
+      gates, cells, hiddens, reverse, need_grad_input, need_grad_h0);
 }
 
 }  // namespace

@@ -61,12 +61,12 @@ variable_list run_layer_backward(
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
     const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input,
-    bool overwrite_gates) {
+    bool need_grad_h0, bool overwrite_gates) {
   at::AutoDispatchBelowADInplaceOrView guard;
   auto [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
       backward_op(overwrite_gates)
           .call(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr,
-                output, gates, cells, hiddens, reverse, need_grad_input);
+                output, gates, cells, hiddens, reverse, need_grad_input, need_grad_h0);
   // Below ADInplaceOrView nothing counted the write: a later use of gates saved
   // elsewhere for backward then fails loudly instead of reading gradients.
   if (overwrite_gates) torch::autograd::impl::bump_version(gates);
@@ -141,16 +141,18 @@ class LayerNode : public torch::autograd::Function<LayerNode> {
               at::Tensor()};
     }
     const bool need_grad_input = ctx->needs_input_grad(0);
+    const bool need_grad_h0 = ctx->needs_input_grad(2);
     const bool overwrite_gates =
         ctx->saved_data["private_workspace"].toBool() && may_overwrite_workspace(gates);
     auto result = run_layer_backward(
         zeros_if_undefined(grads[0], output), zeros_if_undefined(grads[1], h0),
         zeros_if_undefined(grads[2], c0), input, ctx->saved_data["batch_sizes"].toTensor(), h0,
         c0, w_ih, w_hh, w_hr, output, gates, cells, hiddens,
-        ctx->saved_data["reverse"].toBool(), need_grad_input, overwrite_gates);
+        ctx->saved_data["reverse"].toBool(), need_grad_input, need_grad_h0, overwrite_gates);
     const at::Tensor grad_bias = saved[10].defined() ? result[5] : at::Tensor();  // b_ih given
     // One gradient per forward argument, in order.
-    return {need_grad_input ? result[0] : at::Tensor(), at::Tensor(), result[1], result[2],
+    return {need_grad_input ? result[0] : at::Tensor(), at::Tensor(),
+            need_grad_h0 ? result[1] : at::Tensor(), result[2],
             result[3], result[4], grad_bias, grad_bias,
             w_hr.has_value() ? result[6] : at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -235,6 +237,7 @@ class StackNode : public torch::autograd::Function<StackNode> {
       return result;
     }
     const bool overwrite_gates = may_overwrite_workspace(saved_layer(0, 1));
+    const bool need_grad_h0 = ctx->needs_input_grad(2);
     // Nothing here is differentiated: run below autograd.
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
 
@@ -261,7 +264,7 @@ class StackNode : public torch::autograd::Function<StackNode> {
             grads[2].defined() ? grads[2][k] : at::zeros_like(c0_k), layer_input(layer),
             batch_sizes, h0_k, c0_k, w.w_ih, w.w_hh, w.w_hr, output, saved_layer(k, 1),
             saved_layer(k, 2), saved_layer(k, 3), direction == 1, need_grad_input,
-            overwrite_gates);
+            need_grad_h0, overwrite_gates);
         if (need_grad_input) {
           // Both directions read the same input: their gradients add up (r[0] is ours).
           grad_input = grad_input.defined() ? grad_input.add_(r[0]) : r[0];
@@ -280,7 +283,7 @@ class StackNode : public torch::autograd::Function<StackNode> {
     // One gradient per forward argument, in order (the list of weights one per weight).
     variable_list result{ctx->needs_input_grad(0) ? grad_layer_output : at::Tensor(),
                          at::Tensor(),
-                         ctx->needs_input_grad(2) ? at::stack(grad_h0) : at::Tensor(),
+                         need_grad_h0 ? at::stack(grad_h0) : at::Tensor(),
                          ctx->needs_input_grad(3) ? at::stack(grad_c0) : at::Tensor()};
     result.insert(result.end(), grad_weights.begin(), grad_weights.end());
     result.resize(result.size() + 4);  // has_biases, has_proj, num_layers, bidirectional
@@ -350,10 +353,11 @@ BackwardResult lstm_layer_backward_autograd(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
-    const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input) {
+    const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input,
+    bool need_grad_h0) {
   auto r = LayerBackwardNode::apply(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0,
                                     w_ih, w_hh, w_hr, output, gates, cells, hiddens, reverse,
-                                    need_grad_input, kOverwriteGates);
+                                    need_grad_input, need_grad_h0, kOverwriteGates);
   return {r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
 }
 

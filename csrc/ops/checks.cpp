@@ -156,13 +156,14 @@ LayerBackwardParams make_backward_params(
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
     const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input,
-    bool overwrite_gates) {
+    bool need_grad_h0, bool overwrite_gates) {
   LayerBackwardParams p;
   p.s = check_backward_args(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih,
                             w_hh, w_hr, output, gates, cells, hiddens);
   p.steps = make_schedule(batch_sizes, reverse);
   p.reverse = reverse;
   p.need_grad_input = need_grad_input;
+  p.need_grad_h0 = need_grad_h0;
   p.overwrite_gates = overwrite_gates;
   p.grad_output = grad_output.contiguous();
   p.grad_h_n = grad_h_n.contiguous();

@@ -32,12 +32,15 @@ TORCH_LIBRARY(fused_lstm, m) {
       "lstm_layer(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, "
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse) "
       "-> (Tensor output, Tensor h_n, Tensor c_n)");
+  // One layer's backward (gradient shapes in lstm.h's BackwardResult); grad_input and
+  // grad_h0 come back as [0] when need_grad_input / need_grad_h0 say they are not wanted,
+  // and the GEMMs only they need are skipped.
   m.def(
       "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
       "Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? w_hr, Tensor output, Tensor gates, Tensor cells, Tensor hiddens, bool reverse, "
-      "bool need_grad_input) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
-      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
+      "bool need_grad_input, bool need_grad_h0=True) -> (Tensor grad_input, Tensor grad_h0, "
+      "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
   // The same backward, writing the gate gradients over `gates` (the forward's workspace,
   // [N, 4H]) instead of a buffer of their own: what autograd calls when the graph is not
   // kept, as the workspace is then read for the last time.
@@ -45,9 +48,9 @@ TORCH_LIBRARY(fused_lstm, m) {
       "lstm_layer_backward_overwrite_gates(Tensor grad_output, Tensor grad_h_n, "
       "Tensor grad_c_n, Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, "
       "Tensor w_hh, Tensor? w_hr, Tensor output, Tensor(a!) gates, Tensor cells, "
-      "Tensor hiddens, bool reverse, bool need_grad_input) -> (Tensor grad_input, "
-      "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, "
-      "Tensor grad_w_hr)");
+      "Tensor hiddens, bool reverse, bool need_grad_input, bool need_grad_h0=True) -> "
+      "(Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_bias, Tensor grad_w_hr)");
   // Every layer and direction in one call (ops/stack.cpp), what fused_lstm.LSTM runs:
   // weights in nn.LSTM's _flat_weights order, h0 [L*D, B, P], c0 [L*D, B, H] ->
   // output [N, D*P], h_n [L*D, B, P], c_n [L*D, B, H]. Its backend kernel loops the
