@@ -40,7 +40,9 @@ def backend_info():
     ``gemm_few_rows`` / ``gemm_large`` (what runs each kind of GEMM), ``half_layers``
     (how half and bfloat16 layers run), ``bfloat16_products`` (where bfloat16 layers
     multiply in bfloat16: on AVX512_BF16 CPUs with the avx512 build, fused loops and
-    one-step calls, forward and backward, and other layers' backward large GEMMs), the
+    one-step calls, forward and backward, and other layers' backward large GEMMs; on
+    other CPUs none, but one-step forward calls of few rows read the weights as stored),
+    the
     tuning rules in force (``fused_forward_min_hidden``,
     ``fused_min_steps``, ``fused_backward_weights``, ``l2_cache_bytes``), ``threads``,
     ``parallel_backend`` and ``cuda_kernels``; in a CUDA build also ``cuda_persistent``

@@ -641,7 +641,7 @@ def _weight_shaped_conversions(fn, shapes):
 
 @pytest.mark.parametrize("B,I,H,T", [(1, 7, 10, 1), (8, 65, 130, 1), (3, 33, 64, 1), (16, 40, 48, 1),
                                      (40, 65, 130, 1), (64, 32, 96, 1), (4, 16, 144, 5)], ids=str)
-def test_bfloat16_layer_reads_its_weights_as_stored(B, I, H, T):
+def test_bfloat16_layer_reads_its_weights_as_stored(B, I, H, T, request):
     # On an AVX512_BF16 CPU a bfloat16 layer whose GEMMs all run in bfloat16 (one step:
     # x W_ih^T and h0 W_hh^T as dot products on the weights in place for few rows,
     # tuning.h's few_rows_*, else on the weights packed in bfloat16, B40 and B64 here; or
@@ -649,8 +649,16 @@ def test_bfloat16_layer_reads_its_weights_as_stored(B, I, H, T):
     # a one-step call): no conversion of a weight-shaped tensor in the op, the call an
     # LSTMCell or a decoding LSTM makes. Its output is the float64 model of bfloat16
     # products with float32 sums (_bfloat16_recurrence) within 2^-7, nearly all equal.
+    # On other CPUs the one-step calls whose GEMMs are few-row dot products do the same,
+    # widening each load (row 57): the rule is stretched here to every row count tested.
     if not _bfloat16_kernels_in_use():
-        pytest.skip("this CPU has no AVX512_BF16 (the bfloat16 layers run in float32)")
+        if T > 1:
+            pytest.skip("this CPU has no AVX512_BF16 (only one-step bfloat16 calls keep "
+                        "their weights as stored)")
+        rules = ("few_rows_max_rows", "few_rows_max_rows_b_in_cache", "bf16_widening_max_rows")
+        request.addfinalizer(lambda: [torch.ops.fused_lstm.set_cpu_tuning(n, -1) for n in rules])
+        for name in rules:
+            torch.ops.fused_lstm.set_cpu_tuning(name, B)
     gen = torch.Generator().manual_seed(B * I + H)
     x = _random((T, B, I), torch.bfloat16, gen)
     h0, c0 = (_random((B, H), torch.bfloat16, gen) for _ in range(2))

@@ -38,15 +38,28 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   }
   // Whether a bfloat16 layer of these sizes runs with bfloat16 operands throughout, so
   // that its weights need no float32 copy: fused, or one step (its two GEMMs
-  // gemm_bf16_operands); no projection, H even.
+  // gemm_bf16_operands); no projection, H even. Without the bfloat16 kernels (no
+  // AVX512_BF16: only small_gemm_trans_b_bf16, widening its loads) one step of at most
+  // tuning.h's bf16_widening_max_rows rows whose two GEMMs are few-row dot products
+  // (few_rows_*), where the float32 path widened both weights every call (PERF_LOG.md
+  // row 57).
   static bool bf16_weights_apply(const LayerForwardParams& params) {
     const LayerSizes& s = params.s;
-    if (!std::is_same_v<scalar_t, float> || cpu_kernels<float>().fused_step_bf16 == nullptr ||
+    const auto& k = cpu_kernels<float>();
+    if (!std::is_same_v<scalar_t, float> || k.small_gemm_trans_b_bf16 == nullptr ||
         s.has_proj || s.H % 2 != 0 || s.N == 0) {
       return false;
     }
-    return runs_fused(params) ||
-           (params.steps.size() == 1 && cpu_gemm_setting() != GemmSetting::kAten);
+    const bool one_step = params.steps.size() == 1 && cpu_gemm_setting() != GemmSetting::kAten;
+    if (k.fused_step_bf16 == nullptr) {
+      const CpuTuning& t = cpu_tuning();
+      // (Not where the loop fuses, one step too under set_cpu_gemm("small"): no
+      // fused_step_bf16 to run it.)
+      return one_step && !runs_fused(params) && s.B <= t.bf16_widening_max_rows &&
+             few_rows_dot(t, s.N, params.w_ih.nbytes()) &&
+             few_rows_dot(t, s.B, params.w_hh.nbytes());
+    }
+    return runs_fused(params) || one_step;
   }
 
   explicit CpuForward(const LayerForwardParams& params)
@@ -246,7 +259,8 @@ std::optional<ForwardResult> forward_bf16_weights(
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, bool reverse) {
-  if (input.scalar_type() != at::kBFloat16 || cpu_kernels<float>().fused_step_bf16 == nullptr) {
+  if (input.scalar_type() != at::kBFloat16 ||
+      cpu_kernels<float>().small_gemm_trans_b_bf16 == nullptr) {
     return std::nullopt;
   }
   LayerForwardParams p = make_forward_params(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,

@@ -74,6 +74,9 @@ CpuTuning make_tuning(int capability) {
   t.own_gemm_max_macs = int64_t{1} << 20;
   t.own_small_gemm_max_outputs = int64_t{1} << 18;
   t.bf16_gemm_min_macs = int64_t{1} << 24;
+  // Measured on AVX2 (the AVX2-only kind, session 25); AVX-512 CPUs without AVX512_BF16
+  // take the same (not measured).
+  t.bf16_widening_max_rows = 8;
   t.own_large_gemm = capability == kCapabilityAvx512 && !cpu_is_intel();
   // Both SIMD builds (measured on each); the portable build keeps W_hh in place (not measured).
   t.fused_backward_panels = capability != kCapabilityDefault;
@@ -113,6 +116,7 @@ void for_each_rule(CpuTuning& t, const F& f) {
   f("own_small_gemm_max_outputs", t.own_small_gemm_max_outputs);
   f("own_large_gemm", t.own_large_gemm);
   f("bf16_gemm_min_macs", t.bf16_gemm_min_macs);
+  f("bf16_widening_max_rows", t.bf16_widening_max_rows);
   f("fused_backward_panels", t.fused_backward_panels);
 }
 

@@ -80,6 +80,12 @@ struct CpuTuning {
   // bfloat16 (CpuBackward::gemm) from this many multiply-adds, on CPUs with AVX512_BF16:
   // below it the operands' rounding copies cost more than the faster GEMM saves.
   int64_t bf16_gemm_min_macs;
+  // A bfloat16 one-step forward on a CPU without AVX512_BF16 reads its weights as stored
+  // (small_gemm_trans_b_bf16, each load widened to float) up to this many rows, within
+  // few_rows_*: each row of A widens the same vectors of B again (two more instructions
+  // a multiply-add), so past a few rows the float32 path, its weights widened once a
+  // call, is faster; below, that widening is most of the call (PERF_LOG.md row 57).
+  int64_t bf16_widening_max_rows;
   // The fused backward loop's dh = dgates W_hh reads W_hh packed in column panels
   // (pack_column_panels), not in place: W_hh's rows, H apart, touch a new page per k
   // from H = 1024 floats, and the in-place loop lost to BLAS once W_hh left L2.

@@ -48,6 +48,18 @@ C10_ALWAYS_INLINE Vectorized<float> load(Vectorized<float>, const c10::BFloat16*
 C10_ALWAYS_INLINE void store(const Vectorized<float>& v, c10::BFloat16* p, int64_t n) {
   at::vec::convert_float_bfloat16(v, v).store(p, n);
 }
+#else
+// bfloat16 storage read into float lanes (exact): a whole vector's worth in one widening
+// load, a partial one through a copy (small_gemm_trans_b<float, BFloat16>).
+C10_ALWAYS_INLINE Vectorized<float> load(Vectorized<float>, const c10::BFloat16* p, int64_t n) {
+  Vectorized<float> v;
+  if (n == Vectorized<float>::size()) {
+    at::vec::load_to_float(p, v);
+  } else {
+    v = std::get<0>(at::vec::convert_bfloat16_float(Vectorized<c10::BFloat16>::loadu(p, n)));
+  }
+  return v;
+}
 #endif
 
 template <typename S>
@@ -375,10 +387,12 @@ C10_ALWAYS_INLINE Vectorized<scalar_t> sum_lanes(
 // copies B every call (MKL's sgemm copy was 32% of a one-step decode). Tried: tiles of
 // 2 rows x W / 2 (fewer loads a FMA; 8 pointers to B's rows on AVX-512, not 16), 1.2-2x
 // faster with B of 16-64 MB but 1.1-1.5x slower at a decoding LSTM's 0.1-2 MB, its
-// accumulators going through the stack (AMD Zen 4).
-template <typename scalar_t>
-void small_gemm_trans_b(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
-                        const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C,
+// accumulators going through the stack (AMD Zen 4). With in_t bfloat16 (A and B as a
+// bfloat16 layer stores them, C float): each load widened to float, exact products, float
+// sums, where AVX512_BF16's vdpbf16ps is missing (small_gemm_trans_b_bf16).
+template <typename scalar_t, typename in_t = scalar_t>
+void small_gemm_trans_b(int64_t M, int64_t N, int64_t K, const in_t* A, int64_t lda,
+                        const in_t* B, int64_t ldb, bool accumulate, scalar_t* C,
                         int64_t ldc) {
   if constexpr (kVectorized<scalar_t>) {
     using Vec = Vectorized<scalar_t>;
@@ -389,19 +403,19 @@ void small_gemm_trans_b(int64_t M, int64_t N, int64_t K, const scalar_t* A, int6
     const auto run = [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t n = j * W, rows = std::min(W, N - n);
-        const scalar_t* b[W];  // rows past N repeat row n; their sums are not stored
+        const in_t* b[W];  // rows past N repeat row n; their sums are not stored
         for (int64_t i = 0; i < W; ++i) b[i] = B + (n + (i < rows ? i : 0)) * ldb;
         for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += kSlice) {
           const int64_t k1 = std::min(K, k0 + kSlice);
           for (int64_t m = 0; m < M; ++m) {
-            const scalar_t* a = A + m * lda;
+            const in_t* a = A + m * lda;
             Vec acc[W];
             for (int64_t i = 0; i < W; ++i) acc[i] = Vec(scalar_t(0));
             int64_t k = k0;
             for (; k + W <= k1; k += W) {
-              const Vec x = Vec::loadu(a + k);
+              const Vec x = load(Vec{}, a + k, W);
               for (int64_t i = 0; i < W; ++i) {
-                acc[i] = at::vec::fmadd(x, Vec::loadu(b[i] + k), acc[i]);
+                acc[i] = at::vec::fmadd(x, load(Vec{}, b[i] + k, W), acc[i]);
               }
             }
             if (k < k1) {
@@ -1103,6 +1117,10 @@ CpuKernels<scalar_t> cpu_kernels() {
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) *
                                       (sizeof(Vectorized<scalar_t>) >= 64 ? 4 : 2)
                                 : 0};
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // Without AVX512_BF16 (below): dot products that widen each bfloat16 load.
+    kernels.small_gemm_trans_b_bf16 = &small_gemm_trans_b<float, c10::BFloat16>;
+  }
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (cpu_has_bf16_dot()) {

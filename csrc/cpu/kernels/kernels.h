@@ -68,7 +68,8 @@ struct CpuKernels {
   // and the cell update in float32. h goes to h_out in float32 and, rounded, to h_round
   // [b, H], which the next step reads. w_packed: [ceil(H / fused_width)][H / 2][4
   // gates][fused_width][2 k] (pack_fused_weights_bf16). H even. Non-null only for float
-  // in the AVX-512 build on a CPU with AVX512_BF16, as the three below.
+  // in the AVX-512 build on a CPU with AVX512_BF16, as the two below and those after
+  // small_gemm_trans_b_bf16.
   void (*fused_step_bf16)(int64_t b, int64_t H, const c10::BFloat16* a_main, int64_t split,
                           const c10::BFloat16* a_rest, const c10::BFloat16* w_packed,
                           scalar_t* gates, bool store_gates, scalar_t* c_state, scalar_t* cells,
@@ -85,7 +86,9 @@ struct CpuKernels {
                           const c10::BFloat16* w_packed, const scalar_t* bias, bool accumulate,
                           scalar_t* gates);
   // small_gemm_trans_b with A [M, K] and B [N, K] in bfloat16 as stored (read in place),
-  // C in float32: a one-step bfloat16 layer's x W_ih^T and h W_hh^T.
+  // C in float32: a one-step bfloat16 layer's x W_ih^T and h W_hh^T. Non-null for float
+  // in every build: vdpbf16ps with AVX512_BF16, else each load widened to float (exact
+  // products either way, float32 sums).
   void (*small_gemm_trans_b_bf16)(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A,
                                   int64_t lda, const c10::BFloat16* B, int64_t ldb,
                                   bool accumulate, scalar_t* C, int64_t ldc);
