@@ -227,10 +227,11 @@ def test_opcheck_backward(proj, need_grad_input, need_grad_h0, op_name):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 def test_backward_without_grad_h0(device, dtype, proj, reverse, batch_sizes, hidden, op_name):
     # need_grad_h0=False (autograd passes it when h0 needs no gradient: an LSTMCell's h, an
-    # LSTM's default zeros): grad_h0 comes back as [0], dL/dh_prev is skipped at the steps
-    # (and, in reverse over packed input, the rows) that start from h0, and every other
-    # gradient is the same, bit for bit, on every path (dense and packed, one step and
-    # several, the fused loops, the bfloat16 workspace backward where the CPU has it).
+    # LSTM's default zeros): grad_h0 comes back as [0], dL/dh_prev is skipped at the first
+    # step (every row starts from h0 there; steps where only some do, in reverse over packed
+    # input, compute all their rows), and every other gradient is the same, bit for bit, on
+    # every path (dense and packed, one step and several, the fused loops, the bfloat16
+    # workspace backward where the CPU has it).
     gen = torch.Generator().manual_seed(len(batch_sizes) + hidden)
     rnd = lambda *shape: torch.randn(shape, generator=gen, dtype=torch.float64).to(device, dtype)
     bs = torch.tensor(batch_sizes)
