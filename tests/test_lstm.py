@@ -725,24 +725,33 @@ def _bfloat16_backward_model(grad_output, grad_h_n, grad_c_n, x, batch_sizes, h0
 @pytest.mark.parametrize("B,I,H,T,packed,reverse", [
     (4, 7, 144, 9, False, False), (13, 64, 34, 9, True, False), (37, 16, 18, 9, True, True),
     (32, 16, 64, 9, False, True), (8, 32, 200, 9, True, True), (8, 48, 256, 1, False, False),
-    (3, 16, 130, 1, False, True), (4, 16, 600, 3, False, False)], ids=str)
+    (3, 16, 130, 1, False, True), (5, 33, 40, 1, False, False), (4, 16, 600, 3, False, False)],
+    ids=str)
 @pytest.mark.parametrize("op_name", ["lstm_layer_backward", "lstm_layer_backward_overwrite_gates"])
-def test_bfloat16_fused_backward_reads_its_workspace_as_stored(B, I, H, T, packed, reverse, op_name):
-    # On an AVX512_BF16 CPU the backward of a bfloat16 layer whose loop runs fused (or of
-    # one step: an LSTMCell, a decoding loop) reads its
-    # workspace (gates, cells, output), x, grad_output and weights as stored: no
-    # conversion of a workspace-shaped tensor in the op (ReducedPrecisionInFloat's float32
-    # copies were most of a bfloat16 training step's peak memory, PERF_LOG row 50). Its
-    # dgates are rounded to bfloat16 each step, its dh = dgates W_hh in bfloat16 products:
-    # every gradient equals the float64 model of that (_bfloat16_backward_model) but for
-    # under 5% of the elements, each within 2^-7 of the largest (float32 sums move a
-    # rounding of dgates now and then, and the change flows on through dh: 0-2% here at
-    # 9 steps, ~5% at 12 steps of 8 rows); bit for bit on 1 and 2
-    # threads (B4 H144, H200: threads split units; B32 H64, B37: rows). The float32-inside
-    # backward (the AVX2 build) differs from the model in ~40% of them: the test tells the
-    # two apart. (H600: dh's GEMM over 4H = 2400 in two slices of K.)
+def test_bfloat16_fused_backward_reads_its_workspace_as_stored(B, I, H, T, packed, reverse, op_name,
+                                                              request):
+    # On an AVX512_BF16 CPU the backward of a bfloat16 layer whose loop runs fused, and on
+    # every CPU that of one step (an LSTMCell, a decoding loop), reads its workspace (gates,
+    # cells, output), x, grad_output and weights as stored: no conversion of a
+    # workspace-shaped tensor in the op (ReducedPrecisionInFloat's float32 copies were most
+    # of a bfloat16 training step's peak memory, PERF_LOG rows 50, 58). Its dgates are
+    # rounded to bfloat16 each step, its GEMMs take bfloat16 operands (vdpbf16ps or
+    # torch's bfloat16 GEMM with AVX512_BF16, else each load widened): every gradient
+    # equals the float64 model of that (_bfloat16_backward_model) but for under 5% of the
+    # elements, each within 2^-7 of the largest (float32 sums move a rounding of dgates
+    # now and then, and the change flows on through dh: 0-2% here at 9 steps, ~5% at 12
+    # steps of 8 rows); bit for bit on 1 and 2 threads (B4 H144, H200: threads split
+    # units; B32 H64, B37: rows). The float32-inside backward (the "aten" setting's plain
+    # path) differs from the model in ~40% of them: the test tells the two apart. (H600:
+    # dh's GEMM over 4H = 2400 in two slices of K.)
     if not _bfloat16_kernels_in_use():
-        pytest.skip("this CPU has no AVX512_BF16 (the bfloat16 layers run in float32)")
+        if T > 1:
+            pytest.skip("this CPU has no AVX512_BF16 (bfloat16 layers of several steps run in "
+                        "float32)")
+        # (The portable build's rule is 0 rows: stretched to the rows tested.)
+        rule = "bf16_widening_backward_max_rows"
+        request.addfinalizer(lambda: torch.ops.fused_lstm.set_cpu_tuning(rule, -1))
+        torch.ops.fused_lstm.set_cpu_tuning(rule, B)
     torch.ops.fused_lstm.set_cpu_gemm("small")  # the fused loop at every size
     before = torch.get_num_threads()
     try:
@@ -775,12 +784,9 @@ def test_bfloat16_fused_backward_reads_its_workspace_as_stored(B, I, H, T, packe
             off = (got.double() - e).abs()
             assert got.dtype == torch.bfloat16 and off.max() <= 2.0 ** -7 * e.abs().max()
             assert (off > 0).double().mean() < 0.05
-        torch.ops.fused_lstm.set_cpu_capability("avx2")
-        try:
-            args[11] = gates.clone()
-            widened = op(*args)
-        finally:
-            torch.ops.fused_lstm.set_cpu_capability("")
+        torch.ops.fused_lstm.set_cpu_gemm("aten")
+        args[11] = gates.clone()
+        widened = op(*args)
         assert ((widened[0].double() - expected[0]).abs() > 0).double().mean() > 0.1
     finally:
         torch.set_num_threads(before)

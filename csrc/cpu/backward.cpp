@@ -151,25 +151,29 @@ struct CpuBackward : CpuLayerBase<scalar_t> {
 
 namespace {
 
-// The backward of a bfloat16 layer whose loop runs fused, or of one step (an LSTMCell, a
-// decoding loop), on a CPU with the bfloat16 kernels: its workspace (gates, cells,
-// output), x, grad_output and weights are read as stored, where ReducedPrecisionInFloat
-// widens every argument to float32 (those copies were most of a bfloat16 training
-// step's peak memory, PERF_LOG.md rows 50-51). Per step the
-// cell backward in float32 from the bfloat16 gates and cells, dgates rounded to bfloat16
-// (as nn.LSTM's bfloat16 backward rounds them) over the gates where the op may
+// The backward of a bfloat16 layer whose loop runs fused on a CPU with the bfloat16
+// kernels, or of one step (an LSTMCell, a decoding loop; not under the "aten" setting)
+// on any CPU: its workspace (gates, cells, output), x, grad_output and weights are read
+// as stored, where ReducedPrecisionInFloat widens every argument to float32 (those copies
+// were most of a bfloat16 training step's peak memory, PERF_LOG.md rows 50-51, 58). Per
+// step the cell backward in float32 from the bfloat16 gates and cells, dgates rounded to
+// bfloat16 (as nn.LSTM's bfloat16 backward rounds them) over the gates where the op may
 // overwrite them, then dh = dgates W_hh by bfloat16 products into float32 sums
 // (gemm_columns_bf16, threads sharing the loop as the float32 one); dh and dc stay
-// float32. Then the weight gradients, single bfloat16 GEMMs (at::mm: float32 sums,
-// rounded once). Other calls: nullopt.
+// float32. Then the weight gradients, single GEMMs of bfloat16 operands, float32 sums,
+// rounded once: at::mm with AVX512_BF16, else small_gemm_bf16 (each load widened; torch's
+// bfloat16 GEMM is emulated there, 2-100x slower than its float32 one on an AMD Zen 3).
+// Other calls: nullopt.
 std::optional<BackwardResult> backward_bf16_workspace(const LayerBackwardParams& p) {
   using bf16 = c10::BFloat16;
   const auto& k = cpu_kernels<float>();
   const auto [N, T, B, I, H, P, has_proj] = p.s;
-  if (p.input.scalar_type() != at::kBFloat16 || k.backward_block_bf16 == nullptr || has_proj ||
-      N == 0 ||
-      (p.steps.size() > 1 &&
-       !use_fused_step(StepGemm<float>::make(B, P, 4 * H).small, H, p.steps.size()))) {
+  const bool bf16_dot = k.gemm_columns_bf16 != nullptr;  // AVX512_BF16
+  const bool one_step = p.steps.size() == 1 && cpu_gemm_setting() != GemmSetting::kAten &&
+                        (bf16_dot || B <= cpu_tuning().bf16_widening_backward_max_rows);
+  if (p.input.scalar_type() != at::kBFloat16 || has_proj || N == 0 ||
+      !(one_step ||
+        (bf16_dot && use_fused_step(StepGemm<float>::make(B, P, 4 * H).small, H, p.steps.size())))) {
     return std::nullopt;
   }
   const int64_t G = 4 * H;
@@ -182,12 +186,30 @@ std::optional<BackwardResult> backward_bf16_workspace(const LayerBackwardParams&
   const bf16 *c0 = p.c0.data_ptr<bf16>(), *grad_output = p.grad_output.data_ptr<bf16>();
   bf16* dg = dgates.data_ptr<bf16>();
   float *dh_p = dh.data_ptr<float>(), *dc_p = dc.data_ptr<float>();
-  at::Tensor grad_h0;
+  const auto ptr = [](const at::Tensor& t) {
+    return t.defined() && t.numel() > 0 ? t.data_ptr<bf16>() : static_cast<bf16*>(nullptr);
+  };
+  // C [M, N] (row stride ldc) = op(A) B, all bfloat16 (h_prev gathered: dW_hh one GEMM,
+  // not two terms, each rounded).
+  const auto gemm = [&](bool trans_a, bool trans_b, int64_t M, int64_t Nc, int64_t K,
+                        const bf16* A, int64_t lda, const bf16* Bm, int64_t ldb, float beta,
+                        bf16* C, int64_t ldc) {
+    TORCH_INTERNAL_ASSERT(beta == 0 && !trans_b, "backward_bf16_workspace: an unexpected GEMM");
+    if (!bf16_dot) {
+      k.small_gemm_bf16(trans_a, M, Nc, K, A, lda, Bm, ldb, C, ldc);
+      return;
+    }
+    at::Tensor a = at::from_blob(const_cast<bf16*>(A), {trans_a ? K : M, trans_a ? M : K},
+                                 {lda, 1}, opts);
+    at::Tensor c = at::from_blob(C, {M, Nc}, {ldc, 1}, opts);
+    at::mm_out(c, trans_a ? a.t() : a, at::from_blob(const_cast<bf16*>(Bm), {K, Nc}, {ldb, 1}, opts));
+  };
+  at::Tensor grad_h0 = p.need_grad_h0 ? at::empty({B, H}, opts) : at::empty({0}, opts);
   if (steps.size() == 1) {
-    // One step: no loop to share, and dh_prev is grad_h0 itself: one bfloat16 GEMM on
-    // W_hh as stored, where a W_hh pack (the loop's) cost more than the step.
+    // One step: no loop to share, and dh_prev is grad_h0 itself: one GEMM on W_hh as
+    // stored, where a W_hh pack (the loop's) cost more than the step.
     k.backward_block_bf16(0, B, 0, H, H, gates, cells, cells, 0, c0, dh_p, grad_output, dc_p, dg);
-    grad_h0 = p.need_grad_h0 ? at::mm(dgates, p.w_hh) : at::empty({0}, opts);
+    if (p.need_grad_h0) gemm(false, false, B, H, G, dg, G, ptr(p.w_hh), H, 0, ptr(grad_h0), H);
   } else {
     constexpr int64_t width = kBf16PanelColumns;  // a thread's units, whole panels
     at::Tensor w_pairs = at::empty({(H + width - 1) / width * G * width}, opts);
@@ -210,33 +232,15 @@ std::optional<BackwardResult> backward_bf16_workspace(const LayerBackwardParams&
         k.gemm_columns_bf16(row1 - row0, u0, u1, G, dg_t + row0 * G, G, w, dh_p + row0 * H, H);
       }
     });
-    grad_h0 = p.need_grad_h0 ? dh.to(at::kBFloat16) : at::empty({0}, opts);
+    if (p.need_grad_h0) grad_h0.copy_(dh);
   }
 
   at::Tensor grad_input = at::empty({p.need_grad_input ? N : 0, I}, opts);
   at::Tensor grad_w_ih = at::empty({G, I}, opts), grad_w_hh = at::empty({G, P}, opts);
   at::Tensor h_prev = scratch_buffer(Scratch::kPrevHidden, N, P, opts);  // gathered (below)
-  const auto ptr = [](const at::Tensor& t) {
-    return t.defined() && t.numel() > 0 ? t.data_ptr<bf16>() : static_cast<bf16*>(nullptr);
-  };
   const WeightGradientArgs<bf16> args{
       dg, ptr(p.input), ptr(p.w_ih), ptr(p.output), ptr(p.h0), ptr(h_prev), nullptr, nullptr,
       ptr(grad_input), ptr(grad_w_ih), ptr(grad_w_hh), nullptr};
-  // C [M, N] (row stride ldc) = op(A) op(B), all bfloat16. (h_prev gathered: dW_hh one
-  // GEMM, not two terms, each rounded.)
-  const auto gemm = [&](bool trans_a, bool trans_b, int64_t M, int64_t Nc, int64_t K,
-                        const bf16* A, int64_t lda, const bf16* Bm, int64_t ldb, float beta,
-                        bf16* C, int64_t ldc) {
-    TORCH_INTERNAL_ASSERT(beta == 0, "backward_bf16_workspace: a GEMM accumulating");
-    const auto view = [&](const bf16* x, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-      at::Tensor t = at::from_blob(const_cast<bf16*>(x), {trans ? cols : rows, trans ? rows : cols},
-                                   {ld, 1}, opts);
-      return trans ? t.t() : t;
-    };
-    at::Tensor c = at::from_blob(C, {M, Nc}, {ldc, 1}, opts);
-    const at::Tensor a = view(A, M, K, lda, trans_a), b = view(Bm, K, Nc, ldb, trans_b);
-    at::mm_out(c, a, b);
-  };
   const auto copy = [](bf16* dst, const bf16* src, int64_t rows, int64_t cols) {
     copy_rows(dst, src, rows, cols);
   };
@@ -258,7 +262,7 @@ BackwardResult lstm_layer_backward_cpu(
     const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
     const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input,
     bool need_grad_h0) {
-  if (input.scalar_type() == at::kBFloat16 && cpu_kernels<float>().backward_block_bf16 != nullptr) {
+  if (input.scalar_type() == at::kBFloat16) {
     const LayerBackwardParams p = make_backward_params(
         grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, output,
         gates, cells, hiddens, reverse, need_grad_input, need_grad_h0, kOverwriteGates);

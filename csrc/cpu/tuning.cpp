@@ -77,15 +77,23 @@ CpuTuning make_tuning(int capability) {
   // Measured on AVX2 (the AVX2-only kind, session 25); AVX-512 CPUs without AVX512_BF16
   // take the same (not measured).
   t.bf16_widening_max_rows = 8;
+  // Measured on AVX2 (the AVX2-only kind, session 26: 1.1x at 16-32 rows, 0.9x at 64,
+  // 0.7x at 128-256 against the float32 path's BLAS); AVX-512 without AVX512_BF16 takes
+  // the same (not measured).
+  t.bf16_widening_backward_max_rows = 32;
   t.own_large_gemm = capability == kCapabilityAvx512 && !cpu_is_intel();
   // Both SIMD builds (measured on each); the portable build keeps W_hh in place (not measured).
   t.fused_backward_panels = capability != kCapabilityDefault;
   if (capability == kCapabilityDefault) {
     // The portable build has no SIMD FMA: our kernels lose to torch's BLAS sooner. Its
-    // few-row GEMMs stay with torch's BLAS (not measured on it).
+    // few-row GEMMs stay with torch's BLAS (not measured on it), its one-step bfloat16
+    // backward in float32.
     t.own_gemm_max_macs = int64_t{1} << 16;
     t.few_rows_max_rows = 0;
     t.few_rows_max_rows_b_in_cache = 0;
+    // Its widening one-step backward ran at 0.4-0.9x of the float32 path at B 1-16 (the
+    // AVX2-only kind, session 26, in-process).
+    t.bf16_widening_backward_max_rows = 0;
   }
   return t;
 }
@@ -117,6 +125,7 @@ void for_each_rule(CpuTuning& t, const F& f) {
   f("own_large_gemm", t.own_large_gemm);
   f("bf16_gemm_min_macs", t.bf16_gemm_min_macs);
   f("bf16_widening_max_rows", t.bf16_widening_max_rows);
+  f("bf16_widening_backward_max_rows", t.bf16_widening_backward_max_rows);
   f("fused_backward_panels", t.fused_backward_panels);
 }
 

@@ -86,6 +86,11 @@ struct CpuTuning {
   // a multiply-add), so past a few rows the float32 path, its weights widened once a
   // call, is faster; below, that widening is most of the call (PERF_LOG.md row 57).
   int64_t bf16_widening_max_rows;
+  // ... and its one-step backward reads them as stored too (small_gemm_bf16, each load
+  // widened) up to this many rows: its register tiles run the GEMMs more slowly than the
+  // float32 path's BLAS on widened weights, which past this many rows repays the widening
+  // (PERF_LOG.md row 58).
+  int64_t bf16_widening_backward_max_rows;
   // The fused backward loop's dh = dgates W_hh reads W_hh packed in column panels
   // (pack_column_panels), not in place: W_hh's rows, H apart, touch a new page per k
   // from H = 1024 floats, and the in-place loop lost to BLAS once W_hh left L2.

@@ -40,17 +40,14 @@ C10_ALWAYS_INLINE void store(at::opmath_type<S> v, S* p, int64_t) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// bfloat16 storage read into float lanes, and float lanes rounded (to nearest even) into
-// it: a bfloat16 layer's workspace in the fused backward (backward_rows<float, BFloat16>).
+// bfloat16 storage read into float lanes: a bfloat16 layer's workspace in the fused
+// backward (backward_rows<float, BFloat16>), its weights in the one-step GEMMs.
 C10_ALWAYS_INLINE Vectorized<float> load(Vectorized<float>, const c10::BFloat16* p, int64_t n) {
   return std::get<0>(at::vec::convert_bfloat16_float(Vectorized<c10::BFloat16>::loadu(p, n)));
 }
-C10_ALWAYS_INLINE void store(const Vectorized<float>& v, c10::BFloat16* p, int64_t n) {
-  at::vec::convert_float_bfloat16(v, v).store(p, n);
-}
 #else
 // bfloat16 storage read into float lanes (exact): a whole vector's worth in one widening
-// load, a partial one through a copy (small_gemm_trans_b<float, BFloat16>).
+// load, a partial one through a copy.
 C10_ALWAYS_INLINE Vectorized<float> load(Vectorized<float>, const c10::BFloat16* p, int64_t n) {
   Vectorized<float> v;
   if (n == Vectorized<float>::size()) {
@@ -61,6 +58,10 @@ C10_ALWAYS_INLINE Vectorized<float> load(Vectorized<float>, const c10::BFloat16*
   return v;
 }
 #endif
+// float lanes rounded (to nearest even) into bfloat16 storage.
+C10_ALWAYS_INLINE void store(const Vectorized<float>& v, c10::BFloat16* p, int64_t n) {
+  at::vec::convert_float_bfloat16(v, v).store(p, n);
+}
 
 template <typename S>
 constexpr bool kVectorized = std::is_same_v<S, float> || std::is_same_v<S, double>;
@@ -182,18 +183,21 @@ void backward_step(int64_t b, int64_t H, const scalar_t* gates, const scalar_t* 
 // the rows left over, e.g. a batch of one). kFull: cols == kVecs * W, no masking.
 // A(r, k) is A[r * lda + k], or with kTransA (A stored [K, M]) A[k * lda + r].
 // Without accumulate, C starts from `bias` (the block's columns of a row added to every
-// row) where it is not null, else from 0.
-template <typename scalar_t, int kRows, int kVecs, bool kFull, bool kTransA>
-C10_ALWAYS_INLINE void small_gemm_block_impl(int64_t K, const scalar_t* A, int64_t lda,
-                                             const scalar_t* B, int64_t ldb, bool accumulate,
-                                             scalar_t* C, int64_t ldc, int64_t cols,
+// row) where it is not null, else from 0. A stored as a_t, B as b_t, C as out_t, the sums in
+// scalar_t: bfloat16 operands widened as loaded, C rounded once as stored
+// (small_gemm_16bit).
+template <typename scalar_t, int kRows, int kVecs, bool kFull, bool kTransA, typename a_t,
+          typename b_t, typename out_t>
+C10_ALWAYS_INLINE void small_gemm_block_impl(int64_t K, const a_t* A, int64_t lda,
+                                             const b_t* B, int64_t ldb, bool accumulate,
+                                             out_t* C, int64_t ldc, int64_t cols,
                                              const scalar_t* bias) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
   int64_t n[kVecs];  // valid lanes of each vector of columns
   for (int v = 0; v < kVecs; ++v) n[v] = kFull ? W : std::clamp<int64_t>(cols - v * W, 0, W);
-  const auto load_n = [&](const scalar_t* p, int v) {
-    return kFull ? Vec::loadu(p) : n[v] > 0 ? load(Vec{}, p, n[v]) : Vec(scalar_t(0));
+  const auto load_n = [&](const auto* p, int v) {
+    return kFull ? load(Vec{}, p, W) : n[v] > 0 ? load(Vec{}, p, n[v]) : Vec(scalar_t(0));
   };
   Vec acc[kRows][kVecs];
   for (int v = 0; v < kVecs; ++v) {
@@ -212,32 +216,28 @@ C10_ALWAYS_INLINE void small_gemm_block_impl(int64_t K, const scalar_t* A, int64
     Vec b[kVecs];
     for (int v = 0; v < kVecs; ++v) b[v] = load_n(B + k * ldb + v * W, v);
     for (int r = 0; r < kRows; ++r) {
-      const Vec a(kTransA ? A[k * lda + r] : A[r * lda + k]);
+      const Vec a(static_cast<scalar_t>(kTransA ? A[k * lda + r] : A[r * lda + k]));
       for (int v = 0; v < kVecs; ++v) acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
     }
   }
   for (int r = 0; r < kRows; ++r) {
     for (int v = 0; v < kVecs; ++v) {
-      if (kFull) {
-        acc[r][v].store(C + r * ldc + v * W);
-      } else if (n[v] > 0) {
-        store(acc[r][v], C + r * ldc + v * W, n[v]);
-      }
+      if (kFull || n[v] > 0) store(acc[r][v], C + r * ldc + v * W, kFull ? W : n[v]);
     }
   }
 }
 
-template <typename scalar_t, int kRows, int kVecs, bool kTransA = false>
-C10_ALWAYS_INLINE void small_gemm_block(int64_t K, const scalar_t* A, int64_t lda,
-                                        const scalar_t* B, int64_t ldb, bool accumulate,
-                                        scalar_t* C, int64_t ldc, int64_t cols,
-                                        const scalar_t* bias = nullptr) {
+template <typename scalar_t, int kRows, int kVecs, bool kTransA = false, typename a_t = scalar_t,
+          typename b_t = a_t, typename out_t = scalar_t>
+C10_ALWAYS_INLINE void small_gemm_block(int64_t K, const a_t* A, int64_t lda, const b_t* B,
+                                        int64_t ldb, bool accumulate, out_t* C, int64_t ldc,
+                                        int64_t cols, const scalar_t* bias = nullptr) {
   if (cols == kVecs * Vectorized<scalar_t>::size()) {
-    small_gemm_block_impl<scalar_t, kRows, kVecs, true, kTransA>(K, A, lda, B, ldb, accumulate,
-                                                                 C, ldc, cols, bias);
+    small_gemm_block_impl<scalar_t, kRows, kVecs, true, kTransA, a_t, b_t, out_t>(
+        K, A, lda, B, ldb, accumulate, C, ldc, cols, bias);
   } else {
-    small_gemm_block_impl<scalar_t, kRows, kVecs, false, kTransA>(K, A, lda, B, ldb, accumulate,
-                                                                  C, ldc, cols, bias);
+    small_gemm_block_impl<scalar_t, kRows, kVecs, false, kTransA, a_t, b_t, out_t>(
+        K, A, lda, B, ldb, accumulate, C, ldc, cols, bias);
   }
 }
 
@@ -246,34 +246,37 @@ C10_ALWAYS_INLINE void small_gemm_block(int64_t K, const scalar_t* A, int64_t ld
 // AVX2's 16), then 4, then 2 (the last maybe masked): a row alone is bound by the FMA
 // latency, so it needs many independent chains (e.g. a batch of one). With kTransA,
 // a's element k is a[k * lda] (a column of A stored [K, M]). `bias` as small_gemm_block's,
-// indexed as c.
-template <typename scalar_t, bool kTransA = false>
-C10_ALWAYS_INLINE void gemm_one_row(int64_t K, const scalar_t* a, const scalar_t* B, int64_t ldb,
-                                    bool accumulate, scalar_t* c, int64_t n, int64_t n_end,
+// indexed as c. Storage types as small_gemm_block's.
+template <typename scalar_t, bool kTransA = false, typename a_t = scalar_t, typename b_t = a_t,
+          typename out_t = scalar_t>
+C10_ALWAYS_INLINE void gemm_one_row(int64_t K, const a_t* a, const b_t* B, int64_t ldb,
+                                    bool accumulate, out_t* c, int64_t n, int64_t n_end,
                                     int64_t lda = 0, const scalar_t* bias = nullptr) {
   constexpr int64_t W = Vectorized<scalar_t>::size();
   constexpr int kWideVecs = sizeof(Vectorized<scalar_t>) >= 64 ? 8 : 4;
   const auto bias_at = [&](int64_t col) { return bias != nullptr ? bias + col : nullptr; };
   for (; n + kWideVecs * W <= n_end; n += kWideVecs * W) {
-    small_gemm_block<scalar_t, 1, kWideVecs, kTransA>(K, a, lda, B + n, ldb, accumulate, c + n,
-                                                      0, kWideVecs * W, bias_at(n));
+    small_gemm_block<scalar_t, 1, kWideVecs, kTransA, a_t, b_t, out_t>(
+        K, a, lda, B + n, ldb, accumulate, c + n, 0, kWideVecs * W, bias_at(n));
   }
   if (kWideVecs > 4 && n + 4 * W <= n_end) {
-    small_gemm_block<scalar_t, 1, 4, kTransA>(K, a, lda, B + n, ldb, accumulate, c + n, 0,
-                                              4 * W, bias_at(n));
+    small_gemm_block<scalar_t, 1, 4, kTransA, a_t, b_t, out_t>(K, a, lda, B + n, ldb, accumulate,
+                                                           c + n, 0, 4 * W, bias_at(n));
     n += 4 * W;
   }
   for (; n < n_end; n += 2 * W) {
-    small_gemm_block<scalar_t, 1, 2, kTransA>(K, a, lda, B + n, ldb, accumulate, c + n, 0,
-                                              std::min(2 * W, n_end - n), bias_at(n));
+    small_gemm_block<scalar_t, 1, 2, kTransA, a_t, b_t, out_t>(
+        K, a, lda, B + n, ldb, accumulate, c + n, 0, std::min(2 * W, n_end - n), bias_at(n));
   }
 }
 
 // C[M, N] = op(A) B (+ C when accumulate), B row-major [K, N]; op(A) = A [M, K], or
 // A^T with kTransA (A stored [K, M], as dgates in the weight gradients dgates^T x).
-template <typename scalar_t, bool kTransA>
-void small_gemm_impl(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
-                     const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C, int64_t ldc) {
+// Storage types as small_gemm_block's.
+template <typename scalar_t, bool kTransA, typename a_t = scalar_t, typename b_t = a_t,
+          typename out_t = scalar_t>
+void small_gemm_impl(int64_t M, int64_t N, int64_t K, const a_t* A, int64_t lda,
+                     const b_t* B, int64_t ldb, bool accumulate, out_t* C, int64_t ldc) {
   if constexpr (kVectorized<scalar_t>) {
     constexpr int64_t W = Vectorized<scalar_t>::size();
     constexpr int64_t kCols = 2 * W;  // columns of a 4-row block; a thread's unit of work
@@ -287,14 +290,14 @@ void small_gemm_impl(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t
       const int64_t n_end = std::min(N, j1 * kCols), full_rows = M - M % kRows;
       for (int64_t n = j0 * kCols; n < n_end; n += kCols) {
         for (int64_t m = 0; m < full_rows; m += kRows) {
-          small_gemm_block<scalar_t, kRows, 2, kTransA>(K, A + m * row_step, lda, B + n, ldb,
-                                                        accumulate, C + m * ldc + n, ldc,
-                                                        std::min(kCols, n_end - n));
+          small_gemm_block<scalar_t, kRows, 2, kTransA, a_t, b_t, out_t>(
+              K, A + m * row_step, lda, B + n, ldb, accumulate, C + m * ldc + n, ldc,
+              std::min(kCols, n_end - n));
         }
       }
       for (int64_t m = full_rows; m < M; ++m) {  // rows left over, one at a time, wider blocks
-        gemm_one_row<scalar_t, kTransA>(K, A + m * row_step, B, ldb, accumulate, C + m * ldc,
-                                        j0 * kCols, n_end, lda);
+        gemm_one_row<scalar_t, kTransA, a_t, b_t, out_t>(K, A + m * row_step, B, ldb, accumulate,
+                                                     C + m * ldc, j0 * kCols, n_end, lda);
       }
     };
     if (col_blocks <= grain) {
@@ -316,6 +319,87 @@ void small_gemm_trans_a(int64_t M, int64_t N, int64_t K, const scalar_t* A, int6
                         const scalar_t* B, int64_t ldb, bool accumulate, scalar_t* C,
                         int64_t ldc) {
   small_gemm_impl<scalar_t, true>(M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+}
+
+// src [rows, cols] (row stride ld) in half_t widened into a float [rows, cols].
+template <typename half_t>
+std::vector<float> widened(const half_t* src, int64_t rows, int64_t cols, int64_t ld) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  std::vector<float> out(rows * cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; c += W) {
+      const int64_t n = std::min(W, cols - c);
+      store(load(Vec{}, src + r * ld + c, n), out.data() + r * cols + c, n);
+    }
+  }
+  return out;
+}
+
+// CpuKernels::small_gemm_bf16: C = op(A) B with A, B and C in half_t as stored, float
+// sums, C rounded once; A (dgates, few rows or, transposed, K = the batch) widened to
+// float first (a 16-bit broadcast is three instructions more a row of a block and k).
+// A few rows of A (dx = dgates W_ih, dh = dgates W_hh: K = 4H, B up to 16 MB, each of
+// its loads widened): threads split the columns, as small_gemm_impl's, but K goes in
+// slices of kSlice rows of B, each over all of a thread's columns, the sums in a float
+// buffer: a block of columns taking all K rows of B at once (B's rows N apart) touched
+// a new page per k, 5x slower at 1 x 4096 x 1024 on an AMD Zen 3. With trans_a (dW =
+// dgates^T x: M = 4H rows, K = the batch; B, here x, widened too, K x N), threads split
+// blocks of 4 rows, each written along its rows, not columns of C in two halves of a
+// line far apart.
+template <typename half_t>
+void small_gemm_16bit(bool trans_a, int64_t M, int64_t N, int64_t K, const half_t* A,
+                      int64_t lda, const half_t* B, int64_t ldb, half_t* C, int64_t ldc) {
+  constexpr int64_t W = Vectorized<float>::size(), kRows = 4, kSlice = 64;
+  if (!trans_a) {
+    const std::vector<float> a = widened(A, M, K, lda);
+    std::vector<float> sums(M * N);
+    const int64_t col_blocks = (N + 2 * W - 1) / (2 * W), full_rows = M - M % kRows;
+    const int64_t grain =
+        std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(M * K * 2 * W, 1));
+    at::parallel_for(0, col_blocks, grain, [&](int64_t j0, int64_t j1) {
+      const int64_t n0 = j0 * 2 * W, n1 = std::min(N, j1 * 2 * W);
+      for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
+        const int64_t k = std::min(kSlice, K - k0);
+        for (int64_t n = n0; n < n1; n += 2 * W) {
+          for (int64_t m = 0; m < full_rows; m += kRows) {
+            small_gemm_block<float, kRows, 2, false, float, half_t, float>(
+                k, a.data() + m * K + k0, K, B + k0 * ldb + n, ldb, k0 > 0,
+                sums.data() + m * N + n, N, std::min(2 * W, n1 - n));
+          }
+        }
+        for (int64_t m = full_rows; m < M; ++m) {
+          gemm_one_row<float, false, float, half_t, float>(
+              k, a.data() + m * K + k0, B + k0 * ldb, ldb, k0 > 0, sums.data() + m * N, n0, n1);
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t n = n0; n < n1; n += W) {
+          store(load(Vectorized<float>{}, sums.data() + m * N + n, std::min(W, n1 - n)),
+                C + m * ldc + n, std::min(W, n1 - n));
+        }
+      }
+    });
+    return;
+  }
+  const std::vector<float> a = widened(A, K, M, lda), b = widened(B, K, N, ldb);
+  const int64_t blocks = (M + kRows - 1) / kRows;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(kRows * K * N, 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t m = b0 * kRows; m < std::min(M, b1 * kRows); m += kRows) {
+      if (m + kRows > M) {  // the rows left over, one at a time
+        for (int64_t r = m; r < M; ++r) {
+          gemm_one_row<float, true, float, float, half_t>(K, a.data() + r, b.data(), N, false,
+                                                          C + r * ldc, 0, N, M);
+        }
+        break;
+      }
+      for (int64_t n = 0; n < N; n += 2 * W) {
+        small_gemm_block<float, kRows, 2, true, float, float, half_t>(
+            K, a.data() + m, M, b.data() + n, N, false, C + m * ldc + n, ldc, std::min(2 * W, N - n));
+      }
+    }
+  });
 }
 
 // out lane i = the sum of acc[i]'s lanes, for one vector of accumulators (W of W
@@ -1103,8 +1187,9 @@ CpuKernels<scalar_t> cpu_kernels() {
           kVectorized<scalar_t> ? &fused_step<scalar_t> : nullptr,
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) : 0,
           nullptr,  // fused_step_bf16, pack_fused_weights_bf16, input_gemm_bf16,
-          nullptr,  // small_gemm_trans_b_bf16, backward_block_bf16,
+          nullptr,  // small_gemm_trans_b_bf16, small_gemm_bf16, backward_block_bf16,
           nullptr,  // pack_column_pairs_bf16 and gemm_columns_bf16: below
+          nullptr,
           nullptr,
           nullptr,
           nullptr,
@@ -1118,8 +1203,11 @@ CpuKernels<scalar_t> cpu_kernels() {
                                       (sizeof(Vectorized<scalar_t>) >= 64 ? 4 : 2)
                                 : 0};
   if constexpr (std::is_same_v<scalar_t, float>) {
-    // Without AVX512_BF16 (below): dot products that widen each bfloat16 load.
+    // Every build: the one-step GEMMs that widen each bfloat16 load (the dot products
+    // replaced by vdpbf16ps with AVX512_BF16, below), the cell backward on bfloat16 storage.
     kernels.small_gemm_trans_b_bf16 = &small_gemm_trans_b<float, c10::BFloat16>;
+    kernels.small_gemm_bf16 = &small_gemm_16bit<c10::BFloat16>;
+    kernels.backward_block_bf16 = &backward_rows<float, c10::BFloat16>;
   }
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -1128,7 +1216,6 @@ CpuKernels<scalar_t> cpu_kernels() {
       kernels.pack_fused_weights_bf16 = &pack_fused_weights_bf16;
       kernels.input_gemm_bf16 = &input_gemm_bf16;
       kernels.small_gemm_trans_b_bf16 = &small_gemm_trans_b_bf16;
-      kernels.backward_block_bf16 = &backward_rows<float, c10::BFloat16>;
       kernels.pack_column_pairs_bf16 = &pack_column_pairs_bf16;
       kernels.gemm_columns_bf16 = &gemm_columns_bf16;
     }

@@ -68,8 +68,8 @@ struct CpuKernels {
   // and the cell update in float32. h goes to h_out in float32 and, rounded, to h_round
   // [b, H], which the next step reads. w_packed: [ceil(H / fused_width)][H / 2][4
   // gates][fused_width][2 k] (pack_fused_weights_bf16). H even. Non-null only for float
-  // in the AVX-512 build on a CPU with AVX512_BF16, as the two below and those after
-  // small_gemm_trans_b_bf16.
+  // in the AVX-512 build on a CPU with AVX512_BF16, as the two below and the two after
+  // backward_block_bf16.
   void (*fused_step_bf16)(int64_t b, int64_t H, const c10::BFloat16* a_main, int64_t split,
                           const c10::BFloat16* a_rest, const c10::BFloat16* w_packed,
                           scalar_t* gates, bool store_gates, scalar_t* c_state, scalar_t* cells,
@@ -92,10 +92,18 @@ struct CpuKernels {
   void (*small_gemm_trans_b_bf16)(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A,
                                   int64_t lda, const c10::BFloat16* B, int64_t ldb,
                                   bool accumulate, scalar_t* C, int64_t ldc);
-  // The fused backward loop of a bfloat16 layer whose workspace stays as stored
+  // small_gemm (or with trans_a small_gemm_trans_a) with A, B and C in bfloat16 as stored,
+  // each load widened to float, float32 sums, C rounded once: the one-step backward's
+  // GEMMs (dx = dgates W_ih, dh = dgates W_hh, dW = dgates^T x) on CPUs without
+  // AVX512_BF16, where torch's bfloat16 GEMM is emulated (cpu/backward.cpp's
+  // backward_bf16_workspace). Non-null for float in every build.
+  void (*small_gemm_bf16)(bool trans_a, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A,
+                          int64_t lda, const c10::BFloat16* B, int64_t ldb, c10::BFloat16* C,
+                          int64_t ldc);
+  // The backward of a bfloat16 layer whose workspace stays as stored
   // (cpu/backward.cpp's backward_bf16_workspace): backward_block with gates, cells,
   // c_prev_step, c0, dh_extra and dgates in bfloat16 (dgates rounded; it may be gates),
-  // the math, dh and dc in float32.
+  // the math, dh and dc in float32. Non-null for float in every build.
   void (*backward_block_bf16)(int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H,
                               const c10::BFloat16* gates, const c10::BFloat16* cells,
                               const c10::BFloat16* c_prev_step, int64_t prev_batch,
