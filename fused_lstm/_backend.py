@@ -41,7 +41,8 @@ def backend_info():
     (how half and bfloat16 layers run), ``bfloat16_products`` (where bfloat16 layers
     multiply in bfloat16: on AVX512_BF16 CPUs with the avx512 build, fused loops and
     one-step calls, forward and backward, and other layers' backward large GEMMs; on
-    other CPUs none, but one-step forward calls of few rows read the weights as stored),
+    other CPUs none, but one-step calls of few rows, forward and backward, read the
+    weights as stored),
     the
     tuning rules in force (``fused_forward_min_hidden``,
     ``fused_min_steps``, ``fused_backward_weights``, ``l2_cache_bytes``), ``threads``,
