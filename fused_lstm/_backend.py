@@ -42,9 +42,8 @@ def backend_info():
     multiply in bfloat16: on AVX512_BF16 CPUs with the avx512 build, fused loops and
     one-step calls, forward and backward, and other layers' backward large GEMMs; on
     other CPUs none, but one-step calls of few rows, forward and backward, read the
-    weights as stored),
-    the
-    tuning rules in force (``fused_forward_min_hidden``,
+    weights as stored), ``float16_products`` (the same for float16 layers: none, but
+    one-step calls of few rows read the weights as stored), the tuning rules in force (``fused_forward_min_hidden``,
     ``fused_min_steps``, ``fused_backward_weights``, ``l2_cache_bytes``), ``threads``,
     ``parallel_backend`` and ``cuda_kernels``; in a CUDA build also ``cuda_persistent``
     ("on" or "off": whether CUDA layers run the persistent kernels, see the README).

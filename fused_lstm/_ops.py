@@ -8,9 +8,10 @@ try:
 except ImportError as e:
     import os
     raise ImportError(
-        f"fused_lstm: the compiled extension fused_lstm._C is missing from {os.path.dirname(__file__)}. "
-        "If that is the source checkout (python puts the current folder first on sys.path), run "
-        "from another folder; otherwise install with `pip install --no-build-isolation .`") from e
+        f"fused_lstm: the compiled extension fused_lstm._C did not load from {os.path.dirname(__file__)} "
+        f"({e}). If it is missing there because that is the source checkout (python puts the current "
+        "folder first on sys.path), run from another folder; otherwise install with "
+        "`pip install --no-build-isolation .`") from e
 
 ops = torch.ops.fused_lstm
 

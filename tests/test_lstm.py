@@ -566,11 +566,11 @@ def test_half_precision_cpu_is_float32_rounded_once(dtype, request):
                 assert a.dtype == dtype and torch.equal(a, e)
 
 
-def _bfloat16_recurrence(x, h0, c0, w_ih, w_hh, bias, reverse=False):
-    # One layer in float64, each step reading h rounded to bfloat16 (what the bfloat16
-    # kernels compute, but for float32 sums): x [T, B, I], h0, c0 [B, H] -> output [T, B, H].
+def _16bit_recurrence(x, h0, c0, w_ih, w_hh, bias, reverse=False):
+    # One layer in float64, each step reading h rounded to x's dtype (what the 16-bit
+    # products compute, but for float32 sums): x [T, B, I], h0, c0 [B, H] -> output [T, B, H].
     def rounded(t):
-        return t.to(torch.bfloat16).double()
+        return t.to(x.dtype).double()
     h, c, out = rounded(h0), c0.double(), []
     for t in (reversed(range(x.shape[0])) if reverse else range(x.shape[0])):
         i, f, g, o = (x[t].double() @ w_ih.double().T + h @ w_hh.double().T + bias.double()).chunk(4, 1)
@@ -606,7 +606,7 @@ def test_bfloat16_fused_layer_rounds_h_each_step(B, I, H):
         bias = b_ih.float() + b_hh.float()
         args = (x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
         for reverse in (False, True):
-            expected = _bfloat16_recurrence(x, h0, c0, w_ih, w_hh, bias, reverse)
+            expected = _16bit_recurrence(x, h0, c0, w_ih, w_hh, bias, reverse)
             runs = []
             for threads in (1, 2):
                 torch.set_num_threads(threads)
@@ -640,29 +640,33 @@ def _weight_shaped_conversions(fn, shapes):
 
 
 @pytest.mark.parametrize("B,I,H,T", [(1, 7, 10, 1), (8, 65, 130, 1), (3, 33, 64, 1), (16, 40, 48, 1),
-                                     (40, 65, 130, 1), (64, 32, 96, 1), (4, 16, 144, 5)], ids=str)
-def test_bfloat16_layer_reads_its_weights_as_stored(B, I, H, T, request):
+                                     (40, 65, 130, 1), (64, 32, 96, 1), (2, 9, 21, 1),
+                                     (4, 16, 144, 5)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_layer_reads_its_weights_as_stored(B, I, H, T, dtype, request):
     # On an AVX512_BF16 CPU a bfloat16 layer whose GEMMs all run in bfloat16 (one step:
     # x W_ih^T and h0 W_hh^T as dot products on the weights in place for few rows,
     # tuning.h's few_rows_*, else on the weights packed in bfloat16, B40 and B64 here; or
-    # its loop fused) never copies its weights to float32 (rows 49, 52; that copy was most of
-    # a one-step call): no conversion of a weight-shaped tensor in the op, the call an
-    # LSTMCell or a decoding LSTM makes. Its output is the float64 model of bfloat16
-    # products with float32 sums (_bfloat16_recurrence) within 2^-7, nearly all equal.
-    # On other CPUs the one-step calls whose GEMMs are few-row dot products do the same,
-    # widening each load (row 57): the rule is stretched here to every row count tested.
-    if not _bfloat16_kernels_in_use():
+    # its loop fused; H even) never copies its weights to float32 (rows 49, 52; that copy
+    # was most of a one-step call): no conversion of a weight-shaped tensor in the op, the
+    # call an LSTMCell or a decoding LSTM makes. Its output is the float64 model of 16-bit
+    # products with float32 sums (_16bit_recurrence) within the dtype's eps (2^-7 for
+    # bfloat16), nearly all equal. Elsewhere (float16 on every CPU, row 59; bfloat16
+    # without AVX512_BF16, row 57; odd H) the one-step calls whose GEMMs are few-row dot
+    # products do the same, widening each load: the rules are stretched here to every row
+    # count tested.
+    if dtype == torch.float16 or not _bfloat16_kernels_in_use() or H % 2:
         if T > 1:
-            pytest.skip("this CPU has no AVX512_BF16 (only one-step bfloat16 calls keep "
-                        "their weights as stored)")
-        rules = ("few_rows_max_rows", "few_rows_max_rows_b_in_cache", "bf16_widening_max_rows")
+            pytest.skip("no 16-bit kernels for this dtype and CPU (only one-step calls keep "
+                        "their weights as stored; AVX512_BF16 runs bfloat16 loops)")
+        rules = ("few_rows_max_rows", "few_rows_max_rows_b_in_cache", "widening_max_rows")
         request.addfinalizer(lambda: [torch.ops.fused_lstm.set_cpu_tuning(n, -1) for n in rules])
         for name in rules:
             torch.ops.fused_lstm.set_cpu_tuning(name, B)
     gen = torch.Generator().manual_seed(B * I + H)
-    x = _random((T, B, I), torch.bfloat16, gen)
-    h0, c0 = (_random((B, H), torch.bfloat16, gen) for _ in range(2))
-    w_ih, w_hh, b_ih, b_hh = (_random(shape, torch.float32, gen).div(H ** 0.5).bfloat16()
+    x = _random((T, B, I), dtype, gen)
+    h0, c0 = (_random((B, H), dtype, gen) for _ in range(2))
+    w_ih, w_hh, b_ih, b_hh = (_random(shape, torch.float32, gen).div(H ** 0.5).to(dtype)
                               for shape in ((4 * H, I), (4 * H, H), (4 * H,), (4 * H,)))
     args = (x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
     out = []
@@ -671,9 +675,9 @@ def test_bfloat16_layer_reads_its_weights_as_stored(B, I, H, T, request):
         with torch.no_grad():
             out.append(fused_lstm.functional.lstm_layer(*args)[0])
     assert _weight_shaped_conversions(run, [[4 * H, I], [4 * H, H]]) == []
-    expected = _bfloat16_recurrence(x, h0, c0, w_ih, w_hh, b_ih.float() + b_hh.float())
+    expected = _16bit_recurrence(x, h0, c0, w_ih, w_hh, b_ih.float() + b_hh.float())
     off = (out[0].double() - expected).abs()
-    assert out[0].dtype == torch.bfloat16 and off.max() <= 2.0 ** -7
+    assert out[0].dtype == dtype and off.max() <= torch.finfo(dtype).eps
     assert (off > 0).double().mean() < 0.01
     # The same call with a gradient (the training forward, which keeps the workspace)
     # reads them as stored too, and gives the same output; its backward runs as before.
@@ -687,14 +691,16 @@ def test_bfloat16_layer_reads_its_weights_as_stored(B, I, H, T, request):
     assert h0.grad is not None and torch.isfinite(h0.grad.float()).all()
 
 
-def _bfloat16_backward_model(grad_output, grad_h_n, grad_c_n, x, batch_sizes, h0, c0, w_ih,
-                             w_hh, output, gates, cells, reverse):
-    # One layer's backward from its bfloat16 workspace (op lstm_layer_backward's arguments,
-    # no projection) in float64, dgates rounded to bfloat16 each step, the results once:
-    # what the fused bfloat16 backward computes, but for float32 sums and math. Returns
-    # [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias].
+def _16bit_backward_model(grad_output, grad_h_n, grad_c_n, x, batch_sizes, h0, c0, w_ih,
+                          w_hh, output, gates, cells, reverse):
+    # One layer's backward from its 16-bit workspace (op lstm_layer_backward's arguments,
+    # no projection) in float64, dgates rounded to x's dtype each step, the results once:
+    # what the 16-bit backward that reads it as stored computes, but for float32 sums and
+    # math. Returns [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias].
+    dtype = x.dtype
+
     def rounded(t):
-        return t.to(torch.bfloat16).double()
+        return t.to(dtype).double()
     bs = batch_sizes.tolist()
     offset = [0]
     for b in bs:
@@ -728,28 +734,29 @@ def _bfloat16_backward_model(grad_output, grad_h_n, grad_c_n, x, batch_sizes, h0
     (3, 16, 130, 1, False, True), (5, 33, 40, 1, False, False), (4, 16, 600, 3, False, False)],
     ids=str)
 @pytest.mark.parametrize("op_name", ["lstm_layer_backward", "lstm_layer_backward_overwrite_gates"])
-def test_bfloat16_fused_backward_reads_its_workspace_as_stored(B, I, H, T, packed, reverse, op_name,
-                                                              request):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_backward_reads_its_workspace_as_stored(B, I, H, T, packed, reverse, op_name,
+                                                      dtype, request):
     # On an AVX512_BF16 CPU the backward of a bfloat16 layer whose loop runs fused, and on
-    # every CPU that of one step (an LSTMCell, a decoding loop), reads its workspace (gates,
-    # cells, output), x, grad_output and weights as stored: no conversion of a
-    # workspace-shaped tensor in the op (ReducedPrecisionInFloat's float32 copies were most
-    # of a bfloat16 training step's peak memory, PERF_LOG rows 50, 58). Its dgates are
-    # rounded to bfloat16 each step, its GEMMs take bfloat16 operands (vdpbf16ps or
-    # torch's bfloat16 GEMM with AVX512_BF16, else each load widened): every gradient
-    # equals the float64 model of that (_bfloat16_backward_model) but for under 5% of the
-    # elements, each within 2^-7 of the largest (float32 sums move a rounding of dgates
+    # every CPU that of one step (an LSTMCell, a decoding loop) in bfloat16 or float16,
+    # reads its workspace (gates, cells, output), x, grad_output and weights as stored: no
+    # conversion of a workspace-shaped tensor in the op (ReducedPrecisionInFloat's float32
+    # copies were most of a 16-bit training step's peak memory, PERF_LOG rows 50, 58, 59).
+    # Its dgates are rounded to the dtype each step, its GEMMs take 16-bit operands
+    # (vdpbf16ps or torch's bfloat16 GEMM with AVX512_BF16, else each load widened): every
+    # gradient equals the float64 model of that (_16bit_backward_model) but for under 5%
+    # of the elements, each within the dtype's eps (2^-7 for bfloat16) of the largest (float32 sums move a rounding of dgates
     # now and then, and the change flows on through dh: 0-2% here at 9 steps, ~5% at 12
     # steps of 8 rows); bit for bit on 1 and 2 threads (B4 H144, H200: threads split
     # units; B32 H64, B37: rows). The float32-inside backward (the "aten" setting's plain
     # path) differs from the model in ~40% of them: the test tells the two apart. (H600:
     # dh's GEMM over 4H = 2400 in two slices of K.)
-    if not _bfloat16_kernels_in_use():
+    if dtype == torch.float16 or not _bfloat16_kernels_in_use():
         if T > 1:
-            pytest.skip("this CPU has no AVX512_BF16 (bfloat16 layers of several steps run in "
-                        "float32)")
+            pytest.skip("no 16-bit kernels for this dtype and CPU (16-bit layers of several "
+                        "steps run in float32; AVX512_BF16 runs bfloat16 loops)")
         # (The portable build's rule is 0 rows: stretched to the rows tested.)
-        rule = "bf16_widening_backward_max_rows"
+        rule = "widening_backward_max_rows"
         request.addfinalizer(lambda: torch.ops.fused_lstm.set_cpu_tuning(rule, -1))
         torch.ops.fused_lstm.set_cpu_tuning(rule, B)
     torch.ops.fused_lstm.set_cpu_gemm("small")  # the fused loop at every size
@@ -760,15 +767,15 @@ def test_bfloat16_fused_backward_reads_its_workspace_as_stored(B, I, H, T, packe
               if packed else torch.full((T,), B))
         bs[0] = B
         N = int(bs.sum())
-        x, go = _random((N, I), torch.bfloat16, gen), _random((N, H), torch.bfloat16, gen)
-        h0, c0, gh, gc = (_random((B, H), torch.bfloat16, gen) for _ in range(4))
-        w_ih, w_hh = (_random(shape, torch.float32, gen).div(H ** 0.5).bfloat16()
+        x, go = _random((N, I), dtype, gen), _random((N, H), dtype, gen)
+        h0, c0, gh, gc = (_random((B, H), dtype, gen) for _ in range(4))
+        w_ih, w_hh = (_random(shape, torch.float32, gen).div(H ** 0.5).to(dtype)
                       for shape in ((4 * H, I), (4 * H, H)))
         out, _, _, gates, cells, hiddens = torch.ops.fused_lstm.lstm_layer_forward(
             x, bs, h0, c0, w_ih, w_hh, None, None, None, reverse)
         args = [go, gh, gc, x, bs, h0, c0, w_ih, w_hh, None, out, gates, cells, hiddens, reverse, True]
-        expected = _bfloat16_backward_model(go, gh, gc, x, bs, h0, c0, w_ih, w_hh, out, gates, cells,
-                                            reverse)
+        expected = _16bit_backward_model(go, gh, gc, x, bs, h0, c0, w_ih, w_hh, out, gates, cells,
+                                         reverse)
         op = getattr(torch.ops.fused_lstm, op_name)
         # Workspace-, input- and weight-shaped (dh and dc, [B, H], are widened).
         shapes = [[N, 4 * H], [N, I], [4 * H, I], [4 * H, H]] + ([[N, H]] if N != B else [])
@@ -782,7 +789,7 @@ def test_bfloat16_fused_backward_reads_its_workspace_as_stored(B, I, H, T, packe
             assert torch.equal(a, b)
         for got, e in zip(runs[0], expected):
             off = (got.double() - e).abs()
-            assert got.dtype == torch.bfloat16 and off.max() <= 2.0 ** -7 * e.abs().max()
+            assert got.dtype == dtype and off.max() <= torch.finfo(dtype).eps * e.abs().max()
             assert (off > 0).double().mean() < 0.05
         torch.ops.fused_lstm.set_cpu_gemm("aten")
         args[11] = gates.clone()

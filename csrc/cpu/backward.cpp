@@ -3,8 +3,9 @@
 // fused backward loop, its work shared the same way (fused_loop.h): per step the cell
 // backward of a thread's rows and units, then (after a barrier when threads own
 // units: dh needs all of dgates) its rows and units of dh = dgates W_hh, which only it
-// reads next step. No BLAS call, no fork/join. A bfloat16 layer's fused or one-step
-// backward keeps its operands in bfloat16 (backward_bf16_workspace, at the end).
+// reads next step. No BLAS call, no fork/join. A 16-bit layer's one-step backward (and a
+// bfloat16 layer's fused one on AVX512_BF16 CPUs) keeps its operands as stored
+// (backward_stored_workspace, at the end).
 #include <torch/library.h>
 
 #include "cpu/backend.h"
@@ -19,7 +20,7 @@ struct CpuBackward : CpuLayerBase<scalar_t> {
   const StepGemm<scalar_t> recurrent, projection;
 
   // A layer called in bfloat16 on a CPU with the bfloat16 kernels that did not take
-  // backward_bf16_workspace (below: a projection, a loop not fused): its GEMMs outside
+  // backward_stored_workspace (below: a projection, a loop not fused): its GEMMs outside
   // the loop may multiply in bfloat16 (gemm below).
   const bool bf16_gemms;
 
@@ -151,27 +152,31 @@ struct CpuBackward : CpuLayerBase<scalar_t> {
 
 namespace {
 
-// The backward of a bfloat16 layer whose loop runs fused on a CPU with the bfloat16
-// kernels, or of one step (an LSTMCell, a decoding loop; not under the "aten" setting)
-// on any CPU: its workspace (gates, cells, output), x, grad_output and weights are read
-// as stored, where ReducedPrecisionInFloat widens every argument to float32 (those copies
-// were most of a bfloat16 training step's peak memory, PERF_LOG.md rows 50-51, 58). Per
-// step the cell backward in float32 from the bfloat16 gates and cells, dgates rounded to
-// bfloat16 (as nn.LSTM's bfloat16 backward rounds them) over the gates where the op may
-// overwrite them, then dh = dgates W_hh by bfloat16 products into float32 sums
-// (gemm_columns_bf16, threads sharing the loop as the float32 one); dh and dc stay
-// float32. Then the weight gradients, single GEMMs of bfloat16 operands, float32 sums,
-// rounded once: at::mm with AVX512_BF16, else small_gemm_bf16 (each load widened; torch's
+// The backward of a 16-bit layer (half_t: bfloat16 or float16) of one step (an
+// LSTMCell, a decoding loop; not under the "aten" setting) of at most tuning.h's
+// widening_backward_max_rows rows (any on AVX512_BF16 CPUs in bfloat16), or of a
+// bfloat16 layer whose loop runs fused on a CPU with the bfloat16 kernels: its workspace
+// (gates, cells, output), x, grad_output and weights are read as stored, where
+// ReducedPrecisionInFloat widens every argument to float32 (those copies were most of a
+// 16-bit training step's peak memory, PERF_LOG.md rows 50-51, 58-59). Per step the cell
+// backward in float32 from the 16-bit gates and cells, dgates rounded to half_t (as
+// nn.LSTM's 16-bit backward rounds them) over the gates where the op may overwrite them,
+// then dh = dgates W_hh by bfloat16 products into float32 sums (gemm_columns_bf16,
+// threads sharing the loop as the float32 one); dh and dc stay float32. Then the weight
+// gradients, single GEMMs of 16-bit operands, float32 sums, rounded once: at::mm for
+// bfloat16 with AVX512_BF16, else StoredKernels::small_gemm (each load widened; torch's
 // bfloat16 GEMM is emulated there, 2-100x slower than its float32 one on an AMD Zen 3).
 // Other calls: nullopt.
-std::optional<BackwardResult> backward_bf16_workspace(const LayerBackwardParams& p) {
-  using bf16 = c10::BFloat16;
+template <typename half_t>
+std::optional<BackwardResult> backward_stored_workspace(const LayerBackwardParams& p) {
   const auto& k = cpu_kernels<float>();
+  const StoredKernels<float, half_t>& stored = k.template stored<half_t>();
   const auto [N, T, B, I, H, P, has_proj] = p.s;
-  const bool bf16_dot = k.gemm_columns_bf16 != nullptr;  // AVX512_BF16
+  // AVX512_BF16, a bfloat16 layer
+  const bool bf16_dot = std::is_same_v<half_t, c10::BFloat16> && k.gemm_columns_bf16 != nullptr;
   const bool one_step = p.steps.size() == 1 && cpu_gemm_setting() != GemmSetting::kAten &&
-                        (bf16_dot || B <= cpu_tuning().bf16_widening_backward_max_rows);
-  if (p.input.scalar_type() != at::kBFloat16 || has_proj || N == 0 ||
+                        (bf16_dot || B <= cpu_tuning().widening_backward_max_rows);
+  if (has_proj || N == 0 ||
       !(one_step ||
         (bf16_dot && use_fused_step(StepGemm<float>::make(B, P, 4 * H).small, H, p.steps.size())))) {
     return std::nullopt;
@@ -182,35 +187,37 @@ std::optional<BackwardResult> backward_bf16_workspace(const LayerBackwardParams&
   at::Tensor dgates = p.overwrite_gates ? p.gates : scratch_buffer(Scratch::kGradGates, N, G, opts);
   at::Tensor dh = p.grad_h_n.to(at::kFloat).contiguous();  // [B, H] running dL/dh
   at::Tensor dc = p.grad_c_n.to(at::kFloat).contiguous();  // [B, H] running dL/dc
-  const bf16 *gates = p.gates.data_ptr<bf16>(), *cells = p.cells.data_ptr<bf16>();
-  const bf16 *c0 = p.c0.data_ptr<bf16>(), *grad_output = p.grad_output.data_ptr<bf16>();
-  bf16* dg = dgates.data_ptr<bf16>();
+  const half_t *gates = p.gates.data_ptr<half_t>(), *cells = p.cells.data_ptr<half_t>();
+  const half_t *c0 = p.c0.data_ptr<half_t>(), *grad_output = p.grad_output.data_ptr<half_t>();
+  half_t* dg = dgates.data_ptr<half_t>();
   float *dh_p = dh.data_ptr<float>(), *dc_p = dc.data_ptr<float>();
   const auto ptr = [](const at::Tensor& t) {
-    return t.defined() && t.numel() > 0 ? t.data_ptr<bf16>() : static_cast<bf16*>(nullptr);
+    return t.defined() && t.numel() > 0 ? t.data_ptr<half_t>() : static_cast<half_t*>(nullptr);
   };
-  // C [M, N] (row stride ldc) = op(A) B, all bfloat16 (h_prev gathered: dW_hh one GEMM,
+  // C [M, N] (row stride ldc) = op(A) B, all half_t (h_prev gathered: dW_hh one GEMM,
   // not two terms, each rounded).
   const auto gemm = [&](bool trans_a, bool trans_b, int64_t M, int64_t Nc, int64_t K,
-                        const bf16* A, int64_t lda, const bf16* Bm, int64_t ldb, float beta,
-                        bf16* C, int64_t ldc) {
-    TORCH_INTERNAL_ASSERT(beta == 0 && !trans_b, "backward_bf16_workspace: an unexpected GEMM");
+                        const half_t* A, int64_t lda, const half_t* Bm, int64_t ldb, float beta,
+                        half_t* C, int64_t ldc) {
+    TORCH_INTERNAL_ASSERT(beta == 0 && !trans_b, "backward_stored_workspace: an unexpected GEMM");
     if (!bf16_dot) {
-      k.small_gemm_bf16(trans_a, M, Nc, K, A, lda, Bm, ldb, C, ldc);
+      stored.small_gemm(trans_a, M, Nc, K, A, lda, Bm, ldb, C, ldc);
       return;
     }
-    at::Tensor a = at::from_blob(const_cast<bf16*>(A), {trans_a ? K : M, trans_a ? M : K},
+    at::Tensor a = at::from_blob(const_cast<half_t*>(A), {trans_a ? K : M, trans_a ? M : K},
                                  {lda, 1}, opts);
     at::Tensor c = at::from_blob(C, {M, Nc}, {ldc, 1}, opts);
-    at::mm_out(c, trans_a ? a.t() : a, at::from_blob(const_cast<bf16*>(Bm), {K, Nc}, {ldb, 1}, opts));
+    at::mm_out(c, trans_a ? a.t() : a,
+               at::from_blob(const_cast<half_t*>(Bm), {K, Nc}, {ldb, 1}, opts));
   };
   at::Tensor grad_h0 = p.need_grad_h0 ? at::empty({B, H}, opts) : at::empty({0}, opts);
   if (steps.size() == 1) {
     // One step: no loop to share, and dh_prev is grad_h0 itself: one GEMM on W_hh as
     // stored, where a W_hh pack (the loop's) cost more than the step.
-    k.backward_block_bf16(0, B, 0, H, H, gates, cells, cells, 0, c0, dh_p, grad_output, dc_p, dg);
+    stored.backward_block(0, B, 0, H, H, gates, cells, cells, 0, c0, dh_p, grad_output, dc_p, dg);
     if (p.need_grad_h0) gemm(false, false, B, H, G, dg, G, ptr(p.w_hh), H, 0, ptr(grad_h0), H);
-  } else {
+  } else if constexpr (std::is_same_v<half_t, c10::BFloat16>) {
+    using bf16 = c10::BFloat16;
     constexpr int64_t width = kBf16PanelColumns;  // a thread's units, whole panels
     at::Tensor w_pairs = at::empty({(H + width - 1) / width * G * width}, opts);
     k.pack_column_pairs_bf16(p.w_hh.data_ptr<bf16>(), G, H, w_pairs.data_ptr<bf16>());
@@ -222,7 +229,7 @@ std::optional<BackwardResult> backward_bf16_workspace(const LayerBackwardParams&
         const Step& step = steps[steps.size() - 1 - n];
         const int64_t row0 = std::min(r0, step.batch), row1 = std::min(r1, step.batch);
         bf16* dg_t = dg + step.offset * G;
-        k.backward_block_bf16(row0, row1, u0, u1, H, gates + step.offset * G,
+        stored.backward_block(row0, row1, u0, u1, H, gates + step.offset * G,
                               cells + step.offset * H, cells + step.prev_offset * H,
                               step.prev_batch, c0, dh_p, grad_output + step.offset * H, dc_p,
                               dg_t);
@@ -238,21 +245,21 @@ std::optional<BackwardResult> backward_bf16_workspace(const LayerBackwardParams&
   at::Tensor grad_input = at::empty({p.need_grad_input ? N : 0, I}, opts);
   at::Tensor grad_w_ih = at::empty({G, I}, opts), grad_w_hh = at::empty({G, P}, opts);
   at::Tensor h_prev = scratch_buffer(Scratch::kPrevHidden, N, P, opts);  // gathered (below)
-  const WeightGradientArgs<bf16> args{
+  const WeightGradientArgs<half_t> args{
       dg, ptr(p.input), ptr(p.w_ih), ptr(p.output), ptr(p.h0), ptr(h_prev), nullptr, nullptr,
       ptr(grad_input), ptr(grad_w_ih), ptr(grad_w_hh), nullptr};
-  const auto copy = [](bf16* dst, const bf16* src, int64_t rows, int64_t cols) {
+  const auto copy = [](half_t* dst, const half_t* src, int64_t rows, int64_t cols) {
     copy_rows(dst, src, rows, cols);
   };
   weight_gradients(p.s, steps, p.reverse, args, gemm, copy, /*gather=*/true);
   at::Tensor grad_bias = dgates.sum(0);  // float32 sums, rounded once
   if (!p.need_grad_input) grad_input = grad_input.view({0});
-  return BackwardResult{grad_input, grad_h0, dc.to(at::kBFloat16), grad_w_ih, grad_w_hh,
+  return BackwardResult{grad_input, grad_h0, dc.to(p.input.scalar_type()), grad_w_ih, grad_w_hh,
                         grad_bias, at::empty({0}, opts)};
 }
 
 // Ops lstm_layer_backward and, kOverwriteGates, lstm_layer_backward_overwrite_gates:
-// backward_bf16_workspace where it applies, else the driver's backward (half and
+// backward_stored_workspace where it applies, else the driver's backward (half and
 // bfloat16 through ReducedPrecisionInFloat).
 template <bool kOverwriteGates>
 BackwardResult lstm_layer_backward_cpu(
@@ -262,11 +269,15 @@ BackwardResult lstm_layer_backward_cpu(
     const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& gates,
     const at::Tensor& cells, const at::Tensor& hiddens, bool reverse, bool need_grad_input,
     bool need_grad_h0) {
-  if (input.scalar_type() == at::kBFloat16) {
+  const at::ScalarType dtype = input.scalar_type();
+  if (dtype == at::kBFloat16 || dtype == at::kHalf) {
     const LayerBackwardParams p = make_backward_params(
         grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, output,
         gates, cells, hiddens, reverse, need_grad_input, need_grad_h0, kOverwriteGates);
-    if (auto result = backward_bf16_workspace(p)) return *result;
+    if (auto result = dtype == at::kHalf ? backward_stored_workspace<c10::Half>(p)
+                                         : backward_stored_workspace<c10::BFloat16>(p)) {
+      return *result;
+    }
   }
   return ReducedPrecisionInFloat<&lstm_layer_backward_kernel<CpuBackend, kOverwriteGates>>::call(
       grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, output,

@@ -15,13 +15,14 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   const int64_t H, P;
   const StepGemm<scalar_t> recurrent, projection;
   const bool fused_step;
-  // A bfloat16 layer whose weights come as stored (bf16_weights_apply: a CPU with the
-  // bfloat16 kernels, its loop fused or one step of few rows; forward_bf16_weights below):
-  // its GEMMs multiply x, h_prev and the weights in bfloat16, two exact products per
-  // vdpbf16ps into float32 sums, at twice float32's rate; each step reads the h before
-  // it rounded to bfloat16, as nn.LSTM's bfloat16 layer does; c and the cell update stay
-  // float32. (PERF_LOG.md rows 45, 49.)
-  const bool bf16_operands;
+  // The dtype of a 16-bit layer whose weights come as stored (stored_weights_apply;
+  // forward_stored_weights below), else Undefined. Its GEMMs multiply x, h_prev and the
+  // weights in that dtype: on AVX512_BF16 CPUs bfloat16 by two exact products per
+  // vdpbf16ps into float32 sums, at twice float32's rate, elsewhere (and float16) each
+  // load widened to float, exact products, float32 sums; each step reads the h before it
+  // rounded to that dtype, as nn.LSTM's 16-bit layer does; c and the cell update stay
+  // float32. (PERF_LOG.md rows 45, 49, 57, 59.)
+  const at::ScalarType stored;
   // small_gemm reads B as [K, N]: the transposed weights, made once per call.
   const at::Tensor w_hh_t, w_hr_t;  // [P, 4H], [H, P], or undefined
 
@@ -36,30 +37,31 @@ struct CpuForward : CpuLayerBase<scalar_t> {
     return !params.s.has_proj && k.fused_step != nullptr &&
            use_fused_step(step.small, params.s.H, params.steps.size());
   }
-  // Whether a bfloat16 layer of these sizes runs with bfloat16 operands throughout, so
-  // that its weights need no float32 copy: fused, or one step (its two GEMMs
-  // gemm_bf16_operands); no projection, H even. Without the bfloat16 kernels (no
-  // AVX512_BF16: only small_gemm_trans_b_bf16, widening its loads) one step of at most
-  // tuning.h's bf16_widening_max_rows rows whose two GEMMs are few-row dot products
+  // Whether a 16-bit layer of these sizes runs with 16-bit operands throughout, so that
+  // its weights need no float32 copy (gemm_stored_operands). A bfloat16 layer on a CPU
+  // with the bfloat16 kernels (AVX512_BF16): fused, or one step; H even. Else (float16,
+  // or no AVX512_BF16: StoredKernels::small_gemm_trans_b, widening its loads) one step of
+  // at most tuning.h's widening_max_rows rows whose two GEMMs are few-row dot products
   // (few_rows_*), where the float32 path widened both weights every call (PERF_LOG.md
-  // row 57).
-  static bool bf16_weights_apply(const LayerForwardParams& params) {
+  // rows 57, 59). No projection.
+  static bool stored_weights_apply(const LayerForwardParams& params) {
     const LayerSizes& s = params.s;
-    const auto& k = cpu_kernels<float>();
-    if (!std::is_same_v<scalar_t, float> || k.small_gemm_trans_b_bf16 == nullptr ||
-        s.has_proj || s.H % 2 != 0 || s.N == 0) {
+    const at::ScalarType dtype = params.w_ih.scalar_type();
+    if (!std::is_same_v<scalar_t, float> || (dtype != at::kBFloat16 && dtype != at::kHalf) ||
+        s.has_proj || s.N == 0) {
       return false;
     }
     const bool one_step = params.steps.size() == 1 && cpu_gemm_setting() != GemmSetting::kAten;
-    if (k.fused_step_bf16 == nullptr) {
-      const CpuTuning& t = cpu_tuning();
-      // (Not where the loop fuses, one step too under set_cpu_gemm("small"): no
-      // fused_step_bf16 to run it.)
-      return one_step && !runs_fused(params) && s.B <= t.bf16_widening_max_rows &&
-             few_rows_dot(t, s.N, params.w_ih.nbytes()) &&
-             few_rows_dot(t, s.B, params.w_hh.nbytes());
+    if (dtype == at::kBFloat16 && cpu_kernels<float>().fused_step_bf16 != nullptr &&
+        s.H % 2 == 0) {
+      return runs_fused(params) || one_step;
     }
-    return runs_fused(params) || one_step;
+    const CpuTuning& t = cpu_tuning();
+    // (Not where the loop fuses, one step too under set_cpu_gemm("small"): no 16-bit
+    // fused step to run it.)
+    return one_step && !runs_fused(params) && s.B <= t.widening_max_rows &&
+           few_rows_dot(t, s.N, params.w_ih.nbytes()) &&
+           few_rows_dot(t, s.B, params.w_hh.nbytes());
   }
 
   explicit CpuForward(const LayerForwardParams& params)
@@ -70,23 +72,30 @@ struct CpuForward : CpuLayerBase<scalar_t> {
         recurrent(StepGemm<scalar_t>::make(p.s.B, 4 * H, P, enough_steps(p))),
         projection(StepGemm<scalar_t>::make(p.s.B, P, H, enough_steps(p))),
         fused_step(runs_fused(p)),
-        bf16_operands(p.w_ih.scalar_type() == at::kBFloat16 &&
-                      c10::CppTypeToScalarType<scalar_t>::value != at::kBFloat16),
-        w_hh_t(recurrent.small && !fused_step && !bf16_operands ? p.w_hh.t().contiguous()
-                                                               : at::Tensor()),
+        stored(p.w_ih.scalar_type() != c10::CppTypeToScalarType<scalar_t>::value
+                   ? p.w_ih.scalar_type()
+                   : at::ScalarType::Undefined),
+        w_hh_t(recurrent.small && !fused_step && stored == at::ScalarType::Undefined
+                   ? p.w_hh.t().contiguous()
+                   : at::Tensor()),
         w_hr_t(p.s.has_proj && projection.small ? p.w_hr.t().contiguous() : at::Tensor()) {
-    TORCH_INTERNAL_ASSERT(!bf16_operands || bf16_weights_apply(p),
-                          "CpuForward: bfloat16 weights where bf16_weights_apply is false");
+    TORCH_INTERNAL_ASSERT(stored == at::ScalarType::Undefined || stored_weights_apply(p),
+                          "CpuForward: 16-bit weights where stored_weights_apply is false");
   }
 
-  // The layer's weights as stored, in bfloat16 (bf16_operands).
-  static const c10::BFloat16* stored_bf16(const at::Tensor& w) {
-    return w.data_ptr<c10::BFloat16>();
+  // f(half_t{}) for the stored dtype's C++ type.
+  template <typename F>
+  void with_stored_type(const F& f) const {
+    if (stored == at::kHalf) {
+      f(c10::Half{});
+    } else {
+      f(c10::BFloat16{});
+    }
   }
 
   // gates [N, 4H] = x [N, I] W_ih^T + (b_ih + b_hh), the bias where the GEMM's tiles start
-  // (gemm_bias); with bfloat16 operands (bf16_operands) x and W_ih as stored
-  // (gemm_bf16_operands), x padded to an even I where it is fed to the packed path.
+  // (gemm_bias); with 16-bit operands (`stored`) x and W_ih as stored
+  // (gemm_stored_operands), x padded to an even I where it is fed to the packed path.
   void input_gemm(scalar_t* gates) const {
     std::vector<scalar_t> bias;
     if (p.b_ih.defined()) {
@@ -96,56 +105,66 @@ struct CpuForward : CpuLayerBase<scalar_t> {
       for (int64_t k = 0; k < 4 * H; ++k) bias[k] = b1[k] + b2[k];
     }
     const scalar_t* bias_ptr = bias.empty() ? nullptr : bias.data();
-    if (bf16_operands) {
+    if (stored != at::ScalarType::Undefined) {
       const int64_t N = p.s.N, I = p.s.I;
-      const bool dot = few_rows_dot(cpu_tuning(), N, 4 * H * I * int64_t(sizeof(c10::BFloat16)));
-      const int64_t K = dot ? I : (I + 1) / 2 * 2;
-      at::Tensor x = p.input.to(at::kBFloat16);
+      const int64_t K = few_rows_dot(cpu_tuning(), N, p.w_ih.nbytes()) ? I : (I + 1) / 2 * 2;
+      at::Tensor x = p.input.to(stored);
       if (K != I) {
         x = at::zeros({N, K}, x.options());
         x.narrow(1, 0, I).copy_(p.input);
       }
-      gemm_bf16_operands(N, K, x.contiguous().data_ptr<c10::BFloat16>(), p.w_ih, bias_ptr, false,
-                         gates);
+      x = x.contiguous();
+      with_stored_type([&](auto half) {
+        using half_t = decltype(half);
+        gemm_stored_operands<half_t>(N, K, x.data_ptr<half_t>(), p.w_ih, bias_ptr, false, gates);
+      });
       return;
     }
     gemm_bias<scalar_t>(true, p.s.N, 4 * H, p.s.I, p.input.data_ptr<scalar_t>(), p.s.I,
                         p.w_ih.data_ptr<scalar_t>(), p.s.I, bias_ptr, gates, 4 * H);
   }
 
-  // g [b, 4H] += h [b, P] W_hh^T; with bfloat16 operands (a one-step call: h is h0, a
-  // bfloat16 value) h rounded to bfloat16 and W_hh as stored.
+  // g [b, 4H] += h [b, P] W_hh^T; with 16-bit operands (a one-step call: h is h0, a
+  // 16-bit value) h rounded to that dtype and W_hh as stored.
   void recurrent_gemm(int64_t b, const scalar_t* h, scalar_t* g) const {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (bf16_operands) {
-        std::vector<c10::BFloat16> h_round(h, h + b * P);
-        gemm_bf16_operands(b, P, h_round.data(), p.w_hh, nullptr, true, g);
-        return;
-      }
+    if (stored != at::ScalarType::Undefined) {
+      with_stored_type([&](auto half) {
+        using half_t = decltype(half);
+        std::vector<half_t> h_round(h, h + b * P);
+        gemm_stored_operands<half_t>(b, P, h_round.data(), p.w_hh, nullptr, true, g);
+      });
+      return;
     }
     recurrent(b, 4 * H, P, h, P, p.w_hh.data_ptr<scalar_t>(), true,
               recurrent.small ? w_hh_t.data_ptr<scalar_t>() : nullptr, true, g, 4 * H);
   }
 
   // gates [M, 4H] = a [M, K] w^T + bias (bias [4H] or null), or with accumulate +=, a and
-  // w [4H, K] (W_ih or W_hh) in bfloat16, float32 sums: few rows (few_rows_dot) as dot
-  // products on w in place (small_gemm_trans_b_bf16), more through w packed and
-  // input_gemm_bf16's register tiles (K even: the caller pads a).
-  void gemm_bf16_operands(int64_t M, int64_t K, const c10::BFloat16* a, const at::Tensor& w,
-                          const scalar_t* bias, bool accumulate, scalar_t* gates) const {
+  // w [4H, K] (W_ih or W_hh) in half_t as stored, float32 sums: few rows (few_rows_dot)
+  // as dot products on w in place (StoredKernels::small_gemm_trans_b), more (bfloat16 on
+  // AVX512_BF16 CPUs only: stored_weights_apply) through w packed and input_gemm_bf16's
+  // register tiles (K even: the caller pads a).
+  template <typename half_t>
+  void gemm_stored_operands(int64_t M, int64_t K, const half_t* a, const at::Tensor& w,
+                            const scalar_t* bias, bool accumulate, scalar_t* gates) const {
     const int64_t k_stored = w.size(1);
     if (few_rows_dot(cpu_tuning(), M, w.nbytes())) {
       for (int64_t r = 0; !accumulate && bias != nullptr && r < M; ++r) {
         std::copy_n(bias, 4 * H, gates + r * 4 * H);
       }
-      kernels.small_gemm_trans_b_bf16(M, 4 * H, k_stored, a, K, stored_bf16(w), k_stored,
-                                      accumulate || bias != nullptr, gates, 4 * H);
+      kernels.template stored<half_t>().small_gemm_trans_b(
+          M, 4 * H, k_stored, a, K, w.data_ptr<half_t>(), k_stored,
+          accumulate || bias != nullptr, gates, 4 * H);
       return;
     }
-    const int64_t width = kernels.fused_width;
-    at::Tensor packed = at::empty({(H + width - 1) / width * width * 4 * K}, w.options());
-    kernels.pack_fused_weights_bf16(stored_bf16(w), H, k_stored, packed.data_ptr<c10::BFloat16>());
-    kernels.input_gemm_bf16(M, H, K, a, packed.data_ptr<c10::BFloat16>(), bias, accumulate, gates);
+    TORCH_INTERNAL_ASSERT((std::is_same_v<half_t, c10::BFloat16>) && kernels.input_gemm_bf16,
+                          "gemm_stored_operands: no packed GEMM for this dtype and CPU");
+    if constexpr (std::is_same_v<half_t, c10::BFloat16>) {
+      const int64_t width = kernels.fused_width;
+      at::Tensor packed = at::empty({(H + width - 1) / width * width * 4 * K}, w.options());
+      kernels.pack_fused_weights_bf16(w.data_ptr<half_t>(), H, k_stored, packed.data_ptr<half_t>());
+      kernels.input_gemm_bf16(M, H, K, a, packed.data_ptr<half_t>(), bias, accumulate, gates);
+    }
   }
 
   void cell_forward(int64_t b, scalar_t* g, scalar_t* c_state, scalar_t* cells, scalar_t* h_out,
@@ -159,11 +178,11 @@ struct CpuForward : CpuLayerBase<scalar_t> {
                projection.small ? w_hr_t.data_ptr<scalar_t>() : nullptr, false, r, P);
   }
 
-  // The fused loop, where use_fused_step picks it (with bfloat16 operands where
-  // bf16_operands).
+  // The fused loop, where use_fused_step picks it (with bfloat16 operands where `stored`:
+  // stored_weights_apply runs no other 16-bit layer fused).
   bool fused(const ForwardBuffers<scalar_t>& buf) const {
     if (!fused_step) return false;
-    if (bf16_operands) {
+    if (stored == at::kBFloat16) {
       fused_bf16(buf);
       return true;
     }
@@ -191,7 +210,7 @@ struct CpuForward : CpuLayerBase<scalar_t> {
     const int64_t width = kernels.fused_width;
     const auto opts = p.input.options().dtype(at::kBFloat16);
     at::Tensor w_packed = at::empty({(H + width - 1) / width * width * 4 * H}, opts);
-    kernels.pack_fused_weights_bf16(stored_bf16(p.w_hh), H, H, w_packed.data_ptr<bf16>());
+    kernels.pack_fused_weights_bf16(p.w_hh.data_ptr<bf16>(), H, H, w_packed.data_ptr<bf16>());
     at::Tensor out_round = at::empty({p.s.N, H}, opts);
     at::Tensor h0_round =
         at::from_blob(buf.h_state, {p.s.B, H}, p.input.options()).to(at::kBFloat16);
@@ -247,30 +266,28 @@ struct CpuForward : CpuLayerBase<scalar_t> {
 
 namespace {
 
-// The CPU forward ops. A bfloat16 layer that runs with bfloat16 operands throughout
-// (CpuForward::bf16_weights_apply) keeps its weights as stored, where
+// The CPU forward ops. A 16-bit layer that runs with 16-bit operands throughout
+// (CpuForward::stored_weights_apply) keeps its weights as stored, where
 // ReducedPrecisionInFloat widens every argument: x, h0, c0 and the biases are widened,
 // the results rounded back, as there. The weights' float32 copies were most of a
-// one-step call (PERF_LOG.md row 49). Every other call goes through
+// one-step call (PERF_LOG.md rows 49, 57, 59). Every other call goes through
 // ReducedPrecisionInFloat (which passes non-16-bit calls straight to the kernel).
 template <bool kKeepWorkspace>
-std::optional<ForwardResult> forward_bf16_weights(
+std::optional<ForwardResult> forward_stored_weights(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, bool reverse) {
-  if (input.scalar_type() != at::kBFloat16 ||
-      cpu_kernels<float>().small_gemm_trans_b_bf16 == nullptr) {
-    return std::nullopt;
-  }
+  const at::ScalarType dtype = input.scalar_type();
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return std::nullopt;
   LayerForwardParams p = make_forward_params(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                              w_hr, reverse, kKeepWorkspace);
-  if (!CpuForward<float>::bf16_weights_apply(p)) return std::nullopt;
+  if (!CpuForward<float>::stored_weights_apply(p)) return std::nullopt;
   for (at::Tensor* t : {&p.input, &p.h0, &p.c0, &p.b_ih, &p.b_hh}) {
     if (t->defined()) *t = t->to(at::kFloat);
   }
   ForwardResult result = layer_forward<CpuBackend>(p);
-  std::apply([](auto&... t) { ((t = t.to(at::kBFloat16)), ...); }, result);
+  std::apply([dtype](auto&... t) { ((t = t.to(dtype)), ...); }, result);
   return result;
 }
 
@@ -279,7 +296,7 @@ ForwardResult lstm_layer_forward_cpu(
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, bool reverse) {
-  if (auto result = forward_bf16_weights<true>(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih,
+  if (auto result = forward_stored_weights<true>(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih,
                                                b_hh, w_hr, reverse)) {
     return *result;
   }
@@ -292,7 +309,7 @@ LayerResult lstm_layer_cpu(
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, bool reverse) {
-  if (auto result = forward_bf16_weights<CpuBackend::kInferenceKeepsWorkspace>(
+  if (auto result = forward_stored_weights<CpuBackend::kInferenceKeepsWorkspace>(
           input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)) {
     auto& [output, h_n, c_n, gates, cells, hiddens] = *result;
     return {output, h_n, c_n};

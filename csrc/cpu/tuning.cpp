@@ -76,11 +76,11 @@ CpuTuning make_tuning(int capability) {
   t.bf16_gemm_min_macs = int64_t{1} << 24;
   // Measured on AVX2 (the AVX2-only kind, session 25); AVX-512 CPUs without AVX512_BF16
   // take the same (not measured).
-  t.bf16_widening_max_rows = 8;
+  t.widening_max_rows = 8;
   // Measured on AVX2 (the AVX2-only kind, session 26: 1.1x at 16-32 rows, 0.9x at 64,
   // 0.7x at 128-256 against the float32 path's BLAS); AVX-512 without AVX512_BF16 takes
   // the same (not measured).
-  t.bf16_widening_backward_max_rows = 32;
+  t.widening_backward_max_rows = 32;
   t.own_large_gemm = capability == kCapabilityAvx512 && !cpu_is_intel();
   // Both SIMD builds (measured on each); the portable build keeps W_hh in place (not measured).
   t.fused_backward_panels = capability != kCapabilityDefault;
@@ -93,7 +93,7 @@ CpuTuning make_tuning(int capability) {
     t.few_rows_max_rows_b_in_cache = 0;
     // Its widening one-step backward ran at 0.4-0.9x of the float32 path at B 1-16 (the
     // AVX2-only kind, session 26, in-process).
-    t.bf16_widening_backward_max_rows = 0;
+    t.widening_backward_max_rows = 0;
   }
   return t;
 }
@@ -124,8 +124,8 @@ void for_each_rule(CpuTuning& t, const F& f) {
   f("own_small_gemm_max_outputs", t.own_small_gemm_max_outputs);
   f("own_large_gemm", t.own_large_gemm);
   f("bf16_gemm_min_macs", t.bf16_gemm_min_macs);
-  f("bf16_widening_max_rows", t.bf16_widening_max_rows);
-  f("bf16_widening_backward_max_rows", t.bf16_widening_backward_max_rows);
+  f("widening_max_rows", t.widening_max_rows);
+  f("widening_backward_max_rows", t.widening_backward_max_rows);
   f("fused_backward_panels", t.fused_backward_panels);
 }
 

@@ -80,17 +80,18 @@ struct CpuTuning {
   // bfloat16 (CpuBackward::gemm) from this many multiply-adds, on CPUs with AVX512_BF16:
   // below it the operands' rounding copies cost more than the faster GEMM saves.
   int64_t bf16_gemm_min_macs;
-  // A bfloat16 one-step forward on a CPU without AVX512_BF16 reads its weights as stored
-  // (small_gemm_trans_b_bf16, each load widened to float) up to this many rows, within
-  // few_rows_*: each row of A widens the same vectors of B again (two more instructions
-  // a multiply-add), so past a few rows the float32 path, its weights widened once a
-  // call, is faster; below, that widening is most of the call (PERF_LOG.md row 57).
-  int64_t bf16_widening_max_rows;
-  // ... and its one-step backward reads them as stored too (small_gemm_bf16, each load
-  // widened) up to this many rows: its register tiles run the GEMMs more slowly than the
-  // float32 path's BLAS on widened weights, which past this many rows repays the widening
-  // (PERF_LOG.md row 58).
-  int64_t bf16_widening_backward_max_rows;
+  // A 16-bit one-step forward (float16; bfloat16 on a CPU without AVX512_BF16) reads its
+  // weights as stored (StoredKernels::small_gemm_trans_b, each load widened to float) up
+  // to this many rows, within few_rows_*: each row of A widens the same vectors of B
+  // again (one or two more instructions a multiply-add), so past a few rows the float32
+  // path, its weights widened once a call, is faster; below, that widening is most of
+  // the call (PERF_LOG.md rows 57, 59).
+  int64_t widening_max_rows;
+  // ... and its one-step backward reads them as stored too (StoredKernels::small_gemm,
+  // each load widened) up to this many rows: its register tiles run the GEMMs more
+  // slowly than the float32 path's BLAS on widened weights, which past this many rows
+  // repays the widening (PERF_LOG.md rows 58, 59).
+  int64_t widening_backward_max_rows;
   // The fused backward loop's dh = dgates W_hh reads W_hh packed in column panels
   // (pack_column_panels), not in place: W_hh's rows, H apart, touch a new page per k
   // from H = 1024 floats, and the in-place loop lost to BLAS once W_hh left L2.

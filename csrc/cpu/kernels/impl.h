@@ -39,28 +39,44 @@ C10_ALWAYS_INLINE void store(at::opmath_type<S> v, S* p, int64_t) {
   *p = static_cast<S>(v);
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
-// bfloat16 storage read into float lanes: a bfloat16 layer's workspace in the fused
-// backward (backward_rows<float, BFloat16>), its weights in the one-step GEMMs.
-C10_ALWAYS_INLINE Vectorized<float> load(Vectorized<float>, const c10::BFloat16* p, int64_t n) {
-  return std::get<0>(at::vec::convert_bfloat16_float(Vectorized<c10::BFloat16>::loadu(p, n)));
+template <typename T>
+constexpr bool kHalfStorage = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+// 16-bit lanes to float and back (ATen's converters by name: its generic
+// convert_to_float / convert_from_float are not defined in every build).
+C10_ALWAYS_INLINE std::tuple<Vectorized<float>, Vectorized<float>> to_float(
+    const Vectorized<c10::BFloat16>& v) {
+  return at::vec::convert_bfloat16_float(v);
 }
-#else
-// bfloat16 storage read into float lanes (exact): a whole vector's worth in one widening
-// load, a partial one through a copy.
-C10_ALWAYS_INLINE Vectorized<float> load(Vectorized<float>, const c10::BFloat16* p, int64_t n) {
-  Vectorized<float> v;
+C10_ALWAYS_INLINE std::tuple<Vectorized<float>, Vectorized<float>> to_float(
+    const Vectorized<c10::Half>& v) {
+  return at::vec::convert_half_float(v);
+}
+C10_ALWAYS_INLINE Vectorized<c10::BFloat16> from_float(const Vectorized<float>& v, c10::BFloat16*) {
+  return at::vec::convert_float_bfloat16(v, v);
+}
+C10_ALWAYS_INLINE Vectorized<c10::Half> from_float(const Vectorized<float>& v, c10::Half*) {
+  return at::vec::convert_float_half(v, v);
+}
+
+// 16-bit storage (half_t: bfloat16 or float16) read into float lanes (exact): a 16-bit
+// layer's workspace in the one-step and fused backward (backward_rows<float, half_t>), its
+// weights in the one-step GEMMs. A whole vector's worth in one widening load (but on
+// AVX-512), a partial one through a copy.
+template <typename half_t, typename = std::enable_if_t<kHalfStorage<half_t>>>
+C10_ALWAYS_INLINE Vectorized<float> load(Vectorized<float>, const half_t* p, int64_t n) {
+#if !defined(CPU_CAPABILITY_AVX512)
   if (n == Vectorized<float>::size()) {
+    Vectorized<float> v;
     at::vec::load_to_float(p, v);
-  } else {
-    v = std::get<0>(at::vec::convert_bfloat16_float(Vectorized<c10::BFloat16>::loadu(p, n)));
+    return v;
   }
-  return v;
-}
 #endif
-// float lanes rounded (to nearest even) into bfloat16 storage.
-C10_ALWAYS_INLINE void store(const Vectorized<float>& v, c10::BFloat16* p, int64_t n) {
-  at::vec::convert_float_bfloat16(v, v).store(p, n);
+  return std::get<0>(to_float(Vectorized<half_t>::loadu(p, n)));
+}
+// float lanes rounded (to nearest even) into 16-bit storage.
+template <typename half_t, typename = std::enable_if_t<kHalfStorage<half_t>>>
+C10_ALWAYS_INLINE void store(const Vectorized<float>& v, half_t* p, int64_t n) {
+  from_float(v, p).store(p, n);
 }
 
 template <typename S>
@@ -137,7 +153,7 @@ void forward_step(int64_t b, int64_t H, scalar_t* gates, scalar_t* c_state, scal
 
 // The cell backward of rows [r0, r1), units [u0, u1), on the calling thread. The
 // workspace (gates, cells, c_prev, c0, dh_extra) and dgates in store_t: scalar_t, or
-// bfloat16 for a bfloat16 layer's fused backward (CpuKernels::backward_block_bf16:
+// 16-bit for a 16-bit layer's backward read as stored (StoredKernels::backward_block:
 // float math, dgates rounded); dh and dc in scalar_t.
 template <typename scalar_t, typename store_t = scalar_t>
 void backward_rows(int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H,
@@ -184,7 +200,7 @@ void backward_step(int64_t b, int64_t H, const scalar_t* gates, const scalar_t* 
 // A(r, k) is A[r * lda + k], or with kTransA (A stored [K, M]) A[k * lda + r].
 // Without accumulate, C starts from `bias` (the block's columns of a row added to every
 // row) where it is not null, else from 0. A stored as a_t, B as b_t, C as out_t, the sums in
-// scalar_t: bfloat16 operands widened as loaded, C rounded once as stored
+// scalar_t: 16-bit operands widened as loaded, C rounded once as stored
 // (small_gemm_16bit).
 template <typename scalar_t, int kRows, int kVecs, bool kFull, bool kTransA, typename a_t,
           typename b_t, typename out_t>
@@ -336,7 +352,7 @@ std::vector<float> widened(const half_t* src, int64_t rows, int64_t cols, int64_
   return out;
 }
 
-// CpuKernels::small_gemm_bf16: C = op(A) B with A, B and C in half_t as stored, float
+// StoredKernels::small_gemm: C = op(A) B with A, B and C in half_t as stored, float
 // sums, C rounded once; A (dgates, few rows or, transposed, K = the batch) widened to
 // float first (a 16-bit broadcast is three instructions more a row of a block and k).
 // A few rows of A (dx = dgates W_ih, dh = dgates W_hh: K = 4H, B up to 16 MB, each of
@@ -471,9 +487,10 @@ C10_ALWAYS_INLINE Vectorized<scalar_t> sum_lanes(
 // copies B every call (MKL's sgemm copy was 32% of a one-step decode). Tried: tiles of
 // 2 rows x W / 2 (fewer loads a FMA; 8 pointers to B's rows on AVX-512, not 16), 1.2-2x
 // faster with B of 16-64 MB but 1.1-1.5x slower at a decoding LSTM's 0.1-2 MB, its
-// accumulators going through the stack (AMD Zen 4). With in_t bfloat16 (A and B as a
-// bfloat16 layer stores them, C float): each load widened to float, exact products, float
-// sums, where AVX512_BF16's vdpbf16ps is missing (small_gemm_trans_b_bf16).
+// accumulators going through the stack (AMD Zen 4). With in_t 16-bit (A and B as a
+// 16-bit layer stores them, C float; StoredKernels::small_gemm_trans_b): each load
+// widened to float, exact products, float sums (bfloat16 on AVX512_BF16 CPUs:
+// small_gemm_trans_b_bf16's vdpbf16ps).
 template <typename scalar_t, typename in_t = scalar_t>
 void small_gemm_trans_b(int64_t M, int64_t N, int64_t K, const in_t* A, int64_t lda,
                         const in_t* B, int64_t ldb, bool accumulate, scalar_t* C,
@@ -1035,10 +1052,10 @@ void pack_fused_weights_bf16(const c10::BFloat16* w, int64_t H, int64_t K, c10::
   });
 }
 
-// CpuKernels::small_gemm_trans_b_bf16: small_gemm_trans_b with A and B in bfloat16 as
-// stored, C in float32: each step of K 32 elements, one vdpbf16ps per row of B adding
-// two exact products per lane into the float32 sums; K slices of 512 (a block's 16 KB);
-// the partial step masked by elements (odd K included).
+// StoredKernels<float, BFloat16>::small_gemm_trans_b on AVX512_BF16 CPUs: A and B in
+// bfloat16 as stored, C in float32: each step of K 32 elements, one vdpbf16ps per row of
+// B adding two exact products per lane into the float32 sums; K slices of 512 (a block's
+// 16 KB); the partial step masked by elements (odd K included).
 FUSED_LSTM_BF16_TARGET void small_gemm_trans_b_bf16(int64_t M, int64_t N, int64_t K,
                                                     const c10::BFloat16* A, int64_t lda,
                                                     const c10::BFloat16* B, int64_t ldb,
@@ -1176,6 +1193,12 @@ bool cpu_has_bf16_dot() {
 }
 #endif
 
+template <typename half_t>
+StoredKernels<float, half_t> stored_kernels() {
+  return {&small_gemm_trans_b<float, half_t>, &small_gemm_16bit<half_t>,
+          &backward_rows<float, half_t>};
+}
+
 }  // namespace
 
 template <typename scalar_t>
@@ -1187,10 +1210,7 @@ CpuKernels<scalar_t> cpu_kernels() {
           kVectorized<scalar_t> ? &fused_step<scalar_t> : nullptr,
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) : 0,
           nullptr,  // fused_step_bf16, pack_fused_weights_bf16, input_gemm_bf16,
-          nullptr,  // small_gemm_trans_b_bf16, small_gemm_bf16, backward_block_bf16,
           nullptr,  // pack_column_pairs_bf16 and gemm_columns_bf16: below
-          nullptr,
-          nullptr,
           nullptr,
           nullptr,
           nullptr,
@@ -1203,11 +1223,10 @@ CpuKernels<scalar_t> cpu_kernels() {
                                       (sizeof(Vectorized<scalar_t>) >= 64 ? 4 : 2)
                                 : 0};
   if constexpr (std::is_same_v<scalar_t, float>) {
-    // Every build: the one-step GEMMs that widen each bfloat16 load (the dot products
-    // replaced by vdpbf16ps with AVX512_BF16, below), the cell backward on bfloat16 storage.
-    kernels.small_gemm_trans_b_bf16 = &small_gemm_trans_b<float, c10::BFloat16>;
-    kernels.small_gemm_bf16 = &small_gemm_16bit<c10::BFloat16>;
-    kernels.backward_block_bf16 = &backward_rows<float, c10::BFloat16>;
+    // Every build: the one-step GEMMs that widen each 16-bit load (bfloat16's dot products
+    // replaced by vdpbf16ps with AVX512_BF16, below), the cell backward on 16-bit storage.
+    kernels.bf16 = stored_kernels<c10::BFloat16>();
+    kernels.f16 = stored_kernels<c10::Half>();
   }
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -1215,7 +1234,7 @@ CpuKernels<scalar_t> cpu_kernels() {
       kernels.fused_step_bf16 = &fused_step_bf16;
       kernels.pack_fused_weights_bf16 = &pack_fused_weights_bf16;
       kernels.input_gemm_bf16 = &input_gemm_bf16;
-      kernels.small_gemm_trans_b_bf16 = &small_gemm_trans_b_bf16;
+      kernels.bf16.small_gemm_trans_b = &small_gemm_trans_b_bf16;
       kernels.pack_column_pairs_bf16 = &pack_column_pairs_bf16;
       kernels.gemm_columns_bf16 = &gemm_columns_bf16;
     }

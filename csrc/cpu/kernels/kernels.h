@@ -5,15 +5,44 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 namespace fused_lstm::cpu {
 
 // Columns of a panel of pack_column_pairs_bf16 (four AVX-512 vectors of float sums).
 constexpr int64_t kBf16PanelColumns = 64;
+
+// The kernels that read a 16-bit layer (half_t: bfloat16 or float16) as stored, float32
+// math and sums: the GEMMs of a one-step call (an LSTMCell, a decoding loop), where
+// widening the weights to float32 every call cost more than the step (cpu/forward.cpp's
+// forward_stored_weights, cpu/backward.cpp's backward_stored_workspace), and the cell
+// backward on 16-bit storage. Non-null for float in every build.
+template <typename scalar_t, typename half_t>
+struct StoredKernels {
+  // small_gemm_trans_b with A [M, K] and B [N, K] in half_t as stored (read in place), C
+  // in float32: x W_ih^T and h W_hh^T. Each load widened to float (exact products, float32
+  // sums), or for bfloat16 on AVX512_BF16 CPUs vdpbf16ps.
+  void (*small_gemm_trans_b)(int64_t M, int64_t N, int64_t K, const half_t* A, int64_t lda,
+                             const half_t* B, int64_t ldb, bool accumulate, scalar_t* C,
+                             int64_t ldc);
+  // small_gemm (or with trans_a small_gemm_trans_a) with A, B and C in half_t as stored,
+  // each load widened to float, float32 sums, C rounded once: the one-step backward's
+  // GEMMs dx = dgates W_ih, dh = dgates W_hh, dW = dgates^T x (bfloat16 on AVX512_BF16
+  // CPUs takes torch's bfloat16 GEMM instead; without it that GEMM is emulated).
+  void (*small_gemm)(bool trans_a, int64_t M, int64_t N, int64_t K, const half_t* A,
+                     int64_t lda, const half_t* B, int64_t ldb, half_t* C, int64_t ldc);
+  // backward_block with gates, cells, c_prev_step, c0, dh_extra and dgates in half_t
+  // (dgates rounded; it may be gates), the math, dh and dc in float32.
+  void (*backward_block)(int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H,
+                         const half_t* gates, const half_t* cells, const half_t* c_prev_step,
+                         int64_t prev_batch, const half_t* c0, const scalar_t* dh,
+                         const half_t* dh_extra, scalar_t* dc, half_t* dgates);
+};
 
 template <typename scalar_t>
 struct CpuKernels {
@@ -68,8 +97,7 @@ struct CpuKernels {
   // and the cell update in float32. h goes to h_out in float32 and, rounded, to h_round
   // [b, H], which the next step reads. w_packed: [ceil(H / fused_width)][H / 2][4
   // gates][fused_width][2 k] (pack_fused_weights_bf16). H even. Non-null only for float
-  // in the AVX-512 build on a CPU with AVX512_BF16, as the two below and the two after
-  // backward_block_bf16.
+  // in the AVX-512 build on a CPU with AVX512_BF16, as the four after it.
   void (*fused_step_bf16)(int64_t b, int64_t H, const c10::BFloat16* a_main, int64_t split,
                           const c10::BFloat16* a_rest, const c10::BFloat16* w_packed,
                           scalar_t* gates, bool store_gates, scalar_t* c_state, scalar_t* cells,
@@ -85,31 +113,6 @@ struct CpuKernels {
   void (*input_gemm_bf16)(int64_t M, int64_t H, int64_t K, const c10::BFloat16* x,
                           const c10::BFloat16* w_packed, const scalar_t* bias, bool accumulate,
                           scalar_t* gates);
-  // small_gemm_trans_b with A [M, K] and B [N, K] in bfloat16 as stored (read in place),
-  // C in float32: a one-step bfloat16 layer's x W_ih^T and h W_hh^T. Non-null for float
-  // in every build: vdpbf16ps with AVX512_BF16, else each load widened to float (exact
-  // products either way, float32 sums).
-  void (*small_gemm_trans_b_bf16)(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A,
-                                  int64_t lda, const c10::BFloat16* B, int64_t ldb,
-                                  bool accumulate, scalar_t* C, int64_t ldc);
-  // small_gemm (or with trans_a small_gemm_trans_a) with A, B and C in bfloat16 as stored,
-  // each load widened to float, float32 sums, C rounded once: the one-step backward's
-  // GEMMs (dx = dgates W_ih, dh = dgates W_hh, dW = dgates^T x) on CPUs without
-  // AVX512_BF16, where torch's bfloat16 GEMM is emulated (cpu/backward.cpp's
-  // backward_bf16_workspace). Non-null for float in every build.
-  void (*small_gemm_bf16)(bool trans_a, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A,
-                          int64_t lda, const c10::BFloat16* B, int64_t ldb, c10::BFloat16* C,
-                          int64_t ldc);
-  // The backward of a bfloat16 layer whose workspace stays as stored
-  // (cpu/backward.cpp's backward_bf16_workspace): backward_block with gates, cells,
-  // c_prev_step, c0, dh_extra and dgates in bfloat16 (dgates rounded; it may be gates),
-  // the math, dh and dc in float32. Non-null for float in every build.
-  void (*backward_block_bf16)(int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H,
-                              const c10::BFloat16* gates, const c10::BFloat16* cells,
-                              const c10::BFloat16* c_prev_step, int64_t prev_batch,
-                              const c10::BFloat16* c0, const scalar_t* dh,
-                              const c10::BFloat16* dh_extra, scalar_t* dc,
-                              c10::BFloat16* dgates);
   // b [K, N] (row-major) packed for gemm_columns_bf16: out[p][k / 2][w][k % 2] =
   // b[k][p * kBf16PanelColumns + w], 0 past column N and, for odd K, at k = K; ceil(N /
   // 64) * ceil(K / 2) * 128 elements. The panels split between threads.
@@ -152,6 +155,17 @@ struct CpuKernels {
                                const scalar_t* bias, scalar_t* C, int64_t ldc);
   // Columns of gemm_columns' widest block (a multiple of fused_width; 0 without it).
   int64_t gemm_columns_width;
+  // A 16-bit layer read as stored (StoredKernels), by its storage type.
+  StoredKernels<scalar_t, c10::BFloat16> bf16{};
+  StoredKernels<scalar_t, c10::Half> f16{};
+  template <typename half_t>
+  const StoredKernels<scalar_t, half_t>& stored() const {
+    if constexpr (std::is_same_v<half_t, c10::Half>) {
+      return f16;
+    } else {
+      return bf16;
+    }
+  }
 };
 
 // Packs b [K, N] (row-major) in panels of `width` columns, each contiguous:
