@@ -659,7 +659,8 @@ def test_16bit_layer_reads_its_weights_as_stored(B, I, H, T, dtype, request):
         if T > 1:
             pytest.skip("no 16-bit kernels for this dtype and CPU (only one-step calls keep "
                         "their weights as stored; AVX512_BF16 runs bfloat16 loops)")
-        rules = ("few_rows_max_rows", "few_rows_max_rows_b_in_cache", "widening_max_rows")
+        rules = ("few_rows_max_rows", "few_rows_max_rows_b_in_cache", "bf16_widening_max_rows",
+                 "f16_widening_max_rows")
         request.addfinalizer(lambda: [torch.ops.fused_lstm.set_cpu_tuning(n, -1) for n in rules])
         for name in rules:
             torch.ops.fused_lstm.set_cpu_tuning(name, B)

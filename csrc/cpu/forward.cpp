@@ -41,7 +41,7 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   // its weights need no float32 copy (gemm_stored_operands). A bfloat16 layer on a CPU
   // with the bfloat16 kernels (AVX512_BF16): fused, or one step; H even. Else (float16,
   // or no AVX512_BF16: StoredKernels::small_gemm_trans_b, widening its loads) one step of
-  // at most tuning.h's widening_max_rows rows whose two GEMMs are few-row dot products
+  // at most tuning.h's *_widening_max_rows rows whose two GEMMs are few-row dot products
   // (few_rows_*), where the float32 path widened both weights every call (PERF_LOG.md
   // rows 57, 59). No projection.
   static bool stored_weights_apply(const LayerForwardParams& params) {
@@ -59,7 +59,9 @@ struct CpuForward : CpuLayerBase<scalar_t> {
     const CpuTuning& t = cpu_tuning();
     // (Not where the loop fuses, one step too under set_cpu_gemm("small"): no 16-bit
     // fused step to run it.)
-    return one_step && !runs_fused(params) && s.B <= t.widening_max_rows &&
+    const int64_t max_rows =
+        dtype == at::kHalf ? t.f16_widening_max_rows : t.bf16_widening_max_rows;
+    return one_step && !runs_fused(params) && s.B <= max_rows &&
            few_rows_dot(t, s.N, params.w_ih.nbytes()) &&
            few_rows_dot(t, s.B, params.w_hh.nbytes());
   }

@@ -43,19 +43,20 @@ c10::Dict<std::string, std::string> cpu_info() {
   // in cpu/backward.cpp, CpuBackward::gemm), and 16-bit one-step calls of few rows
   // elsewhere (CpuForward::stored_weights_apply, the backward's widening_backward_max_rows).
   const bool bf16_kernels = cpu_kernels<float>().fused_step_bf16 != nullptr;
-  const std::string widening =
-      "one-step calls read the weights as stored, each load widened to float32, the forward "
-      "up to " + std::to_string(std::min(t.widening_max_rows, t.few_rows_max_rows_b_in_cache)) +
-      " rows, the backward up to " + std::to_string(t.widening_backward_max_rows) +
-      " (dgates rounded); otherwise as half_layers";
+  const auto widening = [&](int64_t forward_rows) {
+    return "one-step calls read the weights as stored, each load widened to float32, the "
+           "forward up to " + std::to_string(std::min(forward_rows, t.few_rows_max_rows_b_in_cache)) +
+           " rows, the backward up to " + std::to_string(t.widening_backward_max_rows) +
+           " (dgates rounded); otherwise as half_layers";
+  };
   info.insert("half_layers", "in float32, rounded back once per layer, but for "
                              "bfloat16_products and float16_products");
   info.insert("bfloat16_products",
               bf16_kernels ? "AVX512_BF16: fused loops and one-step calls, forward (h rounded "
                              "each step) and backward (dgates rounded each step), the weights "
                              "and workspace read as stored; other layers' backward large GEMMs"
-                           : "none: " + widening);
-  info.insert("float16_products", "none: " + widening);
+                           : "none: " + widening(t.bf16_widening_max_rows));
+  info.insert("float16_products", "none: " + widening(t.f16_widening_max_rows));
   info.insert("fused_forward_min_hidden", std::to_string(t.fused_min_hidden));
   info.insert("fused_min_steps", std::to_string(t.fused_min_steps));
   info.insert("fused_backward_weights", t.fused_backward_panels ? "column panels" : "in place");

@@ -76,10 +76,15 @@ CpuTuning make_tuning(int capability) {
   t.bf16_gemm_min_macs = int64_t{1} << 24;
   // Measured on AVX2 (the AVX2-only kind, session 25); AVX-512 CPUs without AVX512_BF16
   // take the same (not measured).
-  t.widening_max_rows = 8;
-  // Measured on AVX2 (the AVX2-only kind, session 26: 1.1x at 16-32 rows, 0.9x at 64,
-  // 0.7x at 128-256 against the float32 path's BLAS); AVX-512 without AVX512_BF16 takes
-  // the same (not measured).
+  t.bf16_widening_max_rows = 8;
+  // Measured on AVX2 (the AVX2-only kind, session 27: 1.2-3.7x at 12-16 rows, 1.06-3.1x
+  // at 32 against the float32 path, 1.06x at 48, 0.7-1.15x at 64); AVX-512 CPUs take the
+  // same (not measured).
+  t.f16_widening_max_rows = 32;
+  // Measured on AVX2 (the AVX2-only kind; bfloat16 in session 26: 1.1x at 16-32 rows,
+  // 0.9x at 64, 0.7x at 128-256 against the float32 path's BLAS; float16 in session 27:
+  // 1.0-1.8x at 32, 1.4x at 48, 0.94-1.10x at 64, 0.75-0.85x at 96-128); AVX-512 CPUs
+  // take the same (not measured).
   t.widening_backward_max_rows = 32;
   t.own_large_gemm = capability == kCapabilityAvx512 && !cpu_is_intel();
   // Both SIMD builds (measured on each); the portable build keeps W_hh in place (not measured).
@@ -124,7 +129,8 @@ void for_each_rule(CpuTuning& t, const F& f) {
   f("own_small_gemm_max_outputs", t.own_small_gemm_max_outputs);
   f("own_large_gemm", t.own_large_gemm);
   f("bf16_gemm_min_macs", t.bf16_gemm_min_macs);
-  f("widening_max_rows", t.widening_max_rows);
+  f("bf16_widening_max_rows", t.bf16_widening_max_rows);
+  f("f16_widening_max_rows", t.f16_widening_max_rows);
   f("widening_backward_max_rows", t.widening_backward_max_rows);
   f("fused_backward_panels", t.fused_backward_panels);
 }

@@ -80,13 +80,15 @@ struct CpuTuning {
   // bfloat16 (CpuBackward::gemm) from this many multiply-adds, on CPUs with AVX512_BF16:
   // below it the operands' rounding copies cost more than the faster GEMM saves.
   int64_t bf16_gemm_min_macs;
-  // A 16-bit one-step forward (float16; bfloat16 on a CPU without AVX512_BF16) reads its
+  // A 16-bit one-step forward (bfloat16 on a CPU without AVX512_BF16; float16) reads its
   // weights as stored (StoredKernels::small_gemm_trans_b, each load widened to float) up
   // to this many rows, within few_rows_*: each row of A widens the same vectors of B
-  // again (one or two more instructions a multiply-add), so past a few rows the float32
+  // again (one or two more instructions a multiply-add), so past some rows the float32
   // path, its weights widened once a call, is faster; below, that widening is most of
-  // the call (PERF_LOG.md rows 57, 59).
-  int64_t widening_max_rows;
+  // the call (PERF_LOG.md rows 57, 59). float16's widening (one vcvtph2ps) costs less
+  // than bfloat16's (a zero-extension and a shift).
+  int64_t bf16_widening_max_rows;
+  int64_t f16_widening_max_rows;
   // ... and its one-step backward reads them as stored too (StoredKernels::small_gemm,
   // each load widened) up to this many rows: its register tiles run the GEMMs more
   // slowly than the float32 path's BLAS on widened weights, which past this many rows
