@@ -477,6 +477,31 @@ C10_ALWAYS_INLINE Vectorized<scalar_t> sum_lanes(
   return Vec::loadu(sums);
 }
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// bfloat16 storage p[0, 2W) (n valid, zeros past) as two float vectors, the elements at
+// even and at odd positions: a bfloat16 is a float's high half, so the even ones are the
+// 32-bit lanes shifted up, the odd ones the lanes masked, one cheap instruction each where
+// widening in order takes a lane-crossing zero-extension a vector (the shuffle port bounds
+// it). Out of order: for dot products whose two operands are split alike.
+C10_ALWAYS_INLINE void load_bf16_even_odd(const c10::BFloat16* p, int64_t n,
+                                          Vectorized<float>& even, Vectorized<float>& odd) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i v = n == 32 ? _mm512_loadu_si512(p)
+                            : _mm512_maskz_loadu_epi16(__mmask32((uint64_t{1} << n) - 1), p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xFFFF0000u))));
+#else
+  const __m256i v = n == 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                            : __m256i(Vectorized<c10::BFloat16>::loadu(p, n));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))));
+#endif
+}
+constexpr bool kBf16EvenOdd = true;
+#else
+constexpr bool kBf16EvenOdd = false;
+#endif
+
 // CpuKernels::small_gemm_trans_b: C[M, N] = A[M, K] B^T (+ C when accumulate), B stored
 // [N, K] and read in place, as dot products along K: W rows of B at a time (W
 // accumulators, one A vector and W B vectors a step of K), each such block over every
@@ -490,7 +515,9 @@ C10_ALWAYS_INLINE Vectorized<scalar_t> sum_lanes(
 // accumulators going through the stack (AMD Zen 4). With in_t 16-bit (A and B as a
 // 16-bit layer stores them, C float; StoredKernels::small_gemm_trans_b): each load
 // widened to float, exact products, float sums (bfloat16 on AVX512_BF16 CPUs:
-// small_gemm_trans_b_bf16's vdpbf16ps).
+// small_gemm_trans_b_bf16's vdpbf16ps); bfloat16 in the SIMD builds 2W elements a step,
+// split even / odd (load_bf16_even_odd): in order, it ran at 0.6x of float16's vcvtph2ps
+// (AVX2-only AMD Zen 3, PERF_LOG.md row 59).
 template <typename scalar_t, typename in_t = scalar_t>
 void small_gemm_trans_b(int64_t M, int64_t N, int64_t K, const in_t* A, int64_t lda,
                         const in_t* B, int64_t ldb, bool accumulate, scalar_t* C,
@@ -513,6 +540,26 @@ void small_gemm_trans_b(int64_t M, int64_t N, int64_t K, const in_t* A, int64_t 
             Vec acc[W];
             for (int64_t i = 0; i < W; ++i) acc[i] = Vec(scalar_t(0));
             int64_t k = k0;
+            if constexpr (std::is_same_v<in_t, c10::BFloat16> && kBf16EvenOdd) {
+              // (The partial step apart: a partial load in the loop put the accumulators
+              // on the stack.)
+              Vec x0, x1, y0, y1;
+              for (; k + 2 * W <= k1; k += 2 * W) {
+                load_bf16_even_odd(a + k, 2 * W, x0, x1);
+                for (int64_t i = 0; i < W; ++i) {
+                  load_bf16_even_odd(b[i] + k, 2 * W, y0, y1);
+                  acc[i] = at::vec::fmadd(x1, y1, at::vec::fmadd(x0, y0, acc[i]));
+                }
+              }
+              if (k < k1) {
+                load_bf16_even_odd(a + k, k1 - k, x0, x1);
+                for (int64_t i = 0; i < W; ++i) {
+                  load_bf16_even_odd(b[i] + k, k1 - k, y0, y1);
+                  acc[i] = at::vec::fmadd(x1, y1, at::vec::fmadd(x0, y0, acc[i]));
+                }
+              }
+              k = k1;
+            }
             for (; k + W <= k1; k += W) {
               const Vec x = load(Vec{}, a + k, W);
               for (int64_t i = 0; i < W; ++i) {
