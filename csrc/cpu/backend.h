@@ -28,8 +28,9 @@ inline thread_local at::ScalarType reduced_precision_call_dtype = at::ScalarType
 
 // A layer kernel, for half and bfloat16 arguments, run in float32 with its results
 // rounded back (but for the bfloat16 products of a bfloat16 layer on AVX512_BF16 CPUs:
-// above; and such layers that run fused or one step do not come here at all:
-// forward_bf16_weights in cpu/forward.cpp, backward_bf16_workspace in cpu/backward.cpp):
+// above; and 16-bit layers read as stored, bfloat16 ones fused on such CPUs and one-step
+// calls, do not come here at all: forward_stored_weights in cpu/forward.cpp,
+// backward_stored_workspace in cpu/backward.cpp):
 // the fused loops and the GEMMs of our own have no other 16-bit kernels, and
 // the per-step path in 16 bits (ATen's GEMMs, scalar cell math) ran at 0.15-0.4x of
 // nn.LSTM in bfloat16 on an AVX-512 Zen 4 (PERF_LOG.md row 42). Calls with any other

@@ -92,7 +92,7 @@ struct CpuKernels {
                      int64_t j0, int64_t j1);
   int64_t fused_width;  // hidden units per tile (the SIMD width), 0 without fused_step
   // fused_step with bfloat16 operands, for a layer stored in bfloat16 (cpu/forward.cpp's
-  // forward_bf16_weights): h_prev rows (a_main, a_rest) and W_hh in bfloat16, each
+  // forward_stored_weights): h_prev rows (a_main, a_rest) and W_hh in bfloat16, each
   // product pair by AVX512_BF16's vdpbf16ps at twice float32's multiply-add rate, sums
   // and the cell update in float32. h goes to h_out in float32 and, rounded, to h_round
   // [b, H], which the next step reads. w_packed: [ceil(H / fused_width)][H / 2][4
