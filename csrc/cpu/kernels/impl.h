@@ -212,8 +212,16 @@ C10_ALWAYS_INLINE void small_gemm_block_impl(int64_t K, const a_t* A, int64_t ld
   constexpr int64_t W = Vec::size();
   int64_t n[kVecs];  // valid lanes of each vector of columns
   for (int v = 0; v < kVecs; ++v) n[v] = kFull ? W : std::clamp<int64_t>(cols - v * W, 0, W);
+  // (A whole vector of scalar_t by Vec::loadu itself: through load(), g++ 12 kept the
+  // 6 x 4 accumulators of gemm_columns on the stack, 2x slower on an AMD Zen 4.)
   const auto load_n = [&](const auto* p, int v) {
-    return kFull ? load(Vec{}, p, W) : n[v] > 0 ? load(Vec{}, p, n[v]) : Vec(scalar_t(0));
+    if constexpr (kFull && std::is_same_v<std::decay_t<decltype(*p)>, scalar_t>) {
+      return Vec::loadu(p);
+    } else if constexpr (kFull) {
+      return load(Vec{}, p, W);
+    } else {
+      return n[v] > 0 ? load(Vec{}, p, n[v]) : Vec(scalar_t(0));
+    }
   };
   Vec acc[kRows][kVecs];
   for (int v = 0; v < kVecs; ++v) {
