@@ -60,18 +60,28 @@ C10_ALWAYS_INLINE Vectorized<c10::Half> from_float(const Vectorized<float>& v, c
 
 // 16-bit storage (half_t: bfloat16 or float16) read into float lanes (exact): a 16-bit
 // layer's workspace in the one-step and fused backward (backward_rows<float, half_t>), its
-// weights in the one-step GEMMs. A whole vector's worth in one widening load (but on
-// AVX-512), a partial one through a copy.
+// weights in the one-step GEMMs. A whole vector's worth in one widening load, a partial
+// one masked (AVX-512) or through a copy.
 template <typename half_t, typename = std::enable_if_t<kHalfStorage<half_t>>>
 C10_ALWAYS_INLINE Vectorized<float> load(Vectorized<float>, const half_t* p, int64_t n) {
-#if !defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512)
+  // (Through Vectorized<half_t>'s loads and the converters' tuple, g++ 12 kept the 16
+  // accumulators of small_gemm_trans_b<float, Half> on the stack.)
+  const __m256i v = n == 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                            : _mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p);
+  if constexpr (std::is_same_v<half_t, c10::Half>) {
+    return _mm512_cvtph_ps(v);
+  } else {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  }
+#else
   if (n == Vectorized<float>::size()) {
     Vectorized<float> v;
     at::vec::load_to_float(p, v);
     return v;
   }
-#endif
   return std::get<0>(to_float(Vectorized<half_t>::loadu(p, n)));
+#endif
 }
 // float lanes rounded (to nearest even) into 16-bit storage.
 template <typename half_t, typename = std::enable_if_t<kHalfStorage<half_t>>>
@@ -1241,9 +1251,14 @@ FUSED_LSTM_BF16_TARGET void gemm_columns_bf16(int64_t M, int64_t n0, int64_t n1,
   }
 }
 
-// Whether this CPU runs fused_step_bf16 (AVX512_BF16).
+// Whether this CPU runs fused_step_bf16 (AVX512_BF16). FUSED_LSTM_CPU_AVX512_BF16=off at
+// start runs what an AVX-512 CPU without it runs (Intel Skylake to Ice Lake), so that an
+// AVX512_BF16 machine can test those paths (.ci/run).
 bool cpu_has_bf16_dot() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
+  static const bool has = [] {
+    const char* env = std::getenv("FUSED_LSTM_CPU_AVX512_BF16");
+    return __builtin_cpu_supports("avx512bf16") && !(env && std::strcmp(env, "off") == 0);
+  }();
   return has;
 }
 #endif
