@@ -652,15 +652,15 @@ def test_16bit_layer_reads_its_weights_as_stored(B, I, H, T, dtype, request):
     # call an LSTMCell or a decoding LSTM makes. Its output is the float64 model of 16-bit
     # products with float32 sums (_16bit_recurrence) within the dtype's eps (2^-7 for
     # bfloat16), nearly all equal. Elsewhere (float16 on every CPU, row 59; bfloat16
-    # without AVX512_BF16, row 57; odd H) the one-step calls whose GEMMs are few-row dot
-    # products do the same, widening each load: the rules are stretched here to every row
-    # count tested.
+    # without AVX512_BF16, row 57; odd H) one-step calls of up to *_widening_max_rows rows
+    # do the same, as dot products at any weight size, widening each load (row 62): those
+    # rules are stretched here to every row count tested (float32's few_rows_* left as
+    # they are).
     if dtype == torch.float16 or not _bfloat16_kernels_in_use() or H % 2:
         if T > 1:
             pytest.skip("no 16-bit kernels for this dtype and CPU (only one-step calls keep "
                         "their weights as stored; AVX512_BF16 runs bfloat16 loops)")
-        rules = ("few_rows_max_rows", "few_rows_max_rows_b_in_cache", "bf16_widening_max_rows",
-                 "f16_widening_max_rows")
+        rules = ("bf16_widening_max_rows", "f16_widening_max_rows")
         request.addfinalizer(lambda: [torch.ops.fused_lstm.set_cpu_tuning(n, -1) for n in rules])
         for name in rules:
             torch.ops.fused_lstm.set_cpu_tuning(name, B)

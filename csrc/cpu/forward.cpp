@@ -41,9 +41,10 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   // its weights need no float32 copy (gemm_stored_operands). A bfloat16 layer on a CPU
   // with the bfloat16 kernels (AVX512_BF16): fused, or one step; H even. Else (float16,
   // or no AVX512_BF16: StoredKernels::small_gemm_trans_b, widening its loads) one step of
-  // at most tuning.h's *_widening_max_rows rows whose two GEMMs are few-row dot products
-  // (few_rows_*), where the float32 path widened both weights every call (PERF_LOG.md
-  // rows 57, 59). No projection.
+  // at most tuning.h's *_widening_max_rows rows, where the float32 path widened both
+  // weights every call (PERF_LOG.md rows 57, 59, 62): its GEMMs dot products at any
+  // weight size (float32's few_rows_* limits weigh them against BLAS on weights as they
+  // are, not against a widening copy first). No projection.
   static bool stored_weights_apply(const LayerForwardParams& params) {
     const LayerSizes& s = params.s;
     const at::ScalarType dtype = params.w_ih.scalar_type();
@@ -61,9 +62,15 @@ struct CpuForward : CpuLayerBase<scalar_t> {
     // fused step to run it.)
     const int64_t max_rows =
         dtype == at::kHalf ? t.f16_widening_max_rows : t.bf16_widening_max_rows;
-    return one_step && !runs_fused(params) && s.B <= max_rows &&
-           few_rows_dot(t, s.N, params.w_ih.nbytes()) &&
-           few_rows_dot(t, s.B, params.w_hh.nbytes());
+    return one_step && !runs_fused(params) && s.B <= max_rows;
+  }
+
+  // Whether gemm_stored_operands runs M rows against w [4H, K] as dot products on w in
+  // place: few rows (few_rows_dot), or any where no packed 16-bit GEMM serves (float16,
+  // bfloat16 without AVX512_BF16 or with H odd: stored_weights_apply bounds the rows).
+  bool stored_dot(int64_t M, const at::Tensor& w) const {
+    const bool packed = stored == at::kBFloat16 && kernels.input_gemm_bf16 != nullptr && H % 2 == 0;
+    return !packed || few_rows_dot(cpu_tuning(), M, w.nbytes());
   }
 
   explicit CpuForward(const LayerForwardParams& params)
@@ -109,7 +116,7 @@ struct CpuForward : CpuLayerBase<scalar_t> {
     const scalar_t* bias_ptr = bias.empty() ? nullptr : bias.data();
     if (stored != at::ScalarType::Undefined) {
       const int64_t N = p.s.N, I = p.s.I;
-      const int64_t K = few_rows_dot(cpu_tuning(), N, p.w_ih.nbytes()) ? I : (I + 1) / 2 * 2;
+      const int64_t K = stored_dot(N, p.w_ih) ? I : (I + 1) / 2 * 2;
       at::Tensor x = p.input.to(stored);
       if (K != I) {
         x = at::zeros({N, K}, x.options());
@@ -142,15 +149,15 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   }
 
   // gates [M, 4H] = a [M, K] w^T + bias (bias [4H] or null), or with accumulate +=, a and
-  // w [4H, K] (W_ih or W_hh) in half_t as stored, float32 sums: few rows (few_rows_dot)
-  // as dot products on w in place (StoredKernels::small_gemm_trans_b), more (bfloat16 on
-  // AVX512_BF16 CPUs only: stored_weights_apply) through w packed and input_gemm_bf16's
-  // register tiles (K even: the caller pads a).
+  // w [4H, K] (W_ih or W_hh) in half_t as stored, float32 sums: where stored_dot as dot
+  // products on w in place (StoredKernels::small_gemm_trans_b), else (bfloat16 on
+  // AVX512_BF16 CPUs) through w packed and input_gemm_bf16's register tiles (K even: the
+  // caller pads a).
   template <typename half_t>
   void gemm_stored_operands(int64_t M, int64_t K, const half_t* a, const at::Tensor& w,
                             const scalar_t* bias, bool accumulate, scalar_t* gates) const {
     const int64_t k_stored = w.size(1);
-    if (few_rows_dot(cpu_tuning(), M, w.nbytes())) {
+    if (stored_dot(M, w)) {
       for (int64_t r = 0; !accumulate && bias != nullptr && r < M; ++r) {
         std::copy_n(bias, 4 * H, gates + r * 4 * H);
       }

@@ -45,8 +45,8 @@ c10::Dict<std::string, std::string> cpu_info() {
   const bool bf16_kernels = cpu_kernels<float>().fused_step_bf16 != nullptr;
   const auto widening = [&](int64_t forward_rows) {
     return "one-step calls read the weights as stored, each load widened to float32, the "
-           "forward up to " + std::to_string(std::min(forward_rows, t.few_rows_max_rows_b_in_cache)) +
-           " rows, the backward up to " + std::to_string(t.widening_backward_max_rows) +
+           "forward up to " + std::to_string(forward_rows) + " rows, the backward up to " +
+           std::to_string(t.widening_backward_max_rows) +
            " (dgates rounded); otherwise as half_layers";
   };
   info.insert("half_layers", "in float32, rounded back once per layer, but for "

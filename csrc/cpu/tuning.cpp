@@ -77,9 +77,9 @@ CpuTuning make_tuning(int capability) {
   // Measured on AVX2 (the AVX2-only kind, session 25); AVX-512 CPUs without AVX512_BF16
   // take the same (not measured).
   t.bf16_widening_max_rows = 8;
-  // Measured on AVX2 (the AVX2-only kind, session 27: 1.2-3.7x at 12-16 rows, 1.06-3.1x
-  // at 32 against the float32 path, 1.06x at 48, 0.7-1.15x at 64); AVX-512 CPUs take the
-  // same (not measured).
+  // Measured on both kinds, against the float32 path: AVX2 (Zen 3, session 27) 1.2-3.7x at
+  // 12-16 rows, 1.06-3.1x at 32, 1.06x at 48, 0.7-1.15x at 64; AVX-512 (Zen 4, session
+  // 28) 1.9-5.3x at 8-16 rows, 1.6-2.5x at 32, 2.1x at 48 (H 1024), 0.74x at 64 (H 512).
   t.f16_widening_max_rows = 32;
   // Measured on AVX2 (the AVX2-only kind; bfloat16 in session 26: 1.1x at 16-32 rows,
   // 0.9x at 64, 0.7x at 128-256 against the float32 path's BLAS; float16 in session 27:
@@ -96,6 +96,9 @@ CpuTuning make_tuning(int capability) {
     t.own_gemm_max_macs = int64_t{1} << 16;
     t.few_rows_max_rows = 0;
     t.few_rows_max_rows_b_in_cache = 0;
+    // Nor do its 16-bit one-step forwards read their weights as stored (not measured).
+    t.bf16_widening_max_rows = 0;
+    t.f16_widening_max_rows = 0;
     // Its widening one-step backward ran at 0.4-0.9x of the float32 path at B 1-16 (the
     // AVX2-only kind, session 26, in-process).
     t.widening_backward_max_rows = 0;

@@ -82,10 +82,10 @@ struct CpuTuning {
   int64_t bf16_gemm_min_macs;
   // A 16-bit one-step forward (bfloat16 on a CPU without AVX512_BF16; float16) reads its
   // weights as stored (StoredKernels::small_gemm_trans_b, each load widened to float) up
-  // to this many rows, within few_rows_*: each row of A widens the same vectors of B
+  // to this many rows, at any weight size: each row of A widens the same vectors of B
   // again (one or two more instructions a multiply-add), so past some rows the float32
   // path, its weights widened once a call, is faster; below, that widening is most of
-  // the call (PERF_LOG.md rows 57, 59). float16's widening (one vcvtph2ps) costs less
+  // the call (PERF_LOG.md rows 57, 59, 62). float16's widening (one vcvtph2ps) costs less
   // than bfloat16's (a zero-extension and a shift).
   int64_t bf16_widening_max_rows;
   int64_t f16_widening_max_rows;
