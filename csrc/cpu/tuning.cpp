@@ -83,8 +83,10 @@ CpuTuning make_tuning(int capability) {
   t.f16_widening_max_rows = 32;
   // Measured on AVX2 (the AVX2-only kind; bfloat16 in session 26: 1.1x at 16-32 rows,
   // 0.9x at 64, 0.7x at 128-256 against the float32 path's BLAS; float16 in session 27:
-  // 1.0-1.8x at 32, 1.4x at 48, 0.94-1.10x at 64, 0.75-0.85x at 96-128); AVX-512 CPUs
-  // take the same (not measured).
+  // 1.0-1.8x at 32, 1.4x at 48, 0.94-1.10x at 64, 0.75-0.85x at 96-128); float16 on
+  // AVX-512 (Zen 4, session 28, a train step with the forward's rule alike: 1.05-4.5x at
+  // 8-16 rows, 1.09-1.91x at 32, 1.00x at 48, 0.90x at 64); bfloat16 on AVX-512 CPUs
+  // without AVX512_BF16 takes the same (not measured).
   t.widening_backward_max_rows = 32;
   t.own_large_gemm = capability == kCapabilityAvx512 && !cpu_is_intel();
   // Both SIMD builds (measured on each); the portable build keeps W_hh in place (not measured).
