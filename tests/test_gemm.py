@@ -68,6 +68,30 @@ def test_gemm_bias_is_the_gemm_added_to_the_bias(cpu_path, M, K, N, dtype):
         assert torch.equal(out, gemm(a, b, False, trans_b, bias.expand(M, N)))
 
 
+# Past the small-GEMM cut-over, C's rows whole 64-byte lines (N a multiple of 16): rows left
+# after the 6- and 4-row tiles, a narrower last column block (2000 = 31 x 64 + 16), K in
+# two slices (only the last one streamed); and rows of 1030 floats (not whole lines).
+STREAM_SHAPES = [(301, 64, 1024), (64, 300, 2000), (23, 1100, 128), (301, 64, 1030)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("M,K,N", STREAM_SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in STREAM_SHAPES])
+def test_gemm_streamed_stores_write_the_same_values(cpu_path, request, M, K, N, dtype):
+    # The input GEMM writes large gates by non-temporal stores (tuning.h's
+    # stream_gates_min_bytes): the same sums, so the same bits as ordinary stores. Our
+    # large-GEMM kernel forced on (else it serves only AVX-512 CPUs not made by Intel), so
+    # AVX2 builds run their streamed stores too.
+    request.addfinalizer(lambda: torch.ops.fused_lstm.set_cpu_tuning("own_large_gemm", -1))
+    torch.ops.fused_lstm.set_cpu_tuning("own_large_gemm", 1)
+    torch.manual_seed(M + K + N)
+    for trans_b, with_bias in itertools.product([False, True], repeat=2):
+        a, b, expected = _operands(M, K, N, False, trans_b, dtype)
+        bias = torch.randn(N, dtype=dtype) if with_bias else None
+        out = gemm(a, b, False, trans_b, None, bias, True)
+        _close(out, expected + (bias.double() if with_bias else 0), dtype, K)
+        assert torch.equal(out, gemm(a, b, False, trans_b, None, bias, False))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_gemm_half_precision_through_torch(dtype):
     # No kernel of ours for 16-bit types: torch's BLAS, every entry point.
@@ -99,6 +123,7 @@ def test_gemm_ignores_what_c_held_without_it():
     ((torch.randn(3, 4), torch.randn(4, 5), False, False, torch.randn(3, 4)), r"c must be \[3, 5\]"),
     ((torch.randn(3, 4), torch.randn(4, 5), False, False, None, torch.randn(4)), r"bias must be \[5\]"),
     ((torch.randn(4, 3), torch.randn(4, 5), True, False, None, torch.randn(5)), "bias only without c and trans_a"),
+    ((torch.randn(3, 4), torch.randn(4, 5), False, False, torch.randn(3, 5), None, True), "stream only without c and trans_a"),
 ])
 def test_gemm_op_errors(args, match):
     with pytest.raises(RuntimeError, match=match):

@@ -275,6 +275,48 @@ def test_fused_backward_k_slices():
     _bidirectional_matches_nn(5, 1030, 3, 7, [None, lengths], 2, seed=1030)
 
 
+def _tensors(nested):
+    """The tensors of nested lists and tuples, in order."""
+    if isinstance(nested, torch.Tensor):
+        yield nested
+    else:
+        for item in nested:
+            yield from _tensors(item)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@on_each_cpu_path
+def test_streamed_input_gemm_changes_no_bit(dtype, request):
+    # The input GEMM writes gates of tuning.h's stream_gates_min_bytes or more by
+    # non-temporal stores (PERF_LOG.md row 63) where our kernels run it: gemm_columns
+    # (forced on here; it serves AVX-512 CPUs not made by Intel) and, on AVX512_BF16 CPUs,
+    # input_gemm_bf16. Streamed at every size against never: the same outputs, states and
+    # gradients, bit for bit; two bidirectional layers (input sizes 64 and 256), dense and
+    # packed, with and without a gradient.
+    if dtype == torch.bfloat16 and not _bfloat16_kernels_in_use():
+        pytest.skip("bfloat16 layers run in float32 here (no AVX512_BF16 kernels): the "
+                    "float32 case covers the streamed stores")
+    st = torch.ops.fused_lstm.set_cpu_tuning
+    request.addfinalizer(lambda: [st(n, -1) for n in ("own_large_gemm", "stream_gates_min_bytes")])
+    st("own_large_gemm", 1)
+    gen = torch.Generator().manual_seed(128)
+    model = fused_lstm.LSTM(64, 128, num_layers=2, bidirectional=True)
+    random_like_weights(model, 128)
+    model.to(dtype)
+    x = _random((20, 16, 64), dtype, gen)
+    hx = tuple(_random((4, 16, 128), dtype, gen) for _ in range(2))
+    lengths = torch.tensor([20, 20, 19, 17, 16, 13, 11, 10, 9, 8, 7, 5, 4, 3, 2, 1])
+    runs = []
+    for min_bytes in (1 << 62, 0):
+        st("stream_gates_min_bytes", min_bytes)
+        runs.append([lstm_outputs_and_grads(model, x, hx, lens) for lens in (None, lengths)] +
+                    [lstm_outputs(model, x, hx, lens) for lens in (None, lengths)])
+    never, always = (list(_tensors(r)) for r in runs)
+    assert len(never) == len(always) > 0
+    for a, b in zip(never, always):
+        assert torch.equal(a, b)
+
+
 @on_each_cpu_path
 def test_lstm_larger_shape_float32():
     # Here the weight gradients sum 660 rows, and nn.LSTM's own float32 error

@@ -128,11 +128,11 @@ struct CpuBackward : CpuLayerBase<scalar_t> {
           for (int64_t u = u0; u < u1; u += width) {
             kernels.gemm_columns(row1 - row0, 0, std::min(width, u1 - u), 4 * H,
                                  dgates_t + row0 * 4 * H, 4 * H, w_panels_p + u * 4 * H, width,
-                                 false, nullptr, dh + row0 * H + u, H);
+                                 false, nullptr, dh + row0 * H + u, H, false);
           }
         } else {
           kernels.gemm_columns(row1 - row0, u0, u1, 4 * H, dgates_t + row0 * 4 * H, 4 * H, w_hh,
-                               H, false, nullptr, dh + row0 * H, H);
+                               H, false, nullptr, dh + row0 * H, H, false);
         }
       }
     };

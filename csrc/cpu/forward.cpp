@@ -105,7 +105,10 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   // gates [N, 4H] = x [N, I] W_ih^T + (b_ih + b_hh), the bias where the GEMM's tiles start
   // (gemm_bias); with 16-bit operands (`stored`) x and W_ih as stored
   // (gemm_stored_operands), x padded to an even I where it is fed to the packed path.
+  // Gates of stream_gates_min_bytes or more go to memory by non-temporal stores.
   void input_gemm(scalar_t* gates) const {
+    const bool stream =
+        p.s.N * 4 * H * int64_t(sizeof(scalar_t)) >= cpu_tuning().stream_gates_min_bytes;
     std::vector<scalar_t> bias;
     if (p.b_ih.defined()) {
       const scalar_t* b1 = p.b_ih.data_ptr<scalar_t>();
@@ -125,12 +128,13 @@ struct CpuForward : CpuLayerBase<scalar_t> {
       x = x.contiguous();
       with_stored_type([&](auto half) {
         using half_t = decltype(half);
-        gemm_stored_operands<half_t>(N, K, x.data_ptr<half_t>(), p.w_ih, bias_ptr, false, gates);
+        gemm_stored_operands<half_t>(N, K, x.data_ptr<half_t>(), p.w_ih, bias_ptr, false, gates,
+                                     stream);
       });
       return;
     }
     gemm_bias<scalar_t>(true, p.s.N, 4 * H, p.s.I, p.input.data_ptr<scalar_t>(), p.s.I,
-                        p.w_ih.data_ptr<scalar_t>(), p.s.I, bias_ptr, gates, 4 * H);
+                        p.w_ih.data_ptr<scalar_t>(), p.s.I, bias_ptr, gates, 4 * H, stream);
   }
 
   // g [b, 4H] += h [b, P] W_hh^T; with 16-bit operands (a one-step call: h is h0, a
@@ -152,10 +156,11 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   // w [4H, K] (W_ih or W_hh) in half_t as stored, float32 sums: where stored_dot as dot
   // products on w in place (StoredKernels::small_gemm_trans_b), else (bfloat16 on
   // AVX512_BF16 CPUs) through w packed and input_gemm_bf16's register tiles (K even: the
-  // caller pads a).
+  // caller pads a), there with `stream` by non-temporal stores.
   template <typename half_t>
   void gemm_stored_operands(int64_t M, int64_t K, const half_t* a, const at::Tensor& w,
-                            const scalar_t* bias, bool accumulate, scalar_t* gates) const {
+                            const scalar_t* bias, bool accumulate, scalar_t* gates,
+                            bool stream = false) const {
     const int64_t k_stored = w.size(1);
     if (stored_dot(M, w)) {
       for (int64_t r = 0; !accumulate && bias != nullptr && r < M; ++r) {
@@ -172,7 +177,8 @@ struct CpuForward : CpuLayerBase<scalar_t> {
       const int64_t width = kernels.fused_width;
       at::Tensor packed = at::empty({(H + width - 1) / width * width * 4 * K}, w.options());
       kernels.pack_fused_weights_bf16(w.data_ptr<half_t>(), H, k_stored, packed.data_ptr<half_t>());
-      kernels.input_gemm_bf16(M, H, K, a, packed.data_ptr<half_t>(), bias, accumulate, gates);
+      kernels.input_gemm_bf16(M, H, K, a, packed.data_ptr<half_t>(), bias, accumulate, gates,
+                              stream);
     }
   }
 

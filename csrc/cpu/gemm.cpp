@@ -117,12 +117,12 @@ void pack_panel(bool trans_b, const scalar_t* B, int64_t ldb, int64_t n0, int64_
 // column panels: C = op(A) op(B) (+ C with accumulate, else + bias where not null: a row
 // of N added to every row). With trans_a (A stored [K, M], the weight gradients
 // dgates^T x; no bias) gemm_columns_trans_a reads A^T in place and writes C (PERF_LOG.md
-// row 40; it once computed C^T and transposed it back).
+// row 40; it once computed C^T and transposed it back). stream_c as gemm_columns'.
 template <typename scalar_t>
 void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool trans_b, int64_t M,
                     int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B,
                     int64_t ldb, bool accumulate, const scalar_t* bias, scalar_t* C,
-                    int64_t ldc) {
+                    int64_t ldc, bool stream_c = false) {
   TORCH_INTERNAL_ASSERT(!trans_a || bias == nullptr, "own_large_gemm: no bias with trans_a");
   constexpr int64_t kColumns = 64;  // a thread's unit: 4 AVX-512 vectors of float
   constexpr int64_t kSlice = kGemmColumnsSliceBytes / (kColumns * int64_t(sizeof(scalar_t)));
@@ -140,7 +140,7 @@ void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool tran
         const int64_t kk = std::min(kSlice, k1 - k);
         pack_panel(trans_b, B, ldb, n0, w, k, kk, panel);
         kernel(M, 0, w, kk, A + k * k_step, lda, panel, w, accumulate || k > 0,
-               bias != nullptr ? bias + n0 : nullptr, C + n0, ldc);
+               bias != nullptr ? bias + n0 : nullptr, C + n0, ldc, stream_c && k + kk == k1);
       }
     }
   };
@@ -252,13 +252,15 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
 
 template <typename scalar_t>
 void gemm_bias(bool trans_b, int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
-               const scalar_t* B, int64_t ldb, const scalar_t* bias, scalar_t* C, int64_t ldc) {
+               const scalar_t* B, int64_t ldb, const scalar_t* bias, scalar_t* C, int64_t ldc,
+               bool stream_c) {
   if (M == 0 || N == 0) return;
   const auto& kernels = cpu_kernels<scalar_t>();
   // Where gemm() would run gemm_columns, the bias is where its tiles start: no pass over
   // C to fill it, and no read of C back (PERF_LOG.md row 38).
-  if (bias != nullptr && K > 0 && own_path(kernels, false, trans_b, M, N, K) == OwnPath::kLarge) {
-    own_large_gemm(kernels, false, trans_b, M, N, K, A, lda, B, ldb, false, bias, C, ldc);
+  if (K > 0 && own_path(kernels, false, trans_b, M, N, K) == OwnPath::kLarge) {
+    own_large_gemm(kernels, false, trans_b, M, N, K, A, lda, B, ldb, false, bias, C, ldc,
+                   stream_c);
     return;
   }
   if (bias != nullptr) {
@@ -273,7 +275,7 @@ void gemm_bias(bool trans_b, int64_t M, int64_t N, int64_t K, const scalar_t* A,
                                at::opmath_type<scalar_t>, scalar_t*, int64_t);              \
   template void gemm_bias<scalar_t>(bool, int64_t, int64_t, int64_t, const scalar_t*,      \
                                     int64_t, const scalar_t*, int64_t, const scalar_t*,     \
-                                    scalar_t*, int64_t);
+                                    scalar_t*, int64_t, bool);
 FUSED_LSTM_INSTANTIATE_GEMM(float)
 FUSED_LSTM_INSTANTIATE_GEMM(double)
 FUSED_LSTM_INSTANTIATE_GEMM(at::Half)
@@ -281,9 +283,11 @@ FUSED_LSTM_INSTANTIATE_GEMM(at::BFloat16)
 
 namespace {
 
-// op cpu_gemm (ops/schemas.cpp): op(a) @ op(b) (+ c) through gemm().
+// op cpu_gemm (ops/schemas.cpp): op(a) @ op(b) (+ c) through gemm(), or (+ bias, or
+// stream) through gemm_bias.
 at::Tensor cpu_gemm_op(const at::Tensor& a, const at::Tensor& b, bool trans_a, bool trans_b,
-                       const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& bias) {
+                       const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& bias,
+                       bool stream) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "cpu_gemm: a and b must be 2-D, got ", a.dim(),
               "-D and ", b.dim(), "-D");
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "cpu_gemm: a and b must share a dtype, got ",
@@ -294,6 +298,7 @@ at::Tensor cpu_gemm_op(const at::Tensor& a, const at::Tensor& b, bool trans_a, b
               b.size(trans_b ? 1 : 0), ", ", N, "]");
   const at::Tensor A = a.contiguous(), B = b.contiguous();
   at::Tensor C;
+  TORCH_CHECK(!stream || (!c.has_value() && !trans_a), "cpu_gemm: stream only without c and trans_a");
   if (bias.has_value()) {
     TORCH_CHECK(!c.has_value() && !trans_a, "cpu_gemm: bias only without c and trans_a");
     TORCH_CHECK(bias->scalar_type() == a.scalar_type() && bias->dim() == 1 &&
@@ -312,10 +317,11 @@ at::Tensor cpu_gemm_op(const at::Tensor& a, const at::Tensor& b, bool trans_a, b
   }
   const at::Tensor bias_row = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cpu_gemm", [&] {
-    if (bias.has_value()) {
+    if (bias.has_value() || stream) {
       gemm_bias<scalar_t>(trans_b, M, N, K, A.const_data_ptr<scalar_t>(), A.size(1),
                           B.const_data_ptr<scalar_t>(), B.size(1),
-                          bias_row.const_data_ptr<scalar_t>(), C.mutable_data_ptr<scalar_t>(), N);
+                          bias.has_value() ? bias_row.const_data_ptr<scalar_t>() : nullptr,
+                          C.mutable_data_ptr<scalar_t>(), N, stream);
       return;
     }
     gemm<scalar_t>(trans_a, trans_b, M, N, K, A.const_data_ptr<scalar_t>(), A.size(1),

@@ -21,10 +21,13 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
           at::opmath_type<scalar_t> beta, scalar_t* C, int64_t ldc);
 
 // C[M, N] = A[M, K] op(B) + bias, `bias` a row of N added to every row (none where null):
-// the input GEMM with the LSTM's bias folded in.
+// the input GEMM with the LSTM's bias folded in. stream_c: C goes to memory by
+// non-temporal stores where gemm_columns runs it (CpuKernels::gemm_columns), for a C too
+// large to stay in cache until it is read.
 template <typename scalar_t>
 void gemm_bias(bool trans_b, int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
-               const scalar_t* B, int64_t ldb, const scalar_t* bias, scalar_t* C, int64_t ldc);
+               const scalar_t* B, int64_t ldb, const scalar_t* bias, scalar_t* C, int64_t ldc,
+               bool stream_c = false);
 
 // "auto": the fastest path by tuning.h; "aten": every GEMM through ATen and no fused
 // loops (the plain path: a GEMM and an elementwise pass per step); "small": the

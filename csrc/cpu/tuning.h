@@ -94,6 +94,12 @@ struct CpuTuning {
   // slowly than the float32 path's BLAS on widened weights, which past this many rows
   // repays the widening (PERF_LOG.md rows 58, 59).
   int64_t widening_backward_max_rows;
+  // The input GEMM writes gates [N, 4H] of at least this many bytes by non-temporal
+  // stores (where our kernels run it: gemm_columns, AVX-512 CPUs not made by Intel;
+  // input_gemm_bf16): the time loop reads them only after the whole GEMM, and an
+  // ordinary store first reads each line it writes from memory. The loop's reads of
+  // those gates are prefetched (fused_step) either way (PERF_LOG.md row 63).
+  int64_t stream_gates_min_bytes;
   // The fused backward loop's dh = dgates W_hh reads W_hh packed in column panels
   // (pack_column_panels), not in place: W_hh's rows, H apart, touch a new page per k
   // from H = 1024 floats, and the in-place loop lost to BLAS once W_hh left L2.

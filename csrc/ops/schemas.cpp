@@ -72,10 +72,11 @@ TORCH_LIBRARY(fused_lstm, m) {
   m.def("cpu_info() -> Dict(str, str)", &cpu::cpu_info);
   // The CPU GEMMs the kernels use (cpu/gemm.h), for tests and benchmarks: op(a) @ op(b)
   // (+ c, or + bias: gemm_bias), op(x) = x^T where trans_x; a: [M, K] ([K, M] with
-  // trans_a), b: [K, N] ([N, K] with trans_b), c: [M, N], bias: [N]. Runs whichever
-  // backend the GEMM setting and tuning.h pick.
+  // trans_a), b: [K, N] ([N, K] with trans_b), c: [M, N], bias: [N]; stream: C by
+  // non-temporal stores where gemm_columns runs it (as the input GEMM's gates; gemm_bias,
+  // no c). Runs whichever backend the GEMM setting and tuning.h pick.
   m.def("cpu_gemm(Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor? c=None, "
-        "Tensor? bias=None) -> Tensor");
+        "Tensor? bias=None, bool stream=False) -> Tensor");
   // Frees the CPU buffers this thread keeps between calls (up to 256 MiB each: the
   // inference gate buffer, and backward's gate gradients and previous h).
   m.def("release_cpu_scratch() -> ()", &cpu::release_scratch);

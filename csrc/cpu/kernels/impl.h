@@ -204,6 +204,30 @@ void backward_step(int64_t b, int64_t H, const scalar_t* gates, const scalar_t* 
   });
 }
 
+// v to p without reading p's cache line first (a non-temporal store: the line goes to
+// memory, not the caches), where the build has one for scalar_t; else a plain store.
+// p: 64-byte aligned on AVX-512, 32 on AVX2. Other threads read such stores only after
+// an _mm_sfence (streamed_stores_done).
+template <typename scalar_t>
+C10_ALWAYS_INLINE void store_streamed(const Vectorized<scalar_t>& v, scalar_t* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float>) return _mm512_stream_ps(p, v);
+  if constexpr (std::is_same_v<scalar_t, double>) return _mm512_stream_pd(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) return _mm256_stream_ps(p, v);
+  if constexpr (std::is_same_v<scalar_t, double>) return _mm256_stream_pd(p, v);
+#endif
+  v.store(p);
+}
+
+// Orders this thread's streamed stores before its later stores (the end of a parallel
+// task, after which other threads read them).
+inline void streamed_stores_done() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // One block of kRows rows of C and kVecs vectors of columns, [n, n + cols): kRows x
 // kVecs independent FMA chains (enough to hide the FMA latency: 4 x 2, or 1 x 8 for
 // the rows left over, e.g. a batch of one). kFull: cols == kVecs * W, no masking.
@@ -211,13 +235,14 @@ void backward_step(int64_t b, int64_t H, const scalar_t* gates, const scalar_t* 
 // Without accumulate, C starts from `bias` (the block's columns of a row added to every
 // row) where it is not null, else from 0. A stored as a_t, B as b_t, C as out_t, the sums in
 // scalar_t: 16-bit operands widened as loaded, C rounded once as stored
-// (small_gemm_16bit).
+// (small_gemm_16bit). With `stream`, a full block of scalar_t whose rows are whole
+// aligned cache lines goes to C by store_streamed (gemm_columns' caller checks both).
 template <typename scalar_t, int kRows, int kVecs, bool kFull, bool kTransA, typename a_t,
           typename b_t, typename out_t>
 C10_ALWAYS_INLINE void small_gemm_block_impl(int64_t K, const a_t* A, int64_t lda,
                                              const b_t* B, int64_t ldb, bool accumulate,
                                              out_t* C, int64_t ldc, int64_t cols,
-                                             const scalar_t* bias) {
+                                             const scalar_t* bias, bool stream) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
   int64_t n[kVecs];  // valid lanes of each vector of columns
@@ -254,6 +279,14 @@ C10_ALWAYS_INLINE void small_gemm_block_impl(int64_t K, const a_t* A, int64_t ld
       for (int v = 0; v < kVecs; ++v) acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
     }
   }
+  if constexpr (kFull && std::is_same_v<out_t, scalar_t>) {
+    if (stream) {
+      for (int r = 0; r < kRows; ++r) {
+        for (int v = 0; v < kVecs; ++v) store_streamed(acc[r][v], C + r * ldc + v * W);
+      }
+      return;
+    }
+  }
   for (int r = 0; r < kRows; ++r) {
     for (int v = 0; v < kVecs; ++v) {
       if (kFull || n[v] > 0) store(acc[r][v], C + r * ldc + v * W, kFull ? W : n[v]);
@@ -265,13 +298,14 @@ template <typename scalar_t, int kRows, int kVecs, bool kTransA = false, typenam
           typename b_t = a_t, typename out_t = scalar_t>
 C10_ALWAYS_INLINE void small_gemm_block(int64_t K, const a_t* A, int64_t lda, const b_t* B,
                                         int64_t ldb, bool accumulate, out_t* C, int64_t ldc,
-                                        int64_t cols, const scalar_t* bias = nullptr) {
+                                        int64_t cols, const scalar_t* bias = nullptr,
+                                        bool stream = false) {
   if (cols == kVecs * Vectorized<scalar_t>::size()) {
     small_gemm_block_impl<scalar_t, kRows, kVecs, true, kTransA, a_t, b_t, out_t>(
-        K, A, lda, B, ldb, accumulate, C, ldc, cols, bias);
+        K, A, lda, B, ldb, accumulate, C, ldc, cols, bias, stream);
   } else {
     small_gemm_block_impl<scalar_t, kRows, kVecs, false, kTransA, a_t, b_t, out_t>(
-        K, A, lda, B, ldb, accumulate, C, ldc, cols, bias);
+        K, A, lda, B, ldb, accumulate, C, ldc, cols, bias, false);
   }
 }
 
@@ -617,11 +651,12 @@ void small_gemm_trans_b(int64_t M, int64_t N, int64_t K, const in_t* A, int64_t 
 // blocks after the first read them from L2, not L3 (wide: W_hh is 16 MB, K = 4096).
 // Without accumulate, C starts from `bias` where it is not null (indexed as C's columns).
 // With kTransA, A is stored [K, M] (op(A) = A^T: the weight gradients dgates^T x): a
-// tile's rows at k are adjacent, A[k * lda + m + r].
+// tile's rows at k are adjacent, A[k * lda + m + r]. With stream_c, the tiles' last K
+// slice goes to C by store_streamed wherever their rows are whole aligned cache lines.
 template <typename scalar_t, bool kTransA>
 void gemm_columns_impl(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A,
                        int64_t lda, const scalar_t* B, int64_t ldb, bool accumulate,
-                       const scalar_t* bias, scalar_t* C, int64_t ldc) {
+                       const scalar_t* bias, scalar_t* C, int64_t ldc, bool stream_c) {
   if constexpr (kVectorized<scalar_t>) {
     // Where row m and element k of op(A) start.
     const int64_t row_step = kTransA ? 1 : lda, k_step = kTransA ? lda : 1;
@@ -635,12 +670,20 @@ void gemm_columns_impl(int64_t M, int64_t n0, int64_t n1, int64_t K, const scala
     }
     tiled += (M - tiled) / 4 * 4;
     // Columns [n, n + cols) of rows [0, tiled) in blocks of kVecs vectors, slice by slice of K.
+    // Streamed stores take whole cache lines: each row's block of columns in whole
+    // aligned lines.
+    constexpr uintptr_t kLine = 64;
+    const bool lines = stream_c && reinterpret_cast<uintptr_t>(C) % kLine == 0 &&
+                       ldc * sizeof(scalar_t) % kLine == 0;
     const auto column_block = [&](auto vecs, int64_t n, int64_t cols) {
       constexpr int kVecs = decltype(vecs)::value;
       constexpr int64_t kSlice = kGemmColumnsSliceBytes / (kVecs * W * int64_t(sizeof(scalar_t)));
+      const bool stream = lines && cols == kVecs * W && n * sizeof(scalar_t) % kLine == 0 &&
+                          cols * sizeof(scalar_t) % kLine == 0;
       for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
         const int64_t k = std::min(kSlice, K - k0);
         const bool add = accumulate || k0 > 0;
+        const bool last = stream && k0 + k == K;
         const scalar_t* a = A + k0 * k_step;
         const scalar_t* b = B + k0 * ldb + n;
         const scalar_t* start = bias != nullptr ? bias + n : nullptr;
@@ -648,12 +691,12 @@ void gemm_columns_impl(int64_t M, int64_t n0, int64_t n1, int64_t K, const scala
         if constexpr (kWide) {
           for (; tiled - m >= 6 && tiled - m != 8; m += 6) {
             small_gemm_block<scalar_t, 6, kVecs, kTransA>(k, a + m * row_step, lda, b, ldb, add,
-                                                          C + m * ldc + n, ldc, cols, start);
+                                                          C + m * ldc + n, ldc, cols, start, last);
           }
         }
         for (; m < tiled; m += 4) {
           small_gemm_block<scalar_t, 4, kVecs, kTransA>(k, a + m * row_step, lda, b, ldb, add,
-                                                        C + m * ldc + n, ldc, cols, start);
+                                                        C + m * ldc + n, ldc, cols, start, last);
         }
       }
     };
@@ -671,21 +714,24 @@ void gemm_columns_impl(int64_t M, int64_t n0, int64_t n1, int64_t K, const scala
       gemm_one_row<scalar_t, kTransA>(K, A + m * row_step, B, ldb, accumulate, C + m * ldc, n0,
                                       n1, lda, bias);
     }
+    if (lines) streamed_stores_done();
   }
 }
 
 template <typename scalar_t>
 void gemm_columns(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A, int64_t lda,
                   const scalar_t* B, int64_t ldb, bool accumulate, const scalar_t* bias,
-                  scalar_t* C, int64_t ldc) {
-  gemm_columns_impl<scalar_t, false>(M, n0, n1, K, A, lda, B, ldb, accumulate, bias, C, ldc);
+                  scalar_t* C, int64_t ldc, bool stream_c) {
+  gemm_columns_impl<scalar_t, false>(M, n0, n1, K, A, lda, B, ldb, accumulate, bias, C, ldc,
+                                     stream_c);
 }
 
 template <typename scalar_t>
 void gemm_columns_trans_a(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A,
                           int64_t lda, const scalar_t* B, int64_t ldb, bool accumulate,
-                          const scalar_t* bias, scalar_t* C, int64_t ldc) {
-  gemm_columns_impl<scalar_t, true>(M, n0, n1, K, A, lda, B, ldb, accumulate, bias, C, ldc);
+                          const scalar_t* bias, scalar_t* C, int64_t ldc, bool stream_c) {
+  gemm_columns_impl<scalar_t, true>(M, n0, n1, K, A, lda, B, ldb, accumulate, bias, C, ldc,
+                                    stream_c);
 }
 
 // Whether fused_step's packed weights come in gate halves (AVX2 and the portable build):
@@ -1044,13 +1090,18 @@ FUSED_LSTM_BF16_TARGET void fused_step_bf16(int64_t b, int64_t H, const c10::BFl
 // CpuKernels::input_gemm_bf16: gates[M, 4H] = a[M, K] w^T + bias (or, accumulate, +=), the
 // layer's input GEMM with bfloat16 operands (bf16_tile_sums), float32 sums. w_packed: w
 // [4H, K] packed by pack_fused_weights_bf16; K even; bias [4H] or null. Tiles of 6 rows x
-// one chunk's 4 gates x 16 units, shared between threads.
+// one chunk's 4 gates x 16 units, shared between threads. With stream (and neither
+// accumulate nor a masked chunk), whole aligned vectors go by store_streamed.
 FUSED_LSTM_BF16_TARGET void input_gemm_bf16(int64_t M, int64_t H, int64_t K,
                                             const c10::BFloat16* a, const c10::BFloat16* w_packed,
-                                            const float* bias, bool accumulate, float* gates) {
+                                            const float* bias, bool accumulate, float* gates,
+                                            bool stream) {
   using Vec = Vectorized<float>;
   constexpr int64_t W = 16, kRows = 6;
   const int64_t chunks = (H + W - 1) / W, row_tiles = (M + kRows - 1) / kRows;
+  // A vector (16 floats) is a cache line: aligned where gates and its rows (4H) are.
+  const bool lines = stream && !accumulate && reinterpret_cast<uintptr_t>(gates) % 64 == 0 &&
+                     H % W == 0;
   // A task: one chunk's weights (K * 128 bytes, in L2) over a block of row tiles.
   const int64_t tiles_per_block = std::max<int64_t>(1, std::min<int64_t>(row_tiles, 64));
   const int64_t blocks = (row_tiles + tiles_per_block - 1) / tiles_per_block;
@@ -1078,12 +1129,20 @@ FUSED_LSTM_BF16_TARGET void input_gemm_bf16(int64_t M, int64_t H, int64_t K,
           }
           bf16_tile_sums<kTileRows>(K, a_rows, w_tile, acc);
           for (int i = 0; i < kTileRows; ++i) {
-            for (int q = 0; q < 4; ++q) store(Vec(acc[i][q]), gates + (r + i) * 4 * H + q * H + u, n);
+            for (int q = 0; q < 4; ++q) {
+              float* out = gates + (r + i) * 4 * H + q * H + u;
+              if (lines) {
+                store_streamed(Vec(acc[i][q]), out);
+              } else {
+                store(Vec(acc[i][q]), out, n);
+              }
+            }
           }
         };
         bf16_row_tile(M - r, tile);
       }
     }
+    if (lines) streamed_stores_done();
   });
 }
 

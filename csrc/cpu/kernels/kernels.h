@@ -109,10 +109,11 @@ struct CpuKernels {
                                   c10::BFloat16* out);
   // The input GEMM of such a layer: gates [M, 4H] = x [M, K] W_ih^T + bias (bias [4H] or
   // null), or with accumulate gates += x W_ih^T (a one-step call's h0 W_hh^T), x in
-  // bfloat16 (K even, padded), W_ih packed as above, float32 sums; threaded.
+  // bfloat16 (K even, padded), W_ih packed as above, float32 sums; threaded. With stream,
+  // gates written by non-temporal stores where whole cache lines allow (gemm_columns').
   void (*input_gemm_bf16)(int64_t M, int64_t H, int64_t K, const c10::BFloat16* x,
                           const c10::BFloat16* w_packed, const scalar_t* bias, bool accumulate,
-                          scalar_t* gates);
+                          scalar_t* gates, bool stream);
   // b [K, N] (row-major) packed for gemm_columns_bf16: out[p][k / 2][w][k % 2] =
   // b[k][p * kBf16PanelColumns + w], 0 past column N and, for odd K, at k = K; ceil(N /
   // 64) * ceil(K / 2) * 128 elements. The panels split between threads.
@@ -139,7 +140,10 @@ struct CpuKernels {
   // gemm_columns is C[M, n0:n1) = A[M, K] B[K, n0:n1) (+ C when accumulate, else + bias
   // where not null: a row of C's columns added to every row), row-major, on the calling
   // thread (dh = dgates W_hh over a thread's own rows or units, and the large GEMMs of
-  // cpu/gemm.cpp; null for half/bfloat16).
+  // cpu/gemm.cpp; null for half/bfloat16). With stream_c, C written by non-temporal
+  // stores (the line to memory, not read first) where its rows are whole aligned cache
+  // lines, for a large C read back only much later (the input GEMM's gates); then
+  // ordered (sfence) before the call returns.
   void (*backward_block)(int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H,
                          const scalar_t* gates, const scalar_t* cells,
                          const scalar_t* c_prev_step, int64_t prev_batch, const scalar_t* c0,
@@ -147,12 +151,12 @@ struct CpuKernels {
                          scalar_t* dgates);
   void (*gemm_columns)(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A,
                        int64_t lda, const scalar_t* B, int64_t ldb, bool accumulate,
-                       const scalar_t* bias, scalar_t* C, int64_t ldc);
+                       const scalar_t* bias, scalar_t* C, int64_t ldc, bool stream_c);
   // The same with A stored transposed, [K, M] (lda its row stride): C = A^T B (+ C), the
   // large weight-gradient GEMMs dgates^T x written straight into C.
   void (*gemm_columns_trans_a)(int64_t M, int64_t n0, int64_t n1, int64_t K, const scalar_t* A,
                                int64_t lda, const scalar_t* B, int64_t ldb, bool accumulate,
-                               const scalar_t* bias, scalar_t* C, int64_t ldc);
+                               const scalar_t* bias, scalar_t* C, int64_t ldc, bool stream_c);
   // Columns of gemm_columns' widest block (a multiple of fused_width; 0 without it).
   int64_t gemm_columns_width;
   // A 16-bit layer read as stored (StoredKernels), by its storage type.
