@@ -101,3 +101,29 @@ def test_cell_trains_after_a_call_under_inference_mode():
             out.square().sum().backward()
         for a, e in zip(ours.parameters(), ref.parameters()):
             assert_close(a.grad, e.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_activations_at_extreme_inputs_match_nn(dtype):
+    # Gate pre-activations far past the activations' clamps (+-60 .. +-1e30), infinite and
+    # NaN, through the one-step cell and a fused layer (H 128, 3 steps): nn's values where
+    # those are numbers (saturated gates: 0, 1, +-1), NaN exactly where nn has NaN. The
+    # float exp clamps its argument, so NaN must survive the clamp (core/cell_math.h).
+    gen = torch.Generator().manual_seed(7)
+    H = 128
+    x = torch.randn(3, 6, 4, generator=gen, dtype=torch.float64).to(dtype)
+    x[0, :, 0] = torch.tensor([60.0, -60.0, 1e30, -1e30, float("inf"), float("-inf")], dtype=dtype)
+    x[1, 0, 1] = float("nan")
+    x[2, 1, 2] = float("inf")
+    for ref, ours in [(nn.LSTMCell(4, H, dtype=dtype), fused_lstm.LSTMCell(4, H, dtype=dtype)),
+                      (nn.LSTM(4, H, dtype=dtype), fused_lstm.LSTM(4, H, dtype=dtype))]:
+        ours.load_state_dict(ref.state_dict())
+        with torch.no_grad():
+            if isinstance(ref, nn.LSTMCell):
+                got, want = ours(x[0]), ref(x[0])
+            else:
+                got, want = ours(x)[1], ref(x)[1]
+        assert isinstance(ref, nn.LSTMCell) or all(e.isnan().any() for e in want)
+        for a, e in zip(got, want):
+            assert torch.equal(a.isnan(), e.isnan())
+            assert_close(a.nan_to_num(), e.nan_to_num())
