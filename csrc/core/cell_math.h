@@ -31,7 +31,7 @@ inline at::vec::Vectorized<double> act_tanh(const at::vec::Vectorized<double>& x
 // [-ln2 / 2, ln2 / 2], e^r by a degree-5 polynomial fitted for relative error (2e-7 at
 // most in float32 arithmetic), 2^n built in the exponent bits. x is first clamped to
 // [-87, 88], where e^x stays a normal float, by clamp_min / clamp_max, which keep NaN:
-// a NaN x stays NaN through the polynomial (its n's bits are never used as a number).
+// a NaN x makes the polynomial NaN, whatever 2^n its n converts to.
 // ATen's exp_u20 (below) clamps NaN to a number, so it needed a blend to put NaN back.
 inline at::vec::Vectorized<float> act_exp(const at::vec::Vectorized<float>& x) {
   using Vec = at::vec::Vectorized<float>;
