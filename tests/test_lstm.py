@@ -624,15 +624,16 @@ def _16bit_recurrence(x, h0, c0, w_ih, w_hh, bias, reverse=False):
 
 @pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
                     reason="the bfloat16 kernels are AVX-512 only")
-@pytest.mark.parametrize("B,I,H", [(4, 7, 144), (13, 64, 34), (37, 16, 18), (32, 16, 64)],
-                         ids=str)
+@pytest.mark.parametrize("B,I,H", [(4, 7, 144), (13, 64, 34), (37, 16, 18), (32, 16, 64),
+                                   (61, 16, 40)], ids=str)
 def test_bfloat16_fused_layer_rounds_h_each_step(B, I, H):
     # On an AVX512_BF16 CPU a bfloat16 layer whose loop runs fused multiplies x, h and the
     # weights as stored (bfloat16 products, float32 sums), each step reading the h of the
     # step before rounded to bfloat16: equal to the float64 model of that but for under
     # 1% of the outputs, each within 2^-7 (float32 sums may move a rounding; outputs lie
     # in (-1, 1)), both directions, with and without a gradient, bit for bit the same on
-    # 1 and 2 threads (B4 H144: the threads split units; B32 H64: rows). The layer in
+    # 1 and 2 threads (B4 H144: the threads split units; B32 H64: rows; B61: the input
+    # GEMM's 549 rows in two blocks of row tiles, the last tile of 3 rows). The layer in
     # float32 rounded once (the AVX2 build) differs from the model in ~11% of the
     # outputs: the test tells the two apart. Weights of nn.LSTM's scale.
     if not _bfloat16_kernels_in_use():

@@ -1102,9 +1102,11 @@ FUSED_LSTM_BF16_TARGET void input_gemm_bf16(int64_t M, int64_t H, int64_t K,
   // A vector (16 floats) is a cache line: aligned where gates and its rows (4H) are.
   const bool lines = stream && !accumulate && reinterpret_cast<uintptr_t>(gates) % 64 == 0 &&
                      H % W == 0;
-  // A task: one chunk's weights (K * 128 bytes, in L2) over a block of row tiles.
-  const int64_t tiles_per_block = std::max<int64_t>(1, std::min<int64_t>(row_tiles, 64));
-  const int64_t blocks = (row_tiles + tiles_per_block - 1) / tiles_per_block;
+  // A task: one chunk's weights (K * 128 bytes, in L2) over a block of up to 64 row tiles,
+  // the blocks of equal size: threads take equal runs of tasks, and a last block of a few
+  // tiles left one thread 2.5 times the other's work (wide, M = 800: 64 + 64 + 6 tiles).
+  const int64_t blocks = std::max<int64_t>(1, (row_tiles + 63) / 64);
+  const int64_t tiles_per_block = std::max<int64_t>(1, (row_tiles + blocks - 1) / blocks);
   at::parallel_for(0, chunks * blocks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t j = t % chunks, block = t / chunks;
