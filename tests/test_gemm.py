@@ -92,6 +92,35 @@ def test_gemm_streamed_stores_write_the_same_values(cpu_path, request, M, K, N, 
         assert torch.equal(out, gemm(a, b, False, trans_b, None, bias, False))
 
 
+# Our large-GEMM kernel's split between threads: columns in equal runs of whole vectors
+# (800 = 50 vectors: 25 a thread on 2, 17/17/16 on 3), rows too where threads outnumber
+# the 64-column runs (130 columns on 8 threads: 2 column runs x 4 row blocks of 150); K
+# in two slices (2000).
+SPLIT_SHAPES = [(301, 64, 800), (600, 40, 130), (97, 2000, 200), (1000, 70, 2600)]
+
+
+@pytest.mark.parametrize("M,K,N", SPLIT_SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in SPLIT_SHAPES])
+def test_gemm_split_between_threads_changes_no_bit(cpu_path, request, M, K, N):
+    # Each element's sum runs over K in the same order whichever thread, panel or tile
+    # computes it: on 1, 2, 3, 5 and 8 threads the same bits, close to float64.
+    if cpu_path[1] == "aten":
+        pytest.skip("every GEMM runs torch's BLAS on this path, which splits its own way")
+    before = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(before))
+    request.addfinalizer(lambda: torch.ops.fused_lstm.set_cpu_tuning("own_large_gemm", -1))
+    torch.ops.fused_lstm.set_cpu_tuning("own_large_gemm", 1)
+    torch.manual_seed(M + K + N)
+    for trans_a, trans_b in itertools.product([False, True], repeat=2):
+        a, b, expected = _operands(M, K, N, trans_a, trans_b, torch.float32)
+        bias = None if trans_a else torch.randn(N)
+        outs = []
+        for threads in (1, 2, 3, 5, 8):
+            torch.set_num_threads(threads)
+            outs.append(gemm(a, b, trans_a, trans_b, None, bias))
+        _close(outs[0], expected + (0 if bias is None else bias.double()), torch.float32, K)
+        assert all(torch.equal(outs[0], out) for out in outs[1:])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_gemm_half_precision_through_torch(dtype):
     # No kernel of ours for 16-bit types: torch's BLAS, every entry point.

@@ -95,66 +95,82 @@ const scalar_t* rows_of_op_b(bool trans_b, int64_t N, int64_t K, const scalar_t*
 }
 
 // dst [k, w] (contiguous) = op(B)[k0 : k0 + k, n0 : n0 + w), B stored [K, N], or [N, K]
-// with trans_b.
+// with trans_b (the input GEMM's W_ih, [4H, I]): then by the kernels' transpose, in SIMD
+// register blocks (an element at a time it took 6% of a 2-layer H200 forward, PERF_LOG.md
+// row 66).
 template <typename scalar_t>
-void pack_panel(bool trans_b, const scalar_t* B, int64_t ldb, int64_t n0, int64_t w, int64_t k0,
-                int64_t k, scalar_t* dst) {
-  if (!trans_b) {
-    for (int64_t r = 0; r < k; ++r) std::copy_n(B + (k0 + r) * ldb + n0, w, dst + r * w);
+void pack_panel(const CpuKernels<scalar_t>& kernels, bool trans_b, const scalar_t* B,
+                int64_t ldb, int64_t n0, int64_t w, int64_t k0, int64_t k, scalar_t* dst) {
+  if (trans_b) {
+    kernels.transpose(B + n0 * ldb + k0, w, k, ldb, dst, w);
     return;
   }
-  constexpr int64_t kTile = 16;  // a cache line of each of B's rows at a time
-  for (int64_t r0 = 0; r0 < k; r0 += kTile) {
-    const int64_t r1 = std::min(k, r0 + kTile);
-    for (int64_t c = 0; c < w; ++c) {
-      const scalar_t* src = B + (n0 + c) * ldb + k0;
-      for (int64_t r = r0; r < r1; ++r) dst[r * w + c] = src[r];
-    }
-  }
+  for (int64_t r = 0; r < k; ++r) std::copy_n(B + (k0 + r) * ldb + n0, w, dst + r * w);
 }
 
-// A large GEMM on our gemm_columns kernel, column blocks split between threads, B in
-// column panels: C = op(A) op(B) (+ C with accumulate, else + bias where not null: a row
-// of N added to every row). With trans_a (A stored [K, M], the weight gradients
-// dgates^T x; no bias) gemm_columns_trans_a reads A^T in place and writes C (PERF_LOG.md
-// row 40; it once computed C^T and transposed it back). stream_c as gemm_columns'.
+// A large GEMM on our gemm_columns kernel, B in column panels, the work split between
+// threads in equal parts (below): C = op(A) op(B) (+ C with accumulate, else + bias where
+// not null: a row of N added to every row). With trans_a (A stored [K, M], the weight
+// gradients dgates^T x; no bias) gemm_columns_trans_a reads A^T in place and writes C
+// (PERF_LOG.md row 40; it once computed C^T and transposed it back). stream_c as
+// gemm_columns'.
 template <typename scalar_t>
 void own_large_gemm(const CpuKernels<scalar_t>& kernels, bool trans_a, bool trans_b, int64_t M,
                     int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B,
                     int64_t ldb, bool accumulate, const scalar_t* bias, scalar_t* C,
                     int64_t ldc, bool stream_c = false) {
   TORCH_INTERNAL_ASSERT(!trans_a || bias == nullptr, "own_large_gemm: no bias with trans_a");
-  constexpr int64_t kColumns = 64;  // a thread's unit: 4 AVX-512 vectors of float
+  constexpr int64_t kColumns = 64;  // a panel: 4 AVX-512 vectors of float
+  constexpr int64_t kVector = 16;   // columns split between threads in whole vectors
   constexpr int64_t kSlice = kGemmColumnsSliceBytes / (kColumns * int64_t(sizeof(scalar_t)));
   const auto kernel = trans_a ? kernels.gemm_columns_trans_a : kernels.gemm_columns;
   const int64_t k_step = trans_a ? lda : 1;  // from element k of op(A)'s rows to k + 1
-  // Column blocks [j0, j1) over K [k0, k1). Each thread packs its block's B panel, one K
-  // slice at a time (as gemm_columns slices K, tuning.h), into a buffer of its own: read
-  // in place, the panel's rows lie ldb apart, and at ldb = 1024 floats every k maps to
-  // the same L1 sets (PERF_LOG.md row 37). ~256 KiB a thread, reused over all rows.
-  const auto blocks_over = [&](int64_t j0, int64_t j1, int64_t k0, int64_t k1) {
+  const int64_t row_step = trans_a ? 1 : lda;
+  // Threads take equal runs of whole vectors of columns (of at least a panel each; as
+  // 64-column blocks, 13 of them at N = 800 went 7 + 6, 12% longer than an even split,
+  // PERF_LOG.md row 66) and, where threads outnumber those runs, blocks of rows in
+  // multiples of gemm_columns' 6-row tile (at least 48 each).
+  const int64_t vectors = (N + kVector - 1) / kVector;
+  const int64_t threads = at::get_num_threads();
+  const int64_t col_parts = std::max<int64_t>(1, std::min(threads, vectors * kVector / kColumns));
+  const int64_t row_parts = std::max<int64_t>(1, std::min(threads / col_parts, M / 48));
+  const int64_t part_rows = (M + row_parts - 1) / row_parts;
+  const int64_t rows_per_part = (part_rows + 5) / 6 * 6;
+  // Part p's columns over K [k0, k1), its rows' panels packed one K slice at a time (as
+  // gemm_columns slices K, tuning.h) into a buffer of this thread's own: read in place,
+  // the panel's rows lie ldb apart, and at ldb = 1024 floats every k maps to the same L1
+  // sets (PERF_LOG.md row 37). ~256 KiB a thread, reused over all rows.
+  const auto run_part = [&](int64_t p, int64_t k0, int64_t k1) {
+    const int64_t c = p % col_parts, m0 = p / col_parts * rows_per_part;
+    const int64_t n_begin = vectors * c / col_parts * kVector;
+    const int64_t n_end = std::min(N, vectors * (c + 1) / col_parts * kVector);
+    const int64_t rows = std::min(M, m0 + rows_per_part) - m0;
+    if (rows <= 0) return;
     scalar_t* panel = scratch_of<scalar_t>(Scratch::kGemmPanels, std::min(kSlice, K) * kColumns);
-    for (int64_t j = j0; j < j1; ++j) {
-      const int64_t n0 = j * kColumns, w = std::min(kColumns, N - n0);
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kColumns) {
+      const int64_t w = std::min(kColumns, n_end - n0);
       for (int64_t k = k0; k < k1; k += kSlice) {
         const int64_t kk = std::min(kSlice, k1 - k);
-        pack_panel(trans_b, B, ldb, n0, w, k, kk, panel);
-        kernel(M, 0, w, kk, A + k * k_step, lda, panel, w, accumulate || k > 0,
-               bias != nullptr ? bias + n0 : nullptr, C + n0, ldc, stream_c && k + kk == k1);
+        pack_panel(kernels, trans_b, B, ldb, n0, w, k, kk, panel);
+        kernel(rows, 0, w, kk, A + m0 * row_step + k * k_step, lda, panel, w,
+               accumulate || k > 0, bias != nullptr ? bias + n0 : nullptr, C + m0 * ldc + n0,
+               ldc, stream_c && k + kk == k1);
       }
     }
   };
-  const int64_t blocks = (N + kColumns - 1) / kColumns;
+  const int64_t parts = col_parts * row_parts;
   if (!trans_a) {
-    at::parallel_for(0, blocks, 1, [&](int64_t j0, int64_t j1) { blocks_over(j0, j1, 0, K); });
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) run_part(p, 0, K);
+    });
     return;
   }
-  // A^T in place: K slices outside, so that the slice of A every column block reads
-  // (kSlice x M, each k on its own page) comes from L3, not once per block from DRAM:
-  // column blocks outside lost 10-15% at K = 3200-6400 (PERF_LOG.md row 40).
+  // A^T in place: K slices outside, so that the slice of A every part reads (kSlice x M,
+  // each k on its own page) comes from L3, not once per column block from DRAM: column
+  // blocks outside lost 10-15% at K = 3200-6400 (PERF_LOG.md row 40).
   for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
-    at::parallel_for(0, blocks, 1, [&](int64_t j0, int64_t j1) {
-      blocks_over(j0, j1, k0, std::min(K, k0 + kSlice));
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) run_part(p, k0, std::min(K, k0 + kSlice));
     });
   }
 }
