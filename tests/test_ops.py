@@ -407,8 +407,8 @@ def test_cpu_tuning_switch():
 
 
 def test_fused_min_hidden_both_sides(cpu_path, request):
-    # Both sides of tuning.h's fused_min_hidden on every path (AVX2 fuses at any H, the
-    # other builds from H 128): the fused loops and the per-step GEMMs at H 40, batch 16
+    # Both sides of tuning.h's fused_min_hidden on every path (the SIMD builds fuse at any
+    # H, the portable build from H 128): the fused loops and the per-step GEMMs at H 40, batch 16
     # (past small_step_max_batch), dense and packed, against nn.LSTM in float64.
     from testing import assert_close, lstm_outputs_and_grads, random_like_weights
     request.addfinalizer(lambda: ops.set_cpu_tuning("fused_min_hidden", -1))

@@ -51,9 +51,11 @@ CpuTuning make_tuning(int capability) {
   // Where the L2 is unknown, 1 MiB (the AVX-512 machine's, where the rule was measured).
   const int64_t l2 = l2_cache_bytes() > 0 ? l2_cache_bytes() : int64_t{1} << 20;
   CpuTuning t{};
-  // AVX2: any H (measured on the AVX2-only kind, session 24); the others as measured on
-  // AVX-512 in session 7 (the portable build not measured).
-  t.fused_min_hidden = capability == kCapabilityAvx2 ? 1 : 128;
+  // The SIMD builds: any H (the AVX2-only kind, session 24; AVX-512 on AMD Zen 4, session
+  // 30: H 16-112 at batch 12-512, 1.1-2.0x faster than the per-step path in every dtype,
+  // PERF_LOG.md row 67); the portable build as measured on AVX-512 in session 7 (not
+  // measured on itself).
+  t.fused_min_hidden = capability == kCapabilityDefault ? 128 : 1;
   t.small_step_max_batch = 8;
   t.small_step_max_weight_bytes = int64_t{1} << 19;
   t.fused_step_max_macs_one_thread = int64_t{1} << 16;

@@ -20,8 +20,9 @@ constexpr int64_t kCellPassUnitsPerTask = 16384;
 struct CpuTuning {
   // The fused loops (no projection) run at any batch from this hidden size: below it a
   // step was too little work per hidden-unit chunk to share between threads (AVX-512,
-  // session 7, before the row split). AVX2 fuses at any H: since the row split the
-  // fused loops beat the per-step GEMM at H 16-96, B 16-256 (PERF_LOG.md row 53).
+  // session 7, before the row split). The SIMD builds fuse at any H: since the row split
+  // the fused loops beat the per-step GEMM at H 16-112, B 12-512 (PERF_LOG.md rows 53,
+  // 67); the portable build keeps 128.
   int64_t fused_min_hidden;
   // Per-step GEMMs go through small_gemm, and the loops fuse at any hidden size, up to
   // this batch with B (W_hh^T or W_hr^T) up to small_step_max_weight_bytes: there a
