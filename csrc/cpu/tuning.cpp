@@ -53,8 +53,8 @@ CpuTuning make_tuning(int capability) {
   CpuTuning t{};
   // The SIMD builds: any H (the AVX2-only kind, session 24; AVX-512 on AMD Zen 4, session
   // 30: H 16-112 at batch 12-512, 1.1-2.0x faster than the per-step path in every dtype,
-  // PERF_LOG.md row 67); the portable build as measured on AVX-512 in session 7 (not
-  // measured on itself).
+  // PERF_LOG.md row 67); the portable build 128 (on itself, session 30: fusing under it
+  // ran forward at 0.94-1.6x of its per-step path but training at 0.6x).
   t.fused_min_hidden = capability == kCapabilityDefault ? 128 : 1;
   t.small_step_max_batch = 8;
   t.small_step_max_weight_bytes = int64_t{1} << 19;

@@ -22,7 +22,7 @@ struct CpuTuning {
   // step was too little work per hidden-unit chunk to share between threads (AVX-512,
   // session 7, before the row split). The SIMD builds fuse at any H: since the row split
   // the fused loops beat the per-step GEMM at H 16-112, B 12-512 (PERF_LOG.md rows 53,
-  // 67); the portable build keeps 128.
+  // 67); the portable build keeps 128 (there fusing under it lost in training).
   int64_t fused_min_hidden;
   // Per-step GEMMs go through small_gemm, and the loops fuse at any hidden size, up to
   // this batch with B (W_hh^T or W_hr^T) up to small_step_max_weight_bytes: there a
