@@ -93,7 +93,7 @@ def test_gemm_streamed_stores_write_the_same_values(cpu_path, request, M, K, N, 
 
 
 # Our large-GEMM kernel's split between threads: columns in equal runs of whole vectors
-# (800 = 50 vectors: 25 a thread on 2, 17/17/16 on 3), rows too where threads outnumber
+# (800 = 50 vectors: 25 a thread on 2, 16/17/17 on 3), rows too where threads outnumber
 # the 64-column runs (130 columns on 8 threads: 2 column runs x 4 row blocks of 150); K
 # in two slices (2000).
 SPLIT_SHAPES = [(301, 64, 800), (600, 40, 130), (97, 2000, 200), (1000, 70, 2600)]
