@@ -100,14 +100,17 @@ struct CpuBackward : CpuLayerBase<scalar_t> {
       return FusedBackward::kNotRun;
     }
     const auto& steps = p.steps;
-    // Threads own whole panels (tuning.h's fused_backward_panels) or fused_width units.
+    // Threads own runs of fused_width units, read from W_hh packed in column panels
+    // (tuning.h's fused_backward_panels) or in place. As whole 64-unit panels, H = 300's
+    // 5 went 3 + 2 between two threads: one idled ~40% of each step (PERF_LOG.md row 68).
     const bool panels = cpu_tuning().fused_backward_panels;
-    const int64_t width = panels ? kernels.gemm_columns_width : kernels.fused_width;
+    const int64_t width = kernels.fused_width;
+    const int64_t panel = kernels.gemm_columns_width;
     const scalar_t* w_hh = p.w_hh.data_ptr<scalar_t>();
-    at::Tensor w_panels;  // [ceil(H / width)][4H][width]
+    at::Tensor w_panels;  // [ceil(H / panel)][4H][panel]
     if (panels) {
-      w_panels = at::empty({(H + width - 1) / width * width * 4 * H}, p.input.options());
-      pack_column_panels(w_hh, 4 * H, H, width, w_panels.data_ptr<scalar_t>());
+      w_panels = at::empty({(H + panel - 1) / panel * panel * 4 * H}, p.input.options());
+      pack_column_panels(w_hh, 4 * H, H, panel, w_panels.data_ptr<scalar_t>());
     }
     const scalar_t* w_panels_p = panels ? w_panels.data_ptr<scalar_t>() : nullptr;
     scalar_t* dh = buf.dh;
@@ -125,10 +128,11 @@ struct CpuBackward : CpuLayerBase<scalar_t> {
         if (!p.needs_dh_prev(step)) continue;
         // dL/dh_prev[rows, u0:u1) = dgates[t][rows] W_hh[:, u0:u1)
         if (panels) {
-          for (int64_t u = u0; u < u1; u += width) {
-            kernels.gemm_columns(row1 - row0, 0, std::min(width, u1 - u), 4 * H,
-                                 dgates_t + row0 * 4 * H, 4 * H, w_panels_p + u * 4 * H, width,
-                                 false, nullptr, dh + row0 * H + u, H, false);
+          // The panels [u0, u1) overlaps, each from where the run begins in it.
+          for (int64_t u = u0 / panel * panel; u < u1; u += panel) {
+            kernels.gemm_columns(row1 - row0, std::max(u0, u) - u, std::min(u1 - u, panel),
+                                 4 * H, dgates_t + row0 * 4 * H, 4 * H, w_panels_p + u * 4 * H,
+                                 panel, false, nullptr, dh + row0 * H + u, H, false);
           }
         } else {
           kernels.gemm_columns(row1 - row0, u0, u1, 4 * H, dgates_t + row0 * 4 * H, 4 * H, w_hh,
