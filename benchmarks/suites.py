@@ -16,6 +16,7 @@ class Case:
     bidirectional: bool = False
     packed: bool = False  # PackedSequence with lengths drawn up to seq_len
     notes: str = ""
+    suite: str = "shapes"  # "shapes" (quick, full), "models", or "tiny" (tests only)
 
 
 CASES = [
@@ -28,28 +29,30 @@ CASES = [
     Case("packed", 32, 100, 128, 256, packed=True, notes="PackedSequence, variable lengths"),
     Case("decode", 8, 1, 256, 256, 2, notes="one step of a decoding loop (T = 1)"),
     # Published models' LSTMs (suite "models"): the shapes users train, not chosen for us.
-    Case("word-lm", 20, 35, 200, 200, 2,
+    Case("word-lm", 20, 35, 200, 200, 2, suite="models",
          notes="pytorch/examples' word language model, default sizes"),
-    Case("word-lm-medium", 20, 35, 650, 650, 2, notes="Zaremba et al. 2014, medium"),
-    Case("char-rnn", 50, 50, 65, 128, 2, notes="Karpathy's char-rnn defaults, one-hot input"),
-    Case("nmt-encoder", 64, 30, 500, 250, 2, bidirectional=True,
+    Case("word-lm-medium", 20, 35, 650, 650, 2, suite="models",
+         notes="Zaremba et al. 2014, medium"),
+    Case("char-rnn", 50, 50, 65, 128, 2, suite="models",
+         notes="Karpathy's char-rnn defaults, one-hot input"),
+    Case("nmt-encoder", 64, 30, 500, 250, 2, bidirectional=True, suite="models",
          notes="OpenNMT-py's default encoder: brnn, 500 units as 2 x 250"),
-    Case("speech-encoder", 16, 300, 80, 320, 3, bidirectional=True,
+    Case("speech-encoder", 16, 300, 80, 320, 3, bidirectional=True, suite="models",
          notes="a BiLSTM acoustic encoder: 80 filterbanks, 3 s at 10 ms"),
-    Case("forecast", 128, 24, 8, 64, 2, notes="time-series forecasting: 24 steps of 8 features"),
+    Case("forecast", 128, 24, 8, 64, 2, suite="models",
+         notes="time-series forecasting: 24 steps of 8 features"),
     # Tiny, for the benchmark's own tests.
-    Case("tiny", 2, 3, 4, 5, notes="smoke test only"),
-    Case("tiny-packed", 3, 4, 4, 5, 2, bidirectional=True, packed=True, notes="smoke test only"),
+    Case("tiny", 2, 3, 4, 5, suite="tiny", notes="smoke test only"),
+    Case("tiny-packed", 3, 4, 4, 5, 2, bidirectional=True, packed=True, suite="tiny",
+         notes="smoke test only"),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
 # Suite name -> (cases, seconds of timing per implementation and measurement).
-MODEL_CASES = ["word-lm", "word-lm-medium", "char-rnn", "nmt-encoder", "speech-encoder", "forecast"]
-SHAPE_CASES = [c.name for c in CASES if not c.name.startswith("tiny") and c.name not in MODEL_CASES]
 SUITES = {
-    "quick": (SHAPE_CASES, 0.3),
-    "full": (SHAPE_CASES, 1.5),
-    "models": (MODEL_CASES, 1.5),
+    "quick": ([c.name for c in CASES if c.suite == "shapes"], 0.3),
+    "full": ([c.name for c in CASES if c.suite == "shapes"], 1.5),
+    "models": ([c.name for c in CASES if c.suite == "models"], 1.5),
 }
 # Suite name -> fresh processes each case is timed in (--processes): on a shared VM a
 # whole process can run fast or slow, every implementation in it alike, so the full

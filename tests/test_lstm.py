@@ -217,9 +217,10 @@ def test_small_batch_threads(threads):
     # mid-sequence.
     lengths = torch.tensor([12, 12, 9, 7, 7, 4, 2, 1])
     _bidirectional_matches_nn(5, 128, 12, 8, [lengths], threads, seed=threads)
-    # B5 H100: threads split the units on 2 threads too, in runs of whole vectors that
-    # begin and end inside the backward's 64-unit panels of W_hh (2 threads on AVX-512:
-    # 64 + 36 units; 3: 48 + 32 + 20), the last panel partial.
+    # B5 H100: threads split the units on 2 threads too, in runs of whole vectors over the
+    # backward's packed panels of W_hh (64 units on AVX-512, 16 on AVX2), the last one
+    # partial; runs begin and end inside panels (AVX-512, 3 threads: 48 + 48 + 4 units;
+    # AVX2, 2 threads: 56 + 44).
     _bidirectional_matches_nn(6, 100, 9, 5, [None, torch.tensor([9, 9, 6, 3, 1])], threads,
                               seed=threads + 10)
 
