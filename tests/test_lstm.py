@@ -218,9 +218,10 @@ def test_small_batch_threads(threads):
     lengths = torch.tensor([12, 12, 9, 7, 7, 4, 2, 1])
     _bidirectional_matches_nn(5, 128, 12, 8, [lengths], threads, seed=threads)
     # B5 H100: threads split the units on 2 threads too, in runs of whole vectors over the
-    # backward's packed panels of W_hh (64 units on AVX-512, 16 on AVX2), the last one
-    # partial; runs begin and end inside panels (AVX-512, 3 threads: 48 + 48 + 4 units;
-    # AVX2, 2 threads: 56 + 44).
+    # backward's packed panels of W_hh, the last one partial; runs begin and end inside
+    # panels (float64 on AVX-512: 8-unit vectors, 32-unit panels; 2 threads 56 + 44
+    # units, 3 threads 40 + 40 + 20). A run's panels read from the run's start, not the
+    # panel's, fails here (mutation, session 31).
     _bidirectional_matches_nn(6, 100, 9, 5, [None, torch.tensor([9, 9, 6, 3, 1])], threads,
                               seed=threads + 10)
 
