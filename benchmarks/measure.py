@@ -135,13 +135,19 @@ def matmul_peak(dtype, device, threads, min_run_time):
     return rate(dtype)
 
 
-def implementations(case, mode, dtype, device):
+def implementation_names(device):
+    """The implementations a case is measured on: fused_lstm, then each nn.LSTM baseline."""
+    return ["fused"] + [f"nn-{name}" for name in baselines(device)]
+
+
+def implementations(case, mode, dtype, device, check=True):
     """name -> (step function, context factory) for fused_lstm and each nn.LSTM baseline,
-    on one set of weights and inputs, after checking that they agree. Also returns rows."""
+    on one set of weights and inputs, after checking that they agree (with check). Also
+    returns rows."""
     reference, fused = make_models(case, dtype, device)
     x, rows = make_inputs(case, dtype, device)
     ctxs = baselines(device)
-    for ctx in ctxs.values():
+    for ctx in ctxs.values() if check else ():
         with ctx():
             check_agree(reference, fused, x, mode, dtype)
     fns = {"fused": (step_fn(fused, x, mode), contextlib.nullcontext)}
@@ -190,11 +196,18 @@ def combine_processes(runs):
     return combined
 
 
-def measure_memory(record):
-    """Adds peak_memory_bytes (forward + backward) to a record with case, dtype, device."""
+def measure_memory(record, names=None):
+    """Adds peak_memory_bytes[name] (forward + backward) for each implementation named
+    (default: all) to a record with case, dtype, device. No agreement check first (the
+    timing runs it): on the CPU its float64 reference run leaves malloc's heap in pieces,
+    later large buffers land in freed heap chunks that stay resident, and the peak of
+    whatever runs next moves with them (the runner measures each implementation in a
+    fresh process: PERF_LOG.md row 69)."""
     case = CASES_BY_NAME[record["case"]]
-    fns, _ = implementations(case, "train", DTYPES[record["dtype"]], record["device"])
-    record["peak_memory_bytes"] = {}
-    for name, (fn, ctx) in fns.items():
+    fns, _ = implementations(case, "train", DTYPES[record["dtype"]], record["device"],
+                             check=False)
+    peaks = record.setdefault("peak_memory_bytes", {})
+    for name in names or fns:
+        fn, ctx = fns[name]
         with ctx():
-            record["peak_memory_bytes"][name] = peak_memory(fn, record["device"])
+            peaks[name] = peak_memory(fn, record["device"])

@@ -15,7 +15,8 @@ import torch
 from torch.utils import benchmark
 
 from .machine import machine
-from .measure import DTYPES, combine_processes, matmul_peak, measure_memory, run_case
+from .measure import (DTYPES, combine_processes, implementation_names, matmul_peak,
+                      measure_memory, run_case)
 from .memory import fix_malloc_for_rss
 from .report import log, plot, print_table
 from .suites import CASES_BY_NAME, MODES, SUITE_PROCESSES, SUITES
@@ -42,6 +43,7 @@ def parse_args(argv=None):
     # Internal: a child process that times one case (or measures memory) and pickles the result.
     p.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    p.add_argument("--worker-implementation", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -58,7 +60,8 @@ def main(argv=None):
 def worker(args):
     """In a child process: time the cases given (worker "time"), or measure the peak
     memory of their train mode (worker "memory", with malloc set up for it from the
-    start); pickle the records and measurements to --worker-out."""
+    start; of --worker-implementation only where given); pickle the records and
+    measurements to --worker-out."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda":
@@ -71,7 +74,7 @@ def worker(args):
             case, dtype = CASES_BY_NAME[case_name], DTYPES[dtype_name]
             if args.worker == "memory":
                 record = {"case": case_name, "dtype": dtype_name, "device": args.device}
-                measure_memory(record)
+                measure_memory(record, args.worker_implementation and [args.worker_implementation])
                 records.append(record)
                 continue
             for mode in args.modes.split(","):
@@ -85,7 +88,7 @@ def worker(args):
         pickle.dump((records, measurements), f)
 
 
-def in_child(kind, args, case_names, dtype_names, min_run_time, modes):
+def in_child(kind, args, case_names, dtype_names, min_run_time, modes, implementation=None):
     """Runs worker `kind` in a fresh Python process: each case then starts from the same
     state (malloc's heap, oneDNN's caches) whatever ran before it."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,6 +97,8 @@ def in_child(kind, args, case_names, dtype_names, min_run_time, modes):
                "--device", args.device, "--cases", ",".join(case_names), "--dtype",
                ",".join(dtype_names), "--modes", ",".join(modes), "--min-run-time",
                str(min_run_time), "--threads", str(torch.get_num_threads())]
+        if implementation:
+            cmd += ["--worker-implementation", implementation]
         # From a neutral folder: in a source checkout, `-m` would import its fused_lstm/.
         subprocess.run(cmd, check=True, cwd=tmp)
         with open(out, "rb") as f:
@@ -153,20 +158,25 @@ def run(args):
     # CPU, fix_malloc_for_rss changes malloc for the rest of a process).
     train_cases = [c for c in case_names if "train" in modes]
     if train_cases:
-        log("peak memory of forward + backward, a process per case ...")
+        log("peak memory of forward + backward, a process per case and implementation ...")
         if args.in_process:
             memory = []
             for dtype_name in dtype_names:
                 for case_name in train_cases:
                     memory.append({"case": case_name, "dtype": dtype_name, "device": args.device})
                     measure_memory(memory[-1])
-        else:  # each case in a fresh process too: what ran before moved the peak by 2x
+        else:
+            # Each case and implementation in a fresh process: what ran before in the
+            # process moved the peak by up to 2x (PERF_LOG.md row 69).
             memory = []
             for dtype_name in dtype_names:
                 for case_name in train_cases:
-                    memory += in_child("memory", args, [case_name], [dtype_name], min_run_time,
-                                       modes)[0]
-        by_key = {(m["case"], m["dtype"]): m["peak_memory_bytes"] for m in memory}
+                    for name in implementation_names(args.device):
+                        memory += in_child("memory", args, [case_name], [dtype_name],
+                                           min_run_time, modes, name)[0]
+        by_key = {}
+        for m in memory:
+            by_key.setdefault((m["case"], m["dtype"]), {}).update(m["peak_memory_bytes"])
         for record in records:
             if record["mode"] == "train":
                 record["peak_memory_bytes"] = by_key[(record["case"], record["dtype"])]
@@ -189,7 +199,8 @@ def run(args):
                                  if args.device == "cuda" else
                                  "CPU: growth of VmHWM over VmRSS during one forward+backward, "
                                  "glibc mmap threshold fixed at 64 KiB, heap trimmed and "
-                                 "fused_lstm's reused buffers released before"),
+                                 "fused_lstm's reused buffers released before; each "
+                                 "implementation in a fresh process"),
               "processes": processes,
               "elapsed_s": time.perf_counter() - started, "results": records}
     json_path = os.path.join(args.out, "results.json")
