@@ -2,7 +2,9 @@
 // costs no Python. The layer forward saves only what its backward reads. Under
 // create_graph the layer and stack nodes differentiate a recomputation from ATen ops
 // instead (ops/recompute.h), so that double backward works; the backward op itself,
-// called directly, is not differentiable and says so when asked.
+// called directly, is not differentiable and says so when asked. Where a C++ node cannot
+// serve (torch.func transforms, forward-mode AD) the ops run as ATen ops instead.
+#include <ATen/FuncTorchTLS.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
@@ -130,10 +132,9 @@ class LayerNode : public torch::autograd::Function<LayerNode> {
     if (at::GradMode::is_enabled()) {
       // create_graph: differentiable gradients (forward arguments 0, 2..8).
       const std::optional<at::Tensor> b_ih = optional(saved[10]), b_hh = optional(saved[11]);
-      auto [out, h_n, c_n] = recompute_layer(
-          input, make_schedule(ctx->saved_data["batch_sizes"].toTensor(),
-                               ctx->saved_data["reverse"].toBool()),
-          h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+      auto [out, h_n, c_n] = layer_as_aten_ops(
+          input, ctx->saved_data["batch_sizes"].toTensor(), h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+          ctx->saved_data["reverse"].toBool());
       auto g = differentiable_gradients({out, h_n, c_n}, {grads[0], grads[1], grads[2]},
                                         {input, h0, c0, w_ih, w_hh, saved[10], saved[11],
                                          saved[5]});
@@ -220,14 +221,7 @@ class StackNode : public torch::autograd::Function<StackNode> {
     if (at::GradMode::is_enabled()) {
       // create_graph: differentiable gradients of a recomputation, for input, h0, c0
       // and each weight.
-      auto [out, h_n, c_n] = run_stack(
-          layout, input, h0, c0, weights,
-          [&](const at::Tensor& layer_input, int64_t k, const LayerWeights& w,
-              const at::Tensor& h0_k, const at::Tensor& c0_k) {
-            return recompute_layer(layer_input,
-                                   make_schedule(batch_sizes, k % layout.directions == 1), h0_k,
-                                   c0_k, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr);
-          });
+      auto [out, h_n, c_n] = stack_as_aten_ops(layout, input, batch_sizes, h0, c0, weights);
       std::vector<at::Tensor> inputs{input, h0, c0};
       inputs.insert(inputs.end(), weights.begin(), weights.end());
       auto g = differentiable_gradients({out, h_n, c_n}, {grads[0], grads[1], grads[2]}, inputs);
@@ -301,8 +295,51 @@ ForwardResult lstm_layer_forward_autograd(
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
+// Whether any of the op's tensor arguments (Tensor, Tensor?, Tensor[]) requires grad, or
+// carries a forward-mode tangent (torch.autograd.forward_ad; one level).
 bool requires_grad(const at::Tensor& t) { return t.requires_grad(); }
-bool requires_grad(const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); }
+bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+template <typename Pred>
+bool any_tensor(Pred pred, const at::Tensor& t) { return pred(t); }
+template <typename Pred>
+bool any_tensor(Pred pred, const std::optional<at::Tensor>& t) { return t.has_value() && pred(*t); }
+template <typename Pred>
+bool any_tensor(Pred pred, at::TensorList ts) { return std::any_of(ts.begin(), ts.end(), pred); }
+template <typename... Args>
+bool any_requires_grad(const Args&... args) {
+  return (any_tensor([](const at::Tensor& t) { return requires_grad(t); }, args) || ...);
+}
+template <typename... Args>
+bool any_tangent(const Args&... args) {
+  return (any_tensor([](const at::Tensor& t) { return has_tangent(t); }, args) || ...);
+}
+
+// Whether a torch.func transform (grad, vjp, jacrev, hessian, ...) would refuse a C++
+// autograd Function here: the question Function::apply asks functorch, whose answer is
+// an error (its interpreter stack is not in the installed headers).
+bool cpp_function_refused() {
+  const auto& functorch = at::functorch::functorchTLSAccessor();
+  if (!functorch) return false;  // functorch never ran in this thread
+  try {
+    functorch->checkSupportsCppAutogradFunction();
+    return false;
+  } catch (const c10::Error&) {
+    return true;
+  }
+}
+
+// Whether the op runs as differentiable ATen ops (ops/recompute.h) instead of a node:
+// under a torch.func transform, which refuses C++ autograd Functions, or with a
+// forward-mode tangent on an argument, which they do not propagate (and the inference
+// path would drop). nn.LSTM supports both through its ATen ops. Slower: says so once.
+bool runs_as_aten_ops(bool tangent) {
+  if (!tangent && !cpp_function_refused()) return false;
+  TORCH_WARN_ONCE(
+      "fused_lstm: under torch.func transforms or forward-mode AD the LSTM runs as ATen ops "
+      "(a matmul and a few elementwise ops per step), not the fused kernels, as their C++ "
+      "autograd supports neither: the same results at ATen's speed");
+  return true;
+}
 
 // lstm_layer: the forward with a private workspace when a gradient is needed, else
 // the backend's kernel without one.
@@ -311,10 +348,11 @@ LayerResult lstm_layer_autograd(
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, bool reverse) {
+  if (runs_as_aten_ops(any_tangent(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))) {
+    return layer_as_aten_ops(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse);
+  }
   const bool needs_grad = at::GradMode::is_enabled() &&
-                          (requires_grad(input) || requires_grad(h0) || requires_grad(c0) ||
-                           requires_grad(w_ih) || requires_grad(w_hh) || requires_grad(b_ih) ||
-                           requires_grad(b_hh) || requires_grad(w_hr));
+                          any_requires_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   if (!needs_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return layer_op().call(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse);
@@ -330,12 +368,13 @@ LayerResult lstm_stack_autograd(const at::Tensor& input, const at::Tensor& batch
                                 const at::Tensor& h0, const at::Tensor& c0,
                                 at::TensorList weights, bool has_biases, bool has_proj,
                                 int64_t num_layers, bool bidirectional) {
+  if (runs_as_aten_ops(any_tangent(input, h0, c0, weights))) {
+    return stack_as_aten_ops(
+        check_stack_args(h0, c0, weights, has_biases, has_proj, num_layers, bidirectional), input,
+        batch_sizes, h0, c0, weights);
+  }
   const bool needs_grad =
-      at::GradMode::is_enabled() &&
-      (input.requires_grad() || h0.requires_grad() || c0.requires_grad() ||
-       std::any_of(weights.begin(), weights.end(), [](const at::Tensor& w) {
-         return w.requires_grad();
-       }));
+      at::GradMode::is_enabled() && any_requires_grad(input, h0, c0, weights);
   if (!needs_grad) {
     static const auto stack_op = find_op<StackSignature>("fused_lstm::lstm_stack");
     at::AutoDispatchBelowADInplaceOrView guard;

@@ -1,4 +1,4 @@
-// The layer recomputed from differentiable ATen ops, for double backward (ops/recompute.h).
+// The layer and the stack as differentiable ATen ops (ops/recompute.h).
 #include "ops/recompute.h"
 
 #include <torch/autograd.h>
@@ -8,11 +8,38 @@
 
 namespace fused_lstm {
 
-LayerResult recompute_layer(const at::Tensor& input, const std::vector<Step>& steps,
-                            const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-                            const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                            const std::optional<at::Tensor>& b_hh,
-                            const std::optional<at::Tensor>& w_hr) {
+namespace {
+
+// The schedule of batch_sizes, after the layer op's checks. Under a torch.func transform
+// every tensor argument of an op arrives wrapped, without storage to read (and a tensor
+// made here would be wrapped too): its values then come through item(), which the
+// wrapper forwards, into memory of our own.
+std::vector<Step> checked_schedule(const at::Tensor& input, const at::Tensor& batch_sizes,
+                                   const at::Tensor& h0, const at::Tensor& c0,
+                                   const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                   const std::optional<at::Tensor>& b_ih,
+                                   const std::optional<at::Tensor>& b_hh,
+                                   const std::optional<at::Tensor>& w_hr, bool reverse) {
+  const auto schedule = [&](const at::Tensor& sizes) {
+    return make_forward_params(input, sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+                               false)
+        .steps;
+  };
+  if (batch_sizes.has_storage() || batch_sizes.dim() != 1) return schedule(batch_sizes);
+  std::vector<int64_t> values(batch_sizes.size(0));
+  for (int64_t t = 0; t < batch_sizes.size(0); ++t) values[t] = batch_sizes[t].item<int64_t>();
+  return schedule(at::from_blob(values.data(), {batch_sizes.size(0)}, batch_sizes.options()));
+}
+
+}  // namespace
+
+LayerResult layer_as_aten_ops(const at::Tensor& input, const at::Tensor& batch_sizes,
+                              const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                              const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                              const std::optional<at::Tensor>& b_hh,
+                              const std::optional<at::Tensor>& w_hr, bool reverse) {
+  const std::vector<Step> steps =
+      checked_schedule(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse);
   const int64_t B = h0.size(0);
   at::Tensor gates_x = at::matmul(input, w_ih.t());  // [N, 4H]
   if (b_ih.has_value()) gates_x = gates_x + *b_ih + *b_hh;
@@ -40,6 +67,18 @@ LayerResult recompute_layer(const at::Tensor& input, const std::vector<Step>& st
   for (auto& [offset, h] : outputs) rows.push_back(std::move(h));
   at::Tensor output = rows.empty() ? input.new_empty({0, h0.size(1)}) : at::cat(rows);
   return {output, h_state, c_state};
+}
+
+LayerResult stack_as_aten_ops(const StackLayout& layout, const at::Tensor& input,
+                              const at::Tensor& batch_sizes, const at::Tensor& h0,
+                              const at::Tensor& c0, at::TensorList weights) {
+  return run_stack(layout, input, h0, c0, weights,
+                   [&](const at::Tensor& layer_input, int64_t k, const LayerWeights& w,
+                       const at::Tensor& h0_k, const at::Tensor& c0_k) {
+                     return layer_as_aten_ops(layer_input, batch_sizes, h0_k, c0_k, w.w_ih,
+                                              w.w_hh, w.b_ih, w.b_hh, w.w_hr,
+                                              k % layout.directions == 1);
+                   });
 }
 
 std::vector<at::Tensor> differentiable_gradients(const std::vector<at::Tensor>& outputs,
