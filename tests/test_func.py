@@ -152,6 +152,31 @@ def test_func_grad_of_lstm_cell_and_functional_layer():
     assert_close(grad(layer)(w_hh.detach()), torch.autograd.grad(layer(w), w)[0])
 
 
+def test_func_keeps_the_ops_checks():
+    # Under a transform batch_sizes arrives wrapped (no storage): the op still reads and
+    # checks it, and rejects what it rejects without one.
+    g = torch.Generator().manual_seed(7)
+    data = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    h, c = torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64)
+    w_ih = torch.randn(16, 5, generator=g, dtype=torch.float64)
+    w_hh = torch.randn(16, 4, generator=g, dtype=torch.float64)
+
+    def layer(batch_sizes):
+        return lambda w: fused_lstm.functional.lstm_layer(
+            data, (h, c), w_ih, w, batch_sizes=batch_sizes)[0].sum()
+
+    w = w_hh.clone().requires_grad_()
+    good = torch.tensor([3, 2, 1])
+    assert_close(grad(layer(good))(w_hh), torch.autograd.grad(layer(good)(w), w)[0])
+    for bad, message in [(torch.tensor([1, 2, 3]), "non-increasing batch_sizes"),
+                         (torch.tensor([3, 2, 1], dtype=torch.int32), "1-D int64 CPU tensor"),
+                         (torch.tensor([3, 2]), "batch_sizes sum to 5"),
+                         (torch.tensor([3, 2, 2]), "batch_sizes sum to 7")]:
+        for run in (lambda: grad(layer(bad))(w_hh), lambda: layer(bad)(w)):
+            with pytest.raises(RuntimeError, match=message):
+                run()
+
+
 def test_vmap_is_unsupported_like_nn_lstm():
     ours, ref = pair(fused_lstm.LSTM, nn.LSTM, 5, 4)
     xs = torch.randn(2, 4, 3, 5, dtype=torch.float64)

@@ -25,10 +25,13 @@ std::vector<Step> checked_schedule(const at::Tensor& input, const at::Tensor& ba
                                false)
         .steps;
   };
-  if (batch_sizes.has_storage() || batch_sizes.dim() != 1) return schedule(batch_sizes);
+  if (batch_sizes.has_storage() || batch_sizes.dim() != 1 ||
+      batch_sizes.scalar_type() != at::kLong || !batch_sizes.device().is_cpu()) {
+    return schedule(batch_sizes);  // (the checks reject any but the first)
+  }
   std::vector<int64_t> values(batch_sizes.size(0));
   for (int64_t t = 0; t < batch_sizes.size(0); ++t) values[t] = batch_sizes[t].item<int64_t>();
-  return schedule(at::from_blob(values.data(), {batch_sizes.size(0)}, batch_sizes.options()));
+  return schedule(at::from_blob(values.data(), {batch_sizes.size(0)}, at::kLong));
 }
 
 }  // namespace
