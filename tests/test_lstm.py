@@ -681,6 +681,50 @@ def test_bfloat16_fused_layer_rounds_h_each_step(B, I, H):
         torch.ops.fused_lstm.set_cpu_gemm("auto")
 
 
+def _amx_in_use():
+    return "AMX" in fused_lstm.backend_info()["bfloat16_products"]
+
+
+@pytest.mark.parametrize("B,I,H", [(1, 5, 16), (2, 32, 30), (15, 70, 48), (16, 32, 32),
+                                   (17, 9, 100), (33, 64, 64), (64, 40, 18)], ids=str)
+def test_bfloat16_amx_tiles_against_the_rounding_model(B, I, H, request):
+    # On an AMX CPU a bfloat16 layer's input GEMM and fused step run on AMX tiles (from
+    # tuning.h's amx_min_rows rows; 1 here): 16-row tiles and 32-k blocks, cut by B, I and
+    # H at every edge here (1, 15, 16, 17, 33 and 64 rows; k 5 to 100, padded to 32;
+    # chunks of 16 units cut at 18, 30, 100), one row tile or pairs of them, threads
+    # splitting units or rows. Against the float64 model of bfloat16 products into float32
+    # sums with h rounded each step (as test_bfloat16_fused_layer_rounds_h_each_step), both
+    # directions, 1 and 2 threads bit for bit; then the same layer on the vdpbf16ps
+    # kernels (amx_min_rows past B) against the same model.
+    if not _amx_in_use():
+        pytest.skip("this CPU has no AMX-BF16 (or FUSED_LSTM_CPU_AMX=off): no AMX kernels")
+    set_tuning = torch.ops.fused_lstm.set_cpu_tuning
+    request.addfinalizer(lambda: set_tuning("amx_min_rows", -1))
+    request.addfinalizer(lambda: torch.ops.fused_lstm.set_cpu_gemm("auto"))
+    torch.ops.fused_lstm.set_cpu_gemm("small")  # the fused loop at every size
+    before = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(before))
+    gen = torch.Generator().manual_seed(B * H + I)
+    x = _random((6, B, I), torch.bfloat16, gen)
+    h0, c0 = (_random((B, H), torch.bfloat16, gen) for _ in range(2))
+    w_ih, w_hh, b_ih, b_hh = (_random(shape, torch.float32, gen).div(H ** 0.5).bfloat16()
+                              for shape in ((4 * H, I), (4 * H, H), (4 * H,), (4 * H,)))
+    bias = b_ih.float() + b_hh.float()
+    args = (x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+    for min_rows in (1, B + 1):  # AMX, then vdpbf16ps
+        set_tuning("amx_min_rows", min_rows)
+        for reverse in (False, True):
+            expected = _16bit_recurrence(x, h0, c0, w_ih, w_hh, bias, reverse)
+            runs = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                with torch.no_grad():
+                    runs.append(fused_lstm.functional.lstm_layer(*args, reverse=reverse)[0])
+            assert torch.equal(runs[0], runs[1])
+            off = (runs[0].double() - expected).abs()
+            assert off.max() <= 2.0 ** -7 and (off > 0).double().mean() < 0.01, (min_rows, reverse)
+
+
 def _weight_shaped_conversions(fn, shapes):
     # The aten::_to_copy calls fn makes on tensors of the given shapes (torch.profiler).
     with torch.profiler.profile(record_shapes=True) as prof:

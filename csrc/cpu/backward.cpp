@@ -31,7 +31,7 @@ struct CpuBackward : CpuLayerBase<scalar_t> {
         recurrent(StepGemm<scalar_t>::make(p.s.B, P, 4 * H)),
         projection(StepGemm<scalar_t>::make(p.s.B, H, P)),
         bf16_gemms(reduced_precision_call_dtype == at::kBFloat16 &&
-                   cpu_kernels<float>().fused_step_bf16 != nullptr) {}
+                   cpu_kernels<float>().bf16_dot.fused_step != nullptr) {}
 
   // The GEMMs outside the loop (weight_gradients: dx = dgates W_ih, dW_ih = dgates^T x,
   // dW_hh = dgates^T h_prev, dW_hr). For a bfloat16 layer (bf16_gemms), from tuning.h's

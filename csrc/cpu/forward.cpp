@@ -53,7 +53,7 @@ struct CpuForward : CpuLayerBase<scalar_t> {
       return false;
     }
     const bool one_step = params.steps.size() == 1 && cpu_gemm_setting() != GemmSetting::kAten;
-    if (dtype == at::kBFloat16 && cpu_kernels<float>().fused_step_bf16 != nullptr &&
+    if (dtype == at::kBFloat16 && cpu_kernels<float>().bf16_dot.fused_step != nullptr &&
         s.H % 2 == 0) {
       return runs_fused(params) || one_step;
     }
@@ -69,7 +69,8 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   // place: few rows (few_rows_dot), or any where no packed 16-bit GEMM serves (float16,
   // bfloat16 without AVX512_BF16 or with H odd: stored_weights_apply bounds the rows).
   bool stored_dot(int64_t M, const at::Tensor& w) const {
-    const bool packed = stored == at::kBFloat16 && kernels.input_gemm_bf16 != nullptr && H % 2 == 0;
+    const bool packed =
+        stored == at::kBFloat16 && kernels.bf16_dot.input_gemm != nullptr && H % 2 == 0;
     return !packed || few_rows_dot(cpu_tuning(), M, w.nbytes());
   }
 
@@ -155,8 +156,8 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   // gates [M, 4H] = a [M, K] w^T + bias (bias [4H] or null), or with accumulate +=, a and
   // w [4H, K] (W_ih or W_hh) in half_t as stored, float32 sums: where stored_dot as dot
   // products on w in place (StoredKernels::small_gemm_trans_b), else (bfloat16 on
-  // AVX512_BF16 CPUs) through w packed and input_gemm_bf16's register tiles (K even: the
-  // caller pads a), there with `stream` by non-temporal stores.
+  // AVX512_BF16 CPUs) through w packed and the packed kernels' input GEMM (bf16_packed: K
+  // even, the caller pads a), there with `stream` by non-temporal stores.
   template <typename half_t>
   void gemm_stored_operands(int64_t M, int64_t K, const half_t* a, const at::Tensor& w,
                             const scalar_t* bias, bool accumulate, scalar_t* gates,
@@ -171,15 +172,22 @@ struct CpuForward : CpuLayerBase<scalar_t> {
           accumulate || bias != nullptr, gates, 4 * H);
       return;
     }
-    TORCH_INTERNAL_ASSERT((std::is_same_v<half_t, c10::BFloat16>) && kernels.input_gemm_bf16,
+    TORCH_INTERNAL_ASSERT((std::is_same_v<half_t, c10::BFloat16>) && kernels.bf16_dot.input_gemm,
                           "gemm_stored_operands: no packed GEMM for this dtype and CPU");
     if constexpr (std::is_same_v<half_t, c10::BFloat16>) {
-      const int64_t width = kernels.fused_width;
-      at::Tensor packed = at::empty({(H + width - 1) / width * width * 4 * K}, w.options());
-      kernels.pack_fused_weights_bf16(w.data_ptr<half_t>(), H, k_stored, packed.data_ptr<half_t>());
-      kernels.input_gemm_bf16(M, H, K, a, packed.data_ptr<half_t>(), bias, accumulate, gates,
-                              stream);
+      const Bf16PackedKernels<scalar_t>& bk = bf16_packed(M);
+      at::Tensor packed = at::empty({bk.packed_size(H, k_stored)}, w.options());
+      bk.pack_weights(w.data_ptr<half_t>(), H, k_stored, packed.data_ptr<half_t>());
+      bk.input_gemm(M, H, K, a, packed.data_ptr<half_t>(), bias, accumulate, gates, stream);
     }
+  }
+
+  // The packed bfloat16 kernels for GEMMs of M rows: AMX's tiles from tuning.h's
+  // amx_min_rows where the CPU has them, else vdpbf16ps.
+  const Bf16PackedKernels<scalar_t>& bf16_packed(int64_t M) const {
+    return kernels.bf16_amx.fused_step != nullptr && M >= cpu_tuning().amx_min_rows
+               ? kernels.bf16_amx
+               : kernels.bf16_dot;
   }
 
   void cell_forward(int64_t b, scalar_t* g, scalar_t* c_state, scalar_t* cells, scalar_t* h_out,
@@ -206,8 +214,8 @@ struct CpuForward : CpuLayerBase<scalar_t> {
     kernels.pack_fused_weights(p.w_hh.data_ptr<scalar_t>(), H, w_packed.data_ptr<scalar_t>());
     const scalar_t* w_t = w_packed.data_ptr<scalar_t>();
     scalar_t* out = buf.output;
-    run_steps(buf, p.w_hh.nbytes(), [&](const Step& step, int64_t row0, int64_t rows,
-                                        int64_t own_split, int64_t j0, int64_t j1) {
+    run_steps(buf, p.w_hh.nbytes(), -1, [&](const Step& step, int64_t row0, int64_t rows,
+                                            int64_t own_split, int64_t j0, int64_t j1) {
       kernels.fused_step(rows, H, out + (step.prev_offset + row0) * H, own_split,
                          buf.h_state + (row0 + own_split) * H, w_t,
                          buf.gates + (step.offset + row0) * 4 * H, p.keep_workspace,
@@ -222,35 +230,40 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   // the next step reads; h0_round: [B, H] h0.
   void fused_bf16(const ForwardBuffers<scalar_t>& buf) const {
     using bf16 = c10::BFloat16;
-    const int64_t width = kernels.fused_width;
+    const Bf16PackedKernels<scalar_t>& bk = bf16_packed(p.s.B);
     const auto opts = p.input.options().dtype(at::kBFloat16);
-    at::Tensor w_packed = at::empty({(H + width - 1) / width * width * 4 * H}, opts);
-    kernels.pack_fused_weights_bf16(p.w_hh.data_ptr<bf16>(), H, H, w_packed.data_ptr<bf16>());
+    at::Tensor w_packed = at::empty({bk.packed_size(H, H)}, opts);
+    bk.pack_weights(p.w_hh.data_ptr<bf16>(), H, H, w_packed.data_ptr<bf16>());
     at::Tensor out_round = at::empty({p.s.N, H}, opts);
     at::Tensor h0_round =
         at::from_blob(buf.h_state, {p.s.B, H}, p.input.options()).to(at::kBFloat16);
     const bf16* w_t = w_packed.data_ptr<bf16>();
     bf16* rounded = out_round.data_ptr<bf16>();
     const bf16* h0 = h0_round.data_ptr<bf16>();
-    run_steps(buf, p.w_hh.nbytes(), [&](const Step& step, int64_t row0, int64_t rows,
-                                            int64_t own_split, int64_t j0, int64_t j1) {
-      kernels.fused_step_bf16(rows, H, rounded + (step.prev_offset + row0) * H, own_split,
-                              h0 + (row0 + own_split) * H, w_t,
-                              buf.gates + (step.offset + row0) * 4 * H, p.keep_workspace,
-                              buf.c_state + row0 * H,
-                              buf.cells + step.offset * buf.cells_step + row0 * H,
-                              buf.output + (step.offset + row0) * H,
-                              rounded + (step.offset + row0) * H, j0, j1);
+    // AMX: threads split rows only where each gets amx_row_split_min_rows (whole tiles)
+    // and W_hh fits in half of L2, the tiles' rows streaming beside it (B64 H512, W_hh 2
+    // MB, L2 2 MB: the unit split 1.08x faster; B32 H256: the row split 1.18x).
+    const bool amx = &bk == &kernels.bf16_amx;
+    const int64_t min_rows = amx ? cpu_tuning().amx_row_split_min_rows : -1;
+    run_steps(buf, p.w_hh.nbytes() * (amx ? 2 : 1), min_rows, [&](const Step& step, int64_t row0, int64_t rows,
+                                                  int64_t own_split, int64_t j0, int64_t j1) {
+      bk.fused_step(rows, H, rounded + (step.prev_offset + row0) * H, own_split,
+                    h0 + (row0 + own_split) * H, w_t, buf.gates + (step.offset + row0) * 4 * H,
+                    p.keep_workspace, buf.c_state + row0 * H,
+                    buf.cells + step.offset * buf.cells_step + row0 * H,
+                    buf.output + (step.offset + row0) * H, rounded + (step.offset + row0) * H,
+                    j0, j1);
     });
   }
 
   // The fused loop's steps, shared between threads (run_fused_loop; `weight_bytes` of
-  // packed W_hh): step_fn(step, row0, rows, own_split, j0, j1) runs a thread's rows
-  // [row0, row0 + rows) and unit chunks [j0, j1) of a step, whose h_prev comes from the
+  // packed W_hh, rows split from min_rows a thread, -1 tuning.h's rule): step_fn(step,
+  // row0, rows, own_split, j0, j1) runs a thread's rows [row0, row0 + rows) and unit
+  // chunks [j0, j1) of a step, whose h_prev comes from the
   // step before for its first own_split rows and from h0 for the rest (rows that start
   // later, in reverse). Then h_n.
   template <typename StepFn>
-  void run_steps(const ForwardBuffers<scalar_t>& buf, int64_t weight_bytes,
+  void run_steps(const ForwardBuffers<scalar_t>& buf, int64_t weight_bytes, int64_t min_rows,
                  const StepFn& step_fn) const {
     const auto& steps = p.steps;
     run_fused_loop(steps, p.s.B, H, kernels.fused_width, weight_bytes,
@@ -262,7 +275,7 @@ struct CpuForward : CpuLayerBase<scalar_t> {
         step_fn(step, row0, row1 - row0, std::max<int64_t>(split - row0, 0), j0, j1);
         sync(n);
       }
-    });
+    }, min_rows);
     copy_last_hidden(buf);
   }
 

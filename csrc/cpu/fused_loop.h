@@ -54,17 +54,19 @@ inline bool fused_step_too_small_to_share(int64_t B, int64_t H) {
 //    needs every task to run concurrently: true of ATen's OpenMP backend (one task per
 //    team thread), not promised by its native pool, which gets the calling thread instead.
 //  - A step too small to share (fused_step_too_small_to_share): the calling thread.
+// Rows split from min_rows_per_thread rows a thread (-1: tuning.h's row_split_min_rows).
 template <typename Body>
 void run_fused_loop(const std::vector<Step>& steps, int64_t B, int64_t H, int64_t width,
-                    int64_t weight_bytes, const Body& body) {
+                    int64_t weight_bytes, const Body& body, int64_t min_rows_per_thread = -1) {
   const CpuTuning& tuning = cpu_tuning();
+  if (min_rows_per_thread < 0) min_rows_per_thread = tuning.row_split_min_rows;
   const int64_t chunks = (H + width - 1) / width;
   const int64_t threads = at::get_num_threads();
   if (threads == 1 || fused_step_too_small_to_share(B, H)) {
     body(0, B, 0, chunks, [](size_t) {});
     return;
   }
-  if (B >= tuning.row_split_min_rows * threads &&
+  if (B >= min_rows_per_thread * threads &&
       weight_bytes <= tuning.row_split_max_weight_bytes) {
     // Row r runs at the steps whose batch exceeds r; blocks of equal total steps.
     std::vector<int64_t> work_before(B + 1, 0);  // steps run by rows [0, r)

@@ -42,7 +42,8 @@ c10::Dict<std::string, std::string> cpu_info() {
   // for bfloat16 products on AVX512_BF16 CPUs (CpuForward::stored, backward_stored_workspace
   // in cpu/backward.cpp, CpuBackward::gemm), and 16-bit one-step calls of few rows
   // elsewhere (CpuForward::stored_weights_apply, the backward's widening_backward_max_rows).
-  const bool bf16_kernels = cpu_kernels<float>().fused_step_bf16 != nullptr;
+  const bool bf16_kernels = cpu_kernels<float>().bf16_dot.fused_step != nullptr;
+  const bool amx = cpu_kernels<float>().bf16_amx.fused_step != nullptr;
   const auto widening = [&](int64_t forward_rows) {
     return "one-step calls read the weights as stored, each load widened to float32, the "
            "forward up to " + std::to_string(forward_rows) + " rows, the backward up to " +
@@ -54,7 +55,10 @@ c10::Dict<std::string, std::string> cpu_info() {
   info.insert("bfloat16_products",
               bf16_kernels ? "AVX512_BF16: fused loops and one-step calls, forward (h rounded "
                              "each step) and backward (dgates rounded each step), the weights "
-                             "and workspace read as stored; other layers' backward large GEMMs"
+                             "and workspace read as stored; other layers' backward large GEMMs" +
+                             (amx ? std::string("; the forward's GEMMs on AMX tiles from ") +
+                                        std::to_string(t.amx_min_rows) + " rows"
+                                  : std::string())
                            : "none: " + widening(t.bf16_widening_max_rows));
   info.insert("float16_products", "none: " + widening(t.f16_widening_max_rows));
   info.insert("fused_forward_min_hidden", std::to_string(t.fused_min_hidden));

@@ -94,6 +94,12 @@ CpuTuning make_tuning(int capability) {
   // Measured on AVX-512 (Zen 4, session 29): gates of 0.5-2 MB level, 4 MB 1.07x,
   // 6.5-13 MB 1.03-1.04x, 52 MB 1.00x (float32 forward); bfloat16 1.03-1.07x at 13-52 MB.
   t.stream_gates_min_bytes = int64_t{4} << 20;
+  // Measured on the AVX-512 kind (Intel, Sapphire Rapids class, AMX; session 33): AMX
+  // ran the bfloat16 forward 1.1-1.7x faster than vdpbf16ps at 2 rows (H 128-512), 1.3-2.5x
+  // at 4, 2.2-3.6x at 8-16; its row split at 16 rows a thread 1.18x the unit split (B32
+  // H256; cpu/forward.cpp's fused_bf16 adds a rule on W_hh's size).
+  t.amx_min_rows = 2;
+  t.amx_row_split_min_rows = 16;
   // Both SIMD builds (measured on each); the portable build keeps W_hh in place (not measured).
   t.fused_backward_panels = capability != kCapabilityDefault;
   if (capability == kCapabilityDefault) {
@@ -144,6 +150,8 @@ void for_each_rule(CpuTuning& t, const F& f) {
   f("widening_backward_max_rows", t.widening_backward_max_rows);
   f("stream_gates_min_bytes", t.stream_gates_min_bytes);
   f("fused_backward_panels", t.fused_backward_panels);
+  f("amx_min_rows", t.amx_min_rows);
+  f("amx_row_split_min_rows", t.amx_row_split_min_rows);
 }
 
 }  // namespace

@@ -101,6 +101,15 @@ struct CpuTuning {
   // ordinary store first reads each line it writes from memory. The loop's reads of
   // those gates are prefetched (fused_step) either way (PERF_LOG.md row 63).
   int64_t stream_gates_min_bytes;
+  // A bfloat16 layer's forward GEMMs with bfloat16 operands (the input GEMM, the fused
+  // step) run on AMX tiles (Bf16PackedKernels::amx) from this many rows, where the CPU
+  // has AMX: a tile's 16 x 16 x 32 multiply-adds cost the same at any row count, so with
+  // few rows vdpbf16ps is faster.
+  int64_t amx_min_rows;
+  // ... and its fused loop splits rows between threads only from this many rows a
+  // thread (else hidden units): an AMX tile costs the same for 1 row as for 16, so each
+  // thread's rows should fill tiles.
+  int64_t amx_row_split_min_rows;
   // The fused backward loop's dh = dgates W_hh reads W_hh packed in column panels
   // (pack_column_panels), not in place: W_hh's rows, H apart, touch a new page per k
   // from H = 1024 floats, and the in-place loop lost to BLAS once W_hh left L2.

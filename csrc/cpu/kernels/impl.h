@@ -4,6 +4,16 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__linux__) && defined(__GNUC__) && \
+    (__GNUC__ >= 11 || defined(__clang__))
+// The AMX kernels (Linux: the tile state is asked of the kernel; g++ 11 and clang 12 know
+// the instructions).
+#define FUSED_LSTM_AMX_BUILD
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "core/cell_math.h"
 #include "cpu/kernels/kernels.h"
 #include "cpu/tuning.h"
@@ -1312,6 +1322,308 @@ FUSED_LSTM_BF16_TARGET void gemm_columns_bf16(int64_t M, int64_t n0, int64_t n1,
   }
 }
 
+#if defined(FUSED_LSTM_AMX_BUILD)
+// AMX (Sapphire Rapids and later): Bf16PackedKernels::amx. A tile register holds 16 rows
+// of 64 bytes: A 16 rows x 32 bfloat16 of k, B 16 pairs of k x 16 columns x 2, C 16 x 16
+// float32 sums; tdpbf16ps adds A B's exact products to C in float32. Tiles 0-3 hold sums,
+// 4-5 rows of A, 5-7 weights. A tile's work (16 x 16 x 32 multiply-adds) costs the same at
+// any row count, so few rows go to the `dot` kernels instead (tuning.h amx_min_rows).
+#define FUSED_LSTM_AMX_TARGET                                                               \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16,amx-tile," \
+                        "amx-bf16")))
+
+constexpr int64_t kAmxRows = 16;          // rows of a tile, and units of a chunk
+constexpr int64_t kAmxK = 32;             // bfloat16 k of an A tile's row
+constexpr int64_t kAmxTile = 16 * 32;     // bfloat16 elements of an A or B tile
+
+// Every tile 16 rows x 64 bytes (palette 1), for the calling thread until amx_done.
+FUSED_LSTM_AMX_TARGET inline void amx_start() {
+  struct alignas(64) Config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } config{};
+  config.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = kAmxRows;
+  }
+  _tile_loadconfig(&config);
+}
+FUSED_LSTM_AMX_TARGET inline void amx_done() { _tile_release(); }
+
+// Tiles 0-3 += A B over kblocks blocks of 32 k. b: a chunk's packed weights,
+// [kblocks][4 gates][tile]. kRowTiles 2: rows a0, a1 (16 each, lda_bytes apart) x gates
+// q0, q0 + 1 (tiles 0, 1 from a0; 2, 3 from a1): two weight tiles a block for four sums.
+// kRowTiles 1: rows a0 x all four gates (tile q). between() runs after each block's
+// products are issued, on the vector units while the tiles work.
+template <int kRowTiles, typename Between>
+FUSED_LSTM_AMX_TARGET C10_ALWAYS_INLINE void amx_sums(int64_t kblocks, const c10::BFloat16* a0,
+                                                     const c10::BFloat16* a1, int64_t lda_bytes,
+                                                     const c10::BFloat16* b, int q0,
+                                                     const Between& between) {
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const c10::BFloat16* w = b + kb * 4 * kAmxTile;
+    if constexpr (kRowTiles == 2) {
+      _tile_loadd(4, a0 + kb * kAmxK, lda_bytes);
+      _tile_loadd(5, a1 + kb * kAmxK, lda_bytes);
+      _tile_loadd(6, w + q0 * kAmxTile, 64);
+      _tile_loadd(7, w + (q0 + 1) * kAmxTile, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    } else {
+      _tile_loadd(4, a0 + kb * kAmxK, lda_bytes);
+      _tile_loadd(5, w, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(6, w + kAmxTile, 64);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(7, w + 2 * kAmxTile, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(5, w + 3 * kAmxTile, 64);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+    between();
+  }
+}
+
+// `rows` rows of K (lda apart; rows <= 2 * 16) as A tiles: in place
+// where whole (32 rows, K a multiple of 32), else copied into pad [32][Kp] with zeros past
+// K and past the rows (tile rows never read past a's end, and zeros, unlike whatever lies
+// there, times anything is 0). row_of(i) gives row i's start. Returns the rows' start and
+// their stride in bytes.
+template <typename RowOf>
+C10_ALWAYS_INLINE std::pair<const c10::BFloat16*, int64_t> amx_rows(
+    int64_t rows, int64_t K, int64_t lda, const RowOf& row_of,
+    std::vector<c10::BFloat16>& pad) {
+  const int64_t kp = (K + kAmxK - 1) / kAmxK * kAmxK;
+  if (rows == 2 * kAmxRows && K % kAmxK == 0) {
+    return {row_of(0), lda * int64_t(sizeof(c10::BFloat16))};
+  }
+  pad.resize(2 * kAmxRows * kp);
+  for (int64_t i = 0; i < 2 * kAmxRows; ++i) {
+    c10::BFloat16* dst = pad.data() + i * kp;
+    const int64_t n = i < rows ? K : 0;
+    if (n > 0) std::memcpy(dst, row_of(i), n * sizeof(c10::BFloat16));
+    std::memset(static_cast<void*>(dst + n), 0, (kp - n) * sizeof(c10::BFloat16));
+  }
+  return {pad.data(), kp * int64_t(sizeof(c10::BFloat16))};
+}
+
+// Bf16PackedKernels::amx.pack_weights: w [4H, K] to out[j][kb][q][p][u][e] = w[q * H +
+// j * 16 + u][kb * 32 + 2 p + e], 0 past unit H and past K: per chunk and gate, the 16
+// units' rows as pairs of k (32-bit words, as stored), then each block's [16 units, 16
+// pairs] of words transposed into place.
+void pack_weights_amx(const c10::BFloat16* w, int64_t H, int64_t K, c10::BFloat16* out) {
+  constexpr int64_t W = kAmxRows, kPairs = kAmxK / 2;
+  const int64_t chunks = (H + W - 1) / W, kblocks = (K + kAmxK - 1) / kAmxK;
+  const int64_t pairs = kblocks * kPairs;
+  float* out_words = reinterpret_cast<float*>(out);  // moved as bits, never computed on
+  at::parallel_for(0, chunks, std::max<int64_t>(1, (int64_t{1} << 16) / (pairs * 8 * W)),
+                   [&](int64_t j0, int64_t j1) {
+    std::vector<float> words(W * pairs);  // [unit][pair]
+    for (int64_t j = j0; j < j1; ++j) {
+      for (int64_t q = 0; q < 4; ++q) {
+        std::fill(words.begin(), words.end(), 0.f);
+        for (int64_t u = 0; u < W && j * W + u < H; ++u) {
+          std::memcpy(words.data() + u * pairs, w + (q * H + j * W + u) * K,
+                      K * sizeof(c10::BFloat16));
+        }
+        for (int64_t kb = 0; kb < kblocks; ++kb) {
+          transpose(words.data() + kb * kPairs, W, kPairs, pairs,
+                    out_words + ((j * kblocks + kb) * 4 + q) * (kAmxTile / 2), W);
+        }
+      }
+    }
+  });
+}
+
+// Bf16PackedKernels::amx.input_gemm: tiles of 32 rows x one chunk's gates (two gates a
+// pass), a task a chunk over a run of row pairs. Sums start from the bias (or, accumulate,
+// from gates) and go to gates straight from the tiles where whole; a tile cut by M or H
+// goes through `sums`. `stream` is not used: a tile store is an ordinary store.
+FUSED_LSTM_AMX_TARGET void input_gemm_amx(int64_t M, int64_t H, int64_t K,
+                                          const c10::BFloat16* a, const c10::BFloat16* w_packed,
+                                          const float* bias, bool accumulate, float* gates,
+                                          bool /*stream*/) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = kAmxRows, kPairRows = 2 * kAmxRows;
+  const int64_t G = 4 * H, chunks = (H + W - 1) / W, kblocks = (K + kAmxK - 1) / kAmxK;
+  const int64_t row_pairs = (M + kPairRows - 1) / kPairRows;
+  // 16 rows of the bias (or zeros), where the sums start; one tile's reach past the last.
+  std::vector<float> bias_rows(kAmxRows * G + W, 0.f);
+  for (int64_t i = 0; bias != nullptr && i < kAmxRows; ++i) {
+    std::copy_n(bias, G, bias_rows.data() + i * G);
+  }
+  // As input_gemm_bf16: runs of up to 16 row pairs, the runs of equal size.
+  const int64_t runs = std::max<int64_t>(1, (row_pairs + 15) / 16);
+  const int64_t pairs_per_run = std::max<int64_t>(1, (row_pairs + runs - 1) / runs);
+  at::parallel_for(0, chunks * runs, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<c10::BFloat16> pad;
+    alignas(64) float sums[4][kPairRows][W];
+    amx_start();
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j = t % chunks, run = t / chunks;
+      const int64_t u = j * W, n = std::min(W, H - u);
+      const c10::BFloat16* w_chunk = w_packed + j * kblocks * 4 * kAmxTile;
+      const int64_t p_end = std::min(row_pairs, (run + 1) * pairs_per_run);
+      for (int64_t pr = run * pairs_per_run; pr < p_end; ++pr) {
+        const int64_t r = pr * kPairRows, rows = std::min(kPairRows, M - r);
+        const auto [a0, lda_bytes] =
+            amx_rows(rows, K, K, [&](int64_t i) { return a + (r + i) * K; }, pad);
+        const c10::BFloat16* a1 =
+            reinterpret_cast<const c10::BFloat16*>(reinterpret_cast<const char*>(a0) +
+                                                   kAmxRows * lda_bytes);
+        const bool whole = rows == kPairRows && n == W;
+        for (int q0 = 0; q0 < 4; q0 += 2) {
+          float* c0 = gates + r * G + q0 * H + u;  // tile 0's place; 1: + H, 2: + 16 rows
+          if (accumulate && whole) {
+            _tile_loadd(0, c0, G * 4);
+            _tile_loadd(1, c0 + H, G * 4);
+            _tile_loadd(2, c0 + kAmxRows * G, G * 4);
+            _tile_loadd(3, c0 + kAmxRows * G + H, G * 4);
+          } else if (accumulate) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+          } else {
+            const float* b0 = bias_rows.data() + q0 * H + u;
+            _tile_loadd(0, b0, G * 4);
+            _tile_loadd(1, b0 + H, G * 4);
+            _tile_loadd(2, b0, G * 4);
+            _tile_loadd(3, b0 + H, G * 4);
+          }
+          amx_sums<2>(kblocks, a0, a1, lda_bytes, w_chunk, q0, [] {});
+          if (whole) {
+            _tile_stored(0, c0, G * 4);
+            _tile_stored(1, c0 + H, G * 4);
+            _tile_stored(2, c0 + kAmxRows * G, G * 4);
+            _tile_stored(3, c0 + kAmxRows * G + H, G * 4);
+            continue;
+          }
+          _tile_stored(0, &sums[q0][0][0], 64);
+          _tile_stored(1, &sums[q0 + 1][0][0], 64);
+          _tile_stored(2, &sums[q0][kAmxRows][0], 64);
+          _tile_stored(3, &sums[q0 + 1][kAmxRows][0], 64);
+          for (int64_t i = 0; i < rows; ++i) {
+            for (int q = q0; q < q0 + 2; ++q) {
+              float* out = gates + (r + i) * G + q * H + u;
+              Vec v = Vec::loadu(&sums[q][i][0]);
+              if (accumulate) v = v + load(Vec{}, out, n);
+              store(v, out, n);
+            }
+          }
+        }
+      }
+    }
+    amx_done();
+  });
+}
+
+// Bf16PackedKernels::amx.fused_step: h_prev's rows copied into `pad` as A tiles (zeros
+// past H and past b), then per chunk and pair of row tiles (a block) the sums of gates i,
+// f, then g, o into `sums`, and each row's cell update (fused_tile_row_update) on sums +
+// the input part in gates. A block's cell update runs a few rows at a time between the
+// next block's k blocks, on the vector units while the tiles work: after all of a
+// block's products it cost as long as they did.
+FUSED_LSTM_AMX_TARGET void fused_step_amx(int64_t b, int64_t H, const c10::BFloat16* a_main,
+                                          int64_t split, const c10::BFloat16* a_rest,
+                                          const c10::BFloat16* w_packed, float* gates,
+                                          bool store_gates, float* c_state, float* cells,
+                                          float* h_out, c10::BFloat16* h_round, int64_t j0,
+                                          int64_t j1) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = kAmxRows, kPairRows = 2 * kAmxRows;
+  if (b <= 0 || j0 >= j1) return;
+  const int64_t kblocks = (H + kAmxK - 1) / kAmxK, kp = kblocks * kAmxK;
+  const int64_t row_tiles = (b + kAmxRows - 1) / kAmxRows;
+  // [row_tiles rounded up to pairs][kp]: the A tiles of this step's rows.
+  thread_local std::vector<c10::BFloat16> pad;
+  pad.resize((row_tiles + 1) / 2 * kPairRows * kp);
+  for (int64_t i = 0; i < (row_tiles + 1) / 2 * kPairRows; ++i) {
+    c10::BFloat16* dst = pad.data() + i * kp;
+    const int64_t n = i < b ? H : 0;
+    if (n > 0) std::memcpy(dst, i < split ? a_main + i * H : a_rest + (i - split) * H, n * 2);
+    std::memset(static_cast<void*>(dst + n), 0, (kp - n) * sizeof(c10::BFloat16));
+  }
+  // Two blocks' sums: the one whose rows are being updated, the one the tiles fill.
+  alignas(64) float sums[2][4][kPairRows][W];
+  struct Block {
+    int64_t r, r_end, u, n;  // its next row to update, its rows' end, its units
+    const float (*sums)[kPairRows][W];
+    int64_t r0;  // sums' row 0
+  } pending{0, 0, 0, 0, nullptr, 0};
+  const auto update_rows = [&](int64_t count) FUSED_LSTM_INLINE_LAMBDA {
+    for (; count > 0 && pending.r < pending.r_end; --count, ++pending.r) {
+      const int64_t r = pending.r, u = pending.u, n = pending.n;
+      Vec gate[4];
+      for (int q = 0; q < 4; ++q) {
+        gate[q] = Vec::loadu(&pending.sums[q][r - pending.r0][0]) +
+                  load(Vec{}, gates + r * 4 * H + q * H + u, n);
+      }
+      const Vec h = fused_tile_row_update(H, gate, gates, store_gates, c_state, cells, h_out, r,
+                                          u, n);
+      _mm256_mask_storeu_epi16(h_round + r * H + u, static_cast<__mmask16>((1u << n) - 1),
+                               (__m256i)_mm512_cvtneps_pbh(h));
+    }
+  };
+  int parity = 0;
+  amx_start();
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t u = j * W, n = std::min(W, H - u);
+    const c10::BFloat16* w_chunk = w_packed + j * kblocks * 4 * kAmxTile;
+    for (int64_t t = 0; t < row_tiles; t += 2) {
+      const c10::BFloat16* a0 = pad.data() + t * kAmxRows * kp;
+      const int64_t r0 = t * kAmxRows, r1 = std::min(b, r0 + kPairRows);
+      // This block's input gates and c, read by its cell update: to cache while the
+      // tiles run (the gates, [N, 4H] over all steps, lie in memory).
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int q = 0; q < 4; ++q) __builtin_prefetch(gates + r * 4 * H + q * H + u);
+        __builtin_prefetch(c_state + r * H + u);
+      }
+      const bool two = row_tiles - t >= 2;
+      const int64_t slots = (two ? 2 : 1) * kblocks;  // between() calls
+      const int64_t per_slot = (pending.r_end - pending.r + slots - 1) / slots;
+      const auto between = [&] { update_rows(per_slot); };
+      float(*s)[kPairRows][W] = sums[parity];
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      if (two) {
+        amx_sums<2>(kblocks, a0, a0 + kAmxRows * kp, kp * 2, w_chunk, 0, between);
+        _tile_stored(0, &s[0][0][0], 64);
+        _tile_stored(1, &s[1][0][0], 64);
+        _tile_stored(2, &s[0][kAmxRows][0], 64);
+        _tile_stored(3, &s[1][kAmxRows][0], 64);
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        amx_sums<2>(kblocks, a0, a0 + kAmxRows * kp, kp * 2, w_chunk, 2, between);
+        _tile_stored(0, &s[2][0][0], 64);
+        _tile_stored(1, &s[3][0][0], 64);
+        _tile_stored(2, &s[2][kAmxRows][0], 64);
+        _tile_stored(3, &s[3][kAmxRows][0], 64);
+      } else {
+        amx_sums<1>(kblocks, a0, nullptr, kp * 2, w_chunk, 0, between);
+        _tile_stored(0, &s[0][0][0], 64);
+        _tile_stored(1, &s[1][0][0], 64);
+        _tile_stored(2, &s[2][0][0], 64);
+        _tile_stored(3, &s[3][0][0], 64);
+      }
+      update_rows(kPairRows);  // the previous block's rows left, if any
+      pending = {r0, r1, u, n, s, r0};
+      parity ^= 1;
+    }
+  }
+  update_rows(kPairRows);
+  amx_done();
+}
+#endif
+
 // Whether this CPU runs fused_step_bf16 (AVX512_BF16). FUSED_LSTM_CPU_AVX512_BF16=off at
 // start runs what an AVX-512 CPU without it runs (Intel Skylake to Ice Lake), so that an
 // AVX512_BF16 machine can test those paths (.ci/run).
@@ -1322,7 +1634,26 @@ bool cpu_has_bf16_dot() {
   }();
   return has;
 }
-#endif
+
+#if defined(FUSED_LSTM_AMX_BUILD)
+// Whether this CPU runs the AMX kernels: AMX-BF16 and AMX-TILE (cpuid), AVX512_BF16 in
+// use, and the tile state granted by Linux, which hands it out only on request
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, Linux 5.16+).
+// FUSED_LSTM_CPU_AMX=off at start runs the vdpbf16ps kernels instead (.ci/run).
+bool cpu_has_amx() {
+  static const bool has = [] {
+    const char* env = std::getenv("FUSED_LSTM_CPU_AMX");
+    if ((env && std::strcmp(env, "off") == 0) || !cpu_has_bf16_dot()) return false;
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0) return false;
+    if (((edx >> 22) & 1) == 0 || ((edx >> 24) & 1) == 0) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return has;
+}
+#endif  // FUSED_LSTM_AMX_BUILD
+#endif  // CPU_CAPABILITY_AVX512
 
 template <typename half_t>
 StoredKernels<float, half_t> stored_kernels() {
@@ -1340,10 +1671,7 @@ CpuKernels<scalar_t> cpu_kernels() {
           kVectorized<scalar_t> ? &small_gemm_trans_b<scalar_t> : nullptr,
           kVectorized<scalar_t> ? &fused_step<scalar_t> : nullptr,
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) : 0,
-          nullptr,  // fused_step_bf16, pack_fused_weights_bf16, input_gemm_bf16,
           nullptr,  // pack_column_pairs_bf16 and gemm_columns_bf16: below
-          nullptr,
-          nullptr,
           nullptr,
           kVectorized<scalar_t> ? &pack_fused_weights<scalar_t> : nullptr,
           &transpose<scalar_t>,
@@ -1362,13 +1690,16 @@ CpuKernels<scalar_t> cpu_kernels() {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (cpu_has_bf16_dot()) {
-      kernels.fused_step_bf16 = &fused_step_bf16;
-      kernels.pack_fused_weights_bf16 = &pack_fused_weights_bf16;
-      kernels.input_gemm_bf16 = &input_gemm_bf16;
+      kernels.bf16_dot = {&pack_fused_weights_bf16, 2, &input_gemm_bf16, &fused_step_bf16};
       kernels.bf16.small_gemm_trans_b = &small_gemm_trans_b_bf16;
       kernels.pack_column_pairs_bf16 = &pack_column_pairs_bf16;
       kernels.gemm_columns_bf16 = &gemm_columns_bf16;
     }
+#if defined(FUSED_LSTM_AMX_BUILD)
+    if (cpu_has_amx()) {
+      kernels.bf16_amx = {&pack_weights_amx, kAmxK, &input_gemm_amx, &fused_step_amx};
+    }
+#endif
   }
 #endif
   return kernels;

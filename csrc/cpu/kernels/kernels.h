@@ -44,6 +44,40 @@ struct StoredKernels {
                          const half_t* dh_extra, scalar_t* dc, half_t* dgates);
 };
 
+// The kernels of a layer stored in bfloat16 that multiply bfloat16 operands as stored
+// into float32 sums (cpu/forward.cpp's forward_stored_weights): W_ih and W_hh packed once
+// a call, the input GEMM over all steps, the fused step. Two sets, each null where the CPU
+// lacks it: `dot` (AVX512_BF16's vdpbf16ps, two exact products into a float32 sum per
+// lane) and `amx` (AMX's tdpbf16ps on 16 x 32 tiles, Sapphire Rapids and later; the same
+// exact products and float32 sums, in another order).
+template <typename scalar_t>  // float (null for other types)
+struct Bf16PackedKernels {
+  // w [4H, K] (W_hh, K = H; or W_ih, K = I) as the layer stores it, packed in chunks of
+  // 16 units x 4 gates, 0 past unit H and past K: `dot` [chunk][ceil(K / 2)][4 gates][16
+  // units][2 k]; `amx` one tile per chunk, 32 k and gate, [chunk][ceil(K / 32)][4
+  // gates][16 k pairs][16 units][2 k]. packed_size(H, K) elements. Chunks split between
+  // threads.
+  void (*pack_weights)(const c10::BFloat16* w, int64_t H, int64_t K, c10::BFloat16* out);
+  int64_t k_multiple;  // packed_size's K is rounded up to it: 2, or 32 (amx)
+  int64_t packed_size(int64_t H, int64_t K) const {
+    return (H + 15) / 16 * 16 * 4 * ((K + k_multiple - 1) / k_multiple * k_multiple);
+  }
+  // gates [M, 4H] = x [M, K] W_ih^T + bias (bias [4H] or null), or with accumulate
+  // gates += x W_ih^T (a one-step call's h0 W_hh^T), x in bfloat16 (K even, padded), W_ih
+  // packed as above, float32 sums; threaded. With stream, gates written by non-temporal
+  // stores where whole cache lines allow (`dot` only).
+  void (*input_gemm)(int64_t M, int64_t H, int64_t K, const c10::BFloat16* x,
+                     const c10::BFloat16* w_packed, const scalar_t* bias, bool accumulate,
+                     scalar_t* gates, bool stream);
+  // CpuKernels::fused_step with bfloat16 operands: h_prev rows (a_main, a_rest) and W_hh
+  // (packed as above) in bfloat16, sums and the cell update in float32. h goes to h_out
+  // in float32 and, rounded, to h_round [b, H], which the next step reads. H even.
+  void (*fused_step)(int64_t b, int64_t H, const c10::BFloat16* a_main, int64_t split,
+                     const c10::BFloat16* a_rest, const c10::BFloat16* w_packed, scalar_t* gates,
+                     bool store_gates, scalar_t* c_state, scalar_t* cells, scalar_t* h_out,
+                     c10::BFloat16* h_round, int64_t j0, int64_t j1);
+};
+
 template <typename scalar_t>
 struct CpuKernels {
   // gates: [b, 4H] pre-activations in, activated out; c_state: [b, H] c_prev in, c out;
@@ -91,32 +125,10 @@ struct CpuKernels {
                      bool store_gates, scalar_t* c_state, scalar_t* cells, scalar_t* h_out,
                      int64_t j0, int64_t j1);
   int64_t fused_width;  // hidden units per tile (the SIMD width), 0 without fused_step
-  // fused_step with bfloat16 operands, for a layer stored in bfloat16 (cpu/forward.cpp's
-  // forward_stored_weights): h_prev rows (a_main, a_rest) and W_hh in bfloat16, each
-  // product pair by AVX512_BF16's vdpbf16ps at twice float32's multiply-add rate, sums
-  // and the cell update in float32. h goes to h_out in float32 and, rounded, to h_round
-  // [b, H], which the next step reads. w_packed: [ceil(H / fused_width)][H / 2][4
-  // gates][fused_width][2 k] (pack_fused_weights_bf16). H even. Non-null only for float
-  // in the AVX-512 build on a CPU with AVX512_BF16, as the four after it.
-  void (*fused_step_bf16)(int64_t b, int64_t H, const c10::BFloat16* a_main, int64_t split,
-                          const c10::BFloat16* a_rest, const c10::BFloat16* w_packed,
-                          scalar_t* gates, bool store_gates, scalar_t* c_state, scalar_t* cells,
-                          scalar_t* h_out, c10::BFloat16* h_round, int64_t j0, int64_t j1);
-  // w [4H, K] (W_hh, K = H; or W_ih, K = I) as the layer stores it, packed by pairs of k:
-  // [ceil(H / fused_width)][ceil(K / 2)][4 gates][fused_width][2] (0 past unit H and, for
-  // odd K, at k = K). The chunks split between threads.
-  void (*pack_fused_weights_bf16)(const c10::BFloat16* w, int64_t H, int64_t K,
-                                  c10::BFloat16* out);
-  // The input GEMM of such a layer: gates [M, 4H] = x [M, K] W_ih^T + bias (bias [4H] or
-  // null), or with accumulate gates += x W_ih^T (a one-step call's h0 W_hh^T), x in
-  // bfloat16 (K even, padded), W_ih packed as above, float32 sums; threaded. With stream,
-  // gates written by non-temporal stores where whole cache lines allow (gemm_columns').
-  void (*input_gemm_bf16)(int64_t M, int64_t H, int64_t K, const c10::BFloat16* x,
-                          const c10::BFloat16* w_packed, const scalar_t* bias, bool accumulate,
-                          scalar_t* gates, bool stream);
   // b [K, N] (row-major) packed for gemm_columns_bf16: out[p][k / 2][w][k % 2] =
   // b[k][p * kBf16PanelColumns + w], 0 past column N and, for odd K, at k = K; ceil(N /
-  // 64) * ceil(K / 2) * 128 elements. The panels split between threads.
+  // 64) * ceil(K / 2) * 128 elements. The panels split between threads. Non-null only for
+  // float in the AVX-512 build on a CPU with AVX512_BF16, as gemm_columns_bf16.
   void (*pack_column_pairs_bf16)(const c10::BFloat16* b, int64_t K, int64_t N,
                                  c10::BFloat16* out);
   // gemm_columns (no accumulate, no bias) with A [M, K] in bfloat16 and B packed by
@@ -159,6 +171,9 @@ struct CpuKernels {
                                const scalar_t* bias, scalar_t* C, int64_t ldc, bool stream_c);
   // Columns of gemm_columns' widest block (a multiple of fused_width; 0 without it).
   int64_t gemm_columns_width;
+  // A bfloat16 layer's packed kernels (float only, AVX-512 build): vdpbf16ps on CPUs with
+  // AVX512_BF16, AMX tiles on CPUs with AMX-BF16 (whose fused_width is 16 as well).
+  Bf16PackedKernels<scalar_t> bf16_dot{}, bf16_amx{};
   // A 16-bit layer read as stored (StoredKernels), by its storage type.
   StoredKernels<scalar_t, c10::BFloat16> bf16{};
   StoredKernels<scalar_t, c10::Half> f16{};
