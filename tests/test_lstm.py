@@ -695,7 +695,12 @@ def test_bfloat16_amx_tiles_against_the_rounding_model(B, I, H, request):
     # splitting units or rows. Against the float64 model of bfloat16 products into float32
     # sums with h rounded each step (as test_bfloat16_fused_layer_rounds_h_each_step), both
     # directions, 1 and 2 threads bit for bit; then the same layer on the vdpbf16ps
-    # kernels (amx_min_rows past B) against the same model.
+    # kernels (amx_min_rows past B) against the same model. The backward's dh = dgates
+    # W_hh on tiles too: every gradient against _16bit_backward_model within bfloat16's
+    # eps of its largest, and all but a few elements equal. (AMX sums in its own order:
+    # where the exact sum needs more than float32, AMX and a float32 sum in k order round
+    # it apart, and a dgates rounding moved so flows on through its row's dh: B4 H144 at 9
+    # steps, one such flip in row 0 moved 49 of grad_h0's 576 elements by an ulp.)
     if not _amx_in_use():
         pytest.skip("this CPU has no AMX-BF16 (or FUSED_LSTM_CPU_AMX=off): no AMX kernels")
     set_tuning = torch.ops.fused_lstm.set_cpu_tuning
@@ -723,6 +728,20 @@ def test_bfloat16_amx_tiles_against_the_rounding_model(B, I, H, request):
             assert torch.equal(runs[0], runs[1])
             off = (runs[0].double() - expected).abs()
             assert off.max() <= 2.0 ** -7 and (off > 0).double().mean() < 0.01, (min_rows, reverse)
+    set_tuning("amx_min_rows", 1)
+    torch.set_num_threads(2)
+    bs = torch.full((6,), B)
+    x2, go = x.view(-1, I), _random((6 * B, H), torch.bfloat16, gen)
+    gh, gc = (_random((B, H), torch.bfloat16, gen) for _ in range(2))
+    out, _, _, gates, cells, hiddens = torch.ops.fused_lstm.lstm_layer_forward(
+        x2, bs, h0, c0, w_ih, w_hh, None, None, None, False)
+    expected = _16bit_backward_model(go, gh, gc, x2, bs, h0, c0, w_ih, w_hh, out, gates, cells,
+                                     False)
+    got = torch.ops.fused_lstm.lstm_layer_backward(go, gh, gc, x2, bs, h0, c0, w_ih, w_hh, None,
+                                                   out, gates, cells, hiddens, False, True)
+    for g, e in zip(got, expected):
+        off = (g.double() - e).abs()
+        assert off.max() <= 2.0 ** -7 * e.abs().max() and (off > 0).double().mean() < 0.1
 
 
 def _weight_shaped_conversions(fn, shapes):
@@ -855,6 +874,9 @@ def test_16bit_backward_reads_its_workspace_as_stored(B, I, H, T, packed, revers
         request.addfinalizer(lambda: torch.ops.fused_lstm.set_cpu_tuning(rule, -1))
         torch.ops.fused_lstm.set_cpu_tuning(rule, B)
     torch.ops.fused_lstm.set_cpu_gemm("small")  # the fused loop at every size
+    # The vdpbf16ps kernels (on AMX CPUs too; AMX's: test_bfloat16_amx_tiles_*).
+    request.addfinalizer(lambda: torch.ops.fused_lstm.set_cpu_tuning("amx_min_rows", -1))
+    torch.ops.fused_lstm.set_cpu_tuning("amx_min_rows", 1 << 30)
     before = torch.get_num_threads()
     try:
         gen = torch.Generator().manual_seed(B * H + packed)

@@ -165,8 +165,9 @@ namespace {
 // 16-bit training step's peak memory, PERF_LOG.md rows 50-51, 58-59). Per step the cell
 // backward in float32 from the 16-bit gates and cells, dgates rounded to half_t (as
 // nn.LSTM's 16-bit backward rounds them) over the gates where the op may overwrite them,
-// then dh = dgates W_hh by bfloat16 products into float32 sums (gemm_columns_bf16,
-// threads sharing the loop as the float32 one); dh and dc stay float32. Then the weight
+// then dh = dgates W_hh by bfloat16 products into float32 sums (Bf16PackedKernels'
+// gemm_columns, on AMX tiles where the forward's are; threads sharing the loop as the
+// float32 one); dh and dc stay float32. Then the weight
 // gradients, single GEMMs of 16-bit operands, float32 sums, rounded once: at::mm for
 // bfloat16 with AVX512_BF16, else StoredKernels::small_gemm (each load widened; torch's
 // bfloat16 GEMM is emulated there, 2-100x slower than its float32 one on an AMD Zen 3).
@@ -177,7 +178,7 @@ std::optional<BackwardResult> backward_stored_workspace(const LayerBackwardParam
   const StoredKernels<float, half_t>& stored = k.template stored<half_t>();
   const auto [N, T, B, I, H, P, has_proj] = p.s;
   // AVX512_BF16, a bfloat16 layer
-  const bool bf16_dot = std::is_same_v<half_t, c10::BFloat16> && k.gemm_columns_bf16 != nullptr;
+  const bool bf16_dot = std::is_same_v<half_t, c10::BFloat16> && k.bf16_dot.gemm_columns != nullptr;
   const bool one_step = p.steps.size() == 1 && cpu_gemm_setting() != GemmSetting::kAten &&
                         (bf16_dot || B <= cpu_tuning().widening_backward_max_rows);
   if (has_proj || N == 0 ||
@@ -223,10 +224,12 @@ std::optional<BackwardResult> backward_stored_workspace(const LayerBackwardParam
   } else if constexpr (std::is_same_v<half_t, c10::BFloat16>) {
     using bf16 = c10::BFloat16;
     constexpr int64_t width = kBf16PanelColumns;  // a thread's units, whole panels
-    at::Tensor w_pairs = at::empty({(H + width - 1) / width * G * width}, opts);
-    k.pack_column_pairs_bf16(p.w_hh.data_ptr<bf16>(), G, H, w_pairs.data_ptr<bf16>());
+    const Bf16PackedKernels<float>& bk = bf16_packed_kernels<float>(B);
+    at::Tensor w_pairs = at::empty({bk.columns_packed_size(G, H)}, opts);
+    bk.pack_columns(p.w_hh.data_ptr<bf16>(), G, H, w_pairs.data_ptr<bf16>());
     const bf16* w = w_pairs.data_ptr<bf16>();
-    run_fused_loop(steps, B, H, width, p.w_hh.nbytes(),
+    const auto [weight_bytes, min_rows] = bf16_loop_split(bk, p.w_hh.nbytes());
+    run_fused_loop(steps, B, H, width, weight_bytes,
                    [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1, const auto& sync) {
       const int64_t u0 = j0 * width, u1 = std::min(H, j1 * width);
       for (size_t n = 0; n < steps.size(); ++n) {
@@ -240,9 +243,9 @@ std::optional<BackwardResult> backward_stored_workspace(const LayerBackwardParam
         sync(n);
         if (!p.needs_dh_prev(step)) continue;
         // dL/dh_prev[rows, u0:u1) = dgates[t][rows] W_hh[:, u0:u1)
-        k.gemm_columns_bf16(row1 - row0, u0, u1, G, dg_t + row0 * G, G, w, dh_p + row0 * H, H);
+        bk.gemm_columns(row1 - row0, u0, u1, G, dg_t + row0 * G, G, w, dh_p + row0 * H, H);
       }
-    });
+    }, min_rows);
     if (p.need_grad_h0) grad_h0.copy_(dh);
   }
 

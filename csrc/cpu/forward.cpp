@@ -156,8 +156,8 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   // gates [M, 4H] = a [M, K] w^T + bias (bias [4H] or null), or with accumulate +=, a and
   // w [4H, K] (W_ih or W_hh) in half_t as stored, float32 sums: where stored_dot as dot
   // products on w in place (StoredKernels::small_gemm_trans_b), else (bfloat16 on
-  // AVX512_BF16 CPUs) through w packed and the packed kernels' input GEMM (bf16_packed: K
-  // even, the caller pads a), there with `stream` by non-temporal stores.
+  // AVX512_BF16 CPUs) through w packed and the packed kernels' input GEMM (bf16_packed_kernels:
+  // K even, the caller pads a), there with `stream` by non-temporal stores.
   template <typename half_t>
   void gemm_stored_operands(int64_t M, int64_t K, const half_t* a, const at::Tensor& w,
                             const scalar_t* bias, bool accumulate, scalar_t* gates,
@@ -175,19 +175,11 @@ struct CpuForward : CpuLayerBase<scalar_t> {
     TORCH_INTERNAL_ASSERT((std::is_same_v<half_t, c10::BFloat16>) && kernels.bf16_dot.input_gemm,
                           "gemm_stored_operands: no packed GEMM for this dtype and CPU");
     if constexpr (std::is_same_v<half_t, c10::BFloat16>) {
-      const Bf16PackedKernels<scalar_t>& bk = bf16_packed(M);
+      const Bf16PackedKernels<scalar_t>& bk = bf16_packed_kernels<scalar_t>(M);
       at::Tensor packed = at::empty({bk.packed_size(H, k_stored)}, w.options());
       bk.pack_weights(w.data_ptr<half_t>(), H, k_stored, packed.data_ptr<half_t>());
       bk.input_gemm(M, H, K, a, packed.data_ptr<half_t>(), bias, accumulate, gates, stream);
     }
-  }
-
-  // The packed bfloat16 kernels for GEMMs of M rows: AMX's tiles from tuning.h's
-  // amx_min_rows where the CPU has them, else vdpbf16ps.
-  const Bf16PackedKernels<scalar_t>& bf16_packed(int64_t M) const {
-    return kernels.bf16_amx.fused_step != nullptr && M >= cpu_tuning().amx_min_rows
-               ? kernels.bf16_amx
-               : kernels.bf16_dot;
   }
 
   void cell_forward(int64_t b, scalar_t* g, scalar_t* c_state, scalar_t* cells, scalar_t* h_out,
@@ -230,7 +222,7 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   // the next step reads; h0_round: [B, H] h0.
   void fused_bf16(const ForwardBuffers<scalar_t>& buf) const {
     using bf16 = c10::BFloat16;
-    const Bf16PackedKernels<scalar_t>& bk = bf16_packed(p.s.B);
+    const Bf16PackedKernels<scalar_t>& bk = bf16_packed_kernels<scalar_t>(p.s.B);
     const auto opts = p.input.options().dtype(at::kBFloat16);
     at::Tensor w_packed = at::empty({bk.packed_size(H, H)}, opts);
     bk.pack_weights(p.w_hh.data_ptr<bf16>(), H, H, w_packed.data_ptr<bf16>());
@@ -240,12 +232,8 @@ struct CpuForward : CpuLayerBase<scalar_t> {
     const bf16* w_t = w_packed.data_ptr<bf16>();
     bf16* rounded = out_round.data_ptr<bf16>();
     const bf16* h0 = h0_round.data_ptr<bf16>();
-    // AMX: threads split rows only where each gets amx_row_split_min_rows (whole tiles)
-    // and W_hh fits in half of L2, the tiles' rows streaming beside it (B64 H512, W_hh 2
-    // MB, L2 2 MB: the unit split 1.08x faster; B32 H256: the row split 1.18x).
-    const bool amx = &bk == &kernels.bf16_amx;
-    const int64_t min_rows = amx ? cpu_tuning().amx_row_split_min_rows : -1;
-    run_steps(buf, p.w_hh.nbytes() * (amx ? 2 : 1), min_rows, [&](const Step& step, int64_t row0, int64_t rows,
+    const auto [weight_bytes, min_rows] = bf16_loop_split(bk, p.w_hh.nbytes());
+    run_steps(buf, weight_bytes, min_rows, [&](const Step& step, int64_t row0, int64_t rows,
                                                   int64_t own_split, int64_t j0, int64_t j1) {
       bk.fused_step(rows, H, rounded + (step.prev_offset + row0) * H, own_split,
                     h0 + (row0 + own_split) * H, w_t, buf.gates + (step.offset + row0) * 4 * H,

@@ -1522,6 +1522,85 @@ FUSED_LSTM_AMX_TARGET void input_gemm_amx(int64_t M, int64_t H, int64_t K,
   });
 }
 
+// Bf16PackedKernels::amx.pack_columns: b [K, N] (row-major) in panels of 64 columns, a
+// panel's four 16-column tiles by blocks of 32 k: out[p][kb][c][i][w][e] = b[kb * 32 + 2 i
+// + e][p * 64 + c * 16 + w], 0 past N and past K (amx_sums' [kblocks][4][tile], the
+// panel's tiles for its 4 gates). Panels split between threads.
+void pack_columns_amx(const c10::BFloat16* b, int64_t K, int64_t N, c10::BFloat16* out) {
+  const int64_t panels = (N + kBf16PanelColumns - 1) / kBf16PanelColumns;
+  const int64_t kblocks = (K + kAmxK - 1) / kAmxK;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      c10::BFloat16* dst = out + p * kblocks * 4 * kAmxTile;
+      for (int64_t kb = 0; kb < kblocks; ++kb) {
+        for (int64_t c = 0; c < 4; ++c) {
+          c10::BFloat16* tile = dst + (kb * 4 + c) * kAmxTile;
+          for (int64_t i = 0; i < kAmxK / 2; ++i) {
+            for (int64_t e = 0; e < 2; ++e) {
+              const int64_t k = kb * kAmxK + 2 * i + e, col = p * kBf16PanelColumns + c * 16;
+              for (int64_t w = 0; w < 16; ++w) {
+                tile[(i * 16 + w) * 2 + e] =
+                    k < K && col + w < N ? b[k * N + col + w] : c10::BFloat16(0.f);
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Bf16PackedKernels::amx.gemm_columns: C[M, n0:n1) = A[M, K] B[K, n0:n1), B packed by
+// pack_columns_amx, float32 sums; tiles of 32 rows x 32 columns (two of a panel's tiles),
+// stored to C where whole, else through `sums`. n0 a multiple of 64; on the calling thread.
+FUSED_LSTM_AMX_TARGET void gemm_columns_amx(int64_t M, int64_t n0, int64_t n1, int64_t K,
+                                            const c10::BFloat16* A, int64_t lda,
+                                            const c10::BFloat16* b_packed, float* C,
+                                            int64_t ldc) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t kPairRows = 2 * kAmxRows;
+  if (M <= 0 || n0 >= n1) return;
+  const int64_t kblocks = (K + kAmxK - 1) / kAmxK;
+  thread_local std::vector<c10::BFloat16> pad;
+  alignas(64) float sums[2][kPairRows][16];
+  amx_start();
+  for (int64_t r = 0; r < M; r += kPairRows) {
+    const int64_t rows = std::min(kPairRows, M - r);
+    const auto [a0, lda_bytes] =
+        amx_rows(rows, K, lda, [&](int64_t i) { return A + (r + i) * lda; }, pad);
+    const c10::BFloat16* a1 = reinterpret_cast<const c10::BFloat16*>(
+        reinterpret_cast<const char*>(a0) + kAmxRows * lda_bytes);
+    for (int64_t col = n0; col < n1; col += 32) {
+      const int64_t p = col / kBf16PanelColumns, q0 = (col % kBf16PanelColumns) / 16;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      amx_sums<2>(kblocks, a0, a1, lda_bytes, b_packed + p * kblocks * 4 * kAmxTile, int(q0),
+                  [] {});
+      float* c = C + r * ldc + col;
+      if (rows == kPairRows && col + 32 <= n1) {
+        _tile_stored(0, c, ldc * 4);
+        _tile_stored(1, c + 16, ldc * 4);
+        _tile_stored(2, c + kAmxRows * ldc, ldc * 4);
+        _tile_stored(3, c + kAmxRows * ldc + 16, ldc * 4);
+        continue;
+      }
+      _tile_stored(0, &sums[0][0][0], 64);
+      _tile_stored(1, &sums[1][0][0], 64);
+      _tile_stored(2, &sums[0][kAmxRows][0], 64);
+      _tile_stored(3, &sums[1][kAmxRows][0], 64);
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t h = 0; h < 2; ++h) {
+          const int64_t n = std::min<int64_t>(16, n1 - col - 16 * h);
+          if (n > 0) store(Vec::loadu(&sums[h][i][0]), c + i * ldc + 16 * h, n);
+        }
+      }
+    }
+  }
+  amx_done();
+}
+
 // Bf16PackedKernels::amx.fused_step: h_prev's rows copied into `pad` as A tiles (zeros
 // past H and past b), then per chunk and pair of row tiles (a block) the sums of gates i,
 // f, then g, o into `sums`, and each row's cell update (fused_tile_row_update) on sums +
@@ -1571,22 +1650,30 @@ FUSED_LSTM_AMX_TARGET void fused_step_amx(int64_t b, int64_t H, const c10::BFloa
   };
   int parity = 0;
   amx_start();
-  for (int64_t j = j0; j < j1; ++j) {
-    const int64_t u = j * W, n = std::min(W, H - u);
-    const c10::BFloat16* w_chunk = w_packed + j * kblocks * 4 * kAmxTile;
-    for (int64_t t = 0; t < row_tiles; t += 2) {
-      const c10::BFloat16* a0 = pad.data() + t * kAmxRows * kp;
-      const int64_t r0 = t * kAmxRows, r1 = std::min(b, r0 + kPairRows);
-      // This block's input gates and c, read by its cell update: to cache while the
-      // tiles run (the gates, [N, 4H] over all steps, lie in memory).
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int q = 0; q < 4; ++q) __builtin_prefetch(gates + r * 4 * H + q * H + u);
-        __builtin_prefetch(c_state + r * H + u);
-      }
+  // Blocks row pair by row pair, each over the chunks: the pair's A tiles (32 rows of H)
+  // stay in L1 while the chunks' weights stream from L2 (chunk by chunk, each pair's
+  // tiles came from L2 too).
+  for (int64_t t = 0; t < row_tiles; t += 2) {
+    const c10::BFloat16* a0 = pad.data() + t * kAmxRows * kp;
+    const int64_t r0 = t * kAmxRows, r1 = std::min(b, r0 + kPairRows);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t u = j * W, n = std::min(W, H - u);
+      const c10::BFloat16* w_chunk = w_packed + j * kblocks * 4 * kAmxTile;
       const bool two = row_tiles - t >= 2;
       const int64_t slots = (two ? 2 : 1) * kblocks;  // between() calls
       const int64_t per_slot = (pending.r_end - pending.r + slots - 1) / slots;
-      const auto between = [&] { update_rows(per_slot); };
+      // This block's input gates and c (5 lines a row), read by its cell update during
+      // the next block: to cache a few lines a slot (the gates, [N, 4H] over all steps,
+      // lie in memory; all at once, the prefetches waited on each other).
+      const int64_t lines = (r1 - r0) * 5, lines_per_slot = (lines + slots - 1) / slots;
+      int64_t line = 0;
+      const auto between = [&] {
+        update_rows(per_slot);
+        for (const int64_t end = std::min(lines, line + lines_per_slot); line < end; ++line) {
+          const int64_t r = r0 + line / 5, q = line % 5;
+          __builtin_prefetch(q < 4 ? gates + r * 4 * H + q * H + u : c_state + r * H + u);
+        }
+      };
       float(*s)[kPairRows][W] = sums[parity];
       _tile_zero(0);
       _tile_zero(1);
@@ -1671,8 +1758,6 @@ CpuKernels<scalar_t> cpu_kernels() {
           kVectorized<scalar_t> ? &small_gemm_trans_b<scalar_t> : nullptr,
           kVectorized<scalar_t> ? &fused_step<scalar_t> : nullptr,
           kVectorized<scalar_t> ? int64_t(Vectorized<scalar_t>::size()) : 0,
-          nullptr,  // pack_column_pairs_bf16 and gemm_columns_bf16: below
-          nullptr,
           kVectorized<scalar_t> ? &pack_fused_weights<scalar_t> : nullptr,
           &transpose<scalar_t>,
           &backward_rows<scalar_t>,
@@ -1690,14 +1775,14 @@ CpuKernels<scalar_t> cpu_kernels() {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (cpu_has_bf16_dot()) {
-      kernels.bf16_dot = {&pack_fused_weights_bf16, 2, &input_gemm_bf16, &fused_step_bf16};
+      kernels.bf16_dot = {&pack_fused_weights_bf16, 2,           &input_gemm_bf16,
+                          &fused_step_bf16,        &pack_column_pairs_bf16, &gemm_columns_bf16};
       kernels.bf16.small_gemm_trans_b = &small_gemm_trans_b_bf16;
-      kernels.pack_column_pairs_bf16 = &pack_column_pairs_bf16;
-      kernels.gemm_columns_bf16 = &gemm_columns_bf16;
     }
 #if defined(FUSED_LSTM_AMX_BUILD)
     if (cpu_has_amx()) {
-      kernels.bf16_amx = {&pack_weights_amx, kAmxK, &input_gemm_amx, &fused_step_amx};
+      kernels.bf16_amx = {&pack_weights_amx, kAmxK,           &input_gemm_amx,
+                          &fused_step_amx,   &pack_columns_amx, &gemm_columns_amx};
     }
 #endif
   }

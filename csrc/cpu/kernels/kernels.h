@@ -14,7 +14,8 @@
 
 namespace fused_lstm::cpu {
 
-// Columns of a panel of pack_column_pairs_bf16 (four AVX-512 vectors of float sums).
+// Columns of a panel of Bf16PackedKernels::pack_columns (four AVX-512 vectors of float
+// sums, or four AMX tiles).
 constexpr int64_t kBf16PanelColumns = 64;
 
 // The kernels that read a 16-bit layer (half_t: bfloat16 or float16) as stored, float32
@@ -76,6 +77,20 @@ struct Bf16PackedKernels {
                      const c10::BFloat16* a_rest, const c10::BFloat16* w_packed, scalar_t* gates,
                      bool store_gates, scalar_t* c_state, scalar_t* cells, scalar_t* h_out,
                      c10::BFloat16* h_round, int64_t j0, int64_t j1);
+  // b [K, N] (row-major; W_hh [4H, H] for the fused backward's dh = dgates W_hh) packed
+  // in panels of kBf16PanelColumns: `dot` [panel][ceil(K / 2)][64][2 k]; `amx`
+  // [panel][ceil(K / 32)][4 tiles of 16 columns][16 k pairs][16][2 k]; 0 past N and past
+  // K, columns_packed_size(K, N) elements. The panels split between threads.
+  void (*pack_columns)(const c10::BFloat16* b, int64_t K, int64_t N, c10::BFloat16* out);
+  int64_t columns_packed_size(int64_t K, int64_t N) const {
+    return (N + kBf16PanelColumns - 1) / kBf16PanelColumns * kBf16PanelColumns *
+           ((K + k_multiple - 1) / k_multiple * k_multiple);
+  }
+  // C[M, n0:n1) = A[M, K] B[K, n0:n1), A in bfloat16, B packed by pack_columns, float32
+  // sums (CpuKernels::gemm_columns without accumulate or bias): n0 a multiple of
+  // kBf16PanelColumns, K even; on the calling thread.
+  void (*gemm_columns)(int64_t M, int64_t n0, int64_t n1, int64_t K, const c10::BFloat16* A,
+                       int64_t lda, const c10::BFloat16* b_packed, scalar_t* C, int64_t ldc);
 };
 
 template <typename scalar_t>
@@ -125,18 +140,6 @@ struct CpuKernels {
                      bool store_gates, scalar_t* c_state, scalar_t* cells, scalar_t* h_out,
                      int64_t j0, int64_t j1);
   int64_t fused_width;  // hidden units per tile (the SIMD width), 0 without fused_step
-  // b [K, N] (row-major) packed for gemm_columns_bf16: out[p][k / 2][w][k % 2] =
-  // b[k][p * kBf16PanelColumns + w], 0 past column N and, for odd K, at k = K; ceil(N /
-  // 64) * ceil(K / 2) * 128 elements. The panels split between threads. Non-null only for
-  // float in the AVX-512 build on a CPU with AVX512_BF16, as gemm_columns_bf16.
-  void (*pack_column_pairs_bf16)(const c10::BFloat16* b, int64_t K, int64_t N,
-                                 c10::BFloat16* out);
-  // gemm_columns (no accumulate, no bias) with A [M, K] in bfloat16 and B packed by
-  // pack_column_pairs_bf16, float32 sums: n0 a multiple of kBf16PanelColumns, K even.
-  // dh = dgates W_hh of that backward loop.
-  void (*gemm_columns_bf16)(int64_t M, int64_t n0, int64_t n1, int64_t K,
-                            const c10::BFloat16* A, int64_t lda,
-                            const c10::BFloat16* b_packed, scalar_t* C, int64_t ldc);
   // Packs w_hh [4H, H] (row-major) into fused_step's w_packed: each tile's weights
   // contiguous in the order the step reads them, out[j][k][q][w] = w_hh[q * H + j *
   // fused_width + w][k] (0 past unit H), or in gate halves out[j][q / 2][k][q % 2][w]:
