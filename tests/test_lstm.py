@@ -629,6 +629,39 @@ def _16bit_recurrence(x, h0, c0, w_ih, w_hh, bias, reverse=False):
     return torch.stack(out[::-1] if reverse else out)
 
 
+def _bfloat16_layer_against_model(layer, reverse, with_grad):
+    # The layer (_bfloat16_layer's tuple) run forward on 1 and 2 threads (and with a
+    # gradient on h0 where with_grad), all bit for bit the same, against the float64
+    # model with h rounded each step (_16bit_recurrence): under 1% of the outputs off, each
+    # within 2^-7. Returns the model's output.
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, bias = layer
+    expected = _16bit_recurrence(x, h0, c0, w_ih, w_hh, bias, reverse)
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            runs.append(fused_lstm.functional.lstm_layer(
+                x, (h0, c0), w_ih, w_hh, b_ih, b_hh, reverse=reverse)[0])
+        if with_grad:
+            runs.append(fused_lstm.functional.lstm_layer(
+                x, (h0.clone().requires_grad_(), c0), w_ih, w_hh, b_ih, b_hh,
+                reverse=reverse)[0].detach())
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    off = (runs[0].double() - expected).abs()
+    assert off.max() <= 2.0 ** -7 and (off > 0).double().mean() < 0.01, reverse
+    return expected
+
+
+def _bfloat16_layer(T, B, I, H, gen):
+    # x [T, B, I], h0, c0 and a layer's weights in bfloat16 (nn.LSTM's scale), and the
+    # summed bias in float32: (x, h0, c0, w_ih, w_hh, b_ih, b_hh, bias).
+    x = _random((T, B, I), torch.bfloat16, gen)
+    h0, c0 = (_random((B, H), torch.bfloat16, gen) for _ in range(2))
+    w_ih, w_hh, b_ih, b_hh = (_random(shape, torch.float32, gen).div(H ** 0.5).bfloat16()
+                              for shape in ((4 * H, I), (4 * H, H), (4 * H,), (4 * H,)))
+    return x, h0, c0, w_ih, w_hh, b_ih, b_hh, b_ih.float() + b_hh.float()
+
+
 @pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
                     reason="the bfloat16 kernels are AVX-512 only")
 @pytest.mark.parametrize("B,I,H", [(4, 7, 144), (13, 64, 34), (37, 16, 18), (32, 16, 64),
@@ -649,26 +682,10 @@ def test_bfloat16_fused_layer_rounds_h_each_step(B, I, H):
     before = torch.get_num_threads()
     try:
         gen = torch.Generator().manual_seed(B * H)
-        x = _random((9, B, I), torch.bfloat16, gen)
-        h0, c0 = (_random((B, H), torch.bfloat16, gen) for _ in range(2))
-        w_ih, w_hh, b_ih, b_hh = (_random(shape, torch.float32, gen).div(H ** 0.5).bfloat16()
-                                  for shape in ((4 * H, I), (4 * H, H), (4 * H,), (4 * H,)))
-        bias = b_ih.float() + b_hh.float()
-        args = (x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+        layer = _bfloat16_layer(9, B, I, H, gen)
+        args = (layer[0], layer[1:3]) + layer[3:7]
         for reverse in (False, True):
-            expected = _16bit_recurrence(x, h0, c0, w_ih, w_hh, bias, reverse)
-            runs = []
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                with torch.no_grad():
-                    runs.append(fused_lstm.functional.lstm_layer(*args, reverse=reverse)[0])
-                runs.append(fused_lstm.functional.lstm_layer(
-                    x, (h0.requires_grad_(), c0), w_ih, w_hh, b_ih, b_hh, reverse=reverse)[0].detach())
-                h0.requires_grad_(False)
-            got = runs[0]
-            assert all(torch.equal(got, r) for r in runs[1:])
-            off = (got.double() - expected).abs()
-            assert off.max() <= 2.0 ** -7 and (off > 0).double().mean() < 0.01
+            expected = _bfloat16_layer_against_model(layer, reverse, with_grad=True)
             torch.ops.fused_lstm.set_cpu_capability("avx2")
             try:
                 with torch.no_grad():
@@ -710,24 +727,12 @@ def test_bfloat16_amx_tiles_against_the_rounding_model(B, I, H, request):
     before = torch.get_num_threads()
     request.addfinalizer(lambda: torch.set_num_threads(before))
     gen = torch.Generator().manual_seed(B * H + I)
-    x = _random((6, B, I), torch.bfloat16, gen)
-    h0, c0 = (_random((B, H), torch.bfloat16, gen) for _ in range(2))
-    w_ih, w_hh, b_ih, b_hh = (_random(shape, torch.float32, gen).div(H ** 0.5).bfloat16()
-                              for shape in ((4 * H, I), (4 * H, H), (4 * H,), (4 * H,)))
-    bias = b_ih.float() + b_hh.float()
-    args = (x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+    layer = _bfloat16_layer(6, B, I, H, gen)
+    x, h0, c0, w_ih, w_hh = layer[:5]
     for min_rows in (1, B + 1):  # AMX, then vdpbf16ps
         set_tuning("amx_min_rows", min_rows)
         for reverse in (False, True):
-            expected = _16bit_recurrence(x, h0, c0, w_ih, w_hh, bias, reverse)
-            runs = []
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                with torch.no_grad():
-                    runs.append(fused_lstm.functional.lstm_layer(*args, reverse=reverse)[0])
-            assert torch.equal(runs[0], runs[1])
-            off = (runs[0].double() - expected).abs()
-            assert off.max() <= 2.0 ** -7 and (off > 0).double().mean() < 0.01, (min_rows, reverse)
+            _bfloat16_layer_against_model(layer, reverse, with_grad=True)
     set_tuning("amx_min_rows", 1)
     torch.set_num_threads(2)
     bs = torch.full((6,), B)

@@ -1158,33 +1158,42 @@ FUSED_LSTM_BF16_TARGET void input_gemm_bf16(int64_t M, int64_t H, int64_t K,
   });
 }
 
-// CpuKernels::pack_fused_weights_bf16: w [4H, K] (row-major, bfloat16 as the layer stores
-// it) to out[j][k / 2][q][u][k % 2] = w[q * H + j * 16 + u][k], 0 past unit H and, for odd
-// K, at k = K. Per chunk and gate, each unit's row as pairs of k (32-bit words, as
-// stored), then the [16, K / 2] words transposed into place (`transpose`, as
-// pack_fused_weights): a scalar loop took 14% of a wide bfloat16 forward.
-void pack_fused_weights_bf16(const c10::BFloat16* w, int64_t H, int64_t K, c10::BFloat16* out) {
+// The packed bfloat16 weights' common step: per chunk of 16 units and gate q, the units'
+// rows of w [4H, K] (row-major, bfloat16 as the layer stores it) as pairs of k (32-bit
+// words, as stored), words [16 units][pairs], 0 past unit H and past K (pairs >= K / 2,
+// rounded up), handed to place(j, q, words) to transpose into the packed layout (SIMD
+// blocks, `transpose`: a scalar loop took 14% of a wide bfloat16 forward). Chunks split
+// between threads.
+template <typename Place>
+void pack_bf16_words(const c10::BFloat16* w, int64_t H, int64_t K, int64_t pairs,
+                     const Place& place) {
   constexpr int64_t W = 16;
-  const int64_t chunks = (H + W - 1) / W, pairs = (K + 1) / 2;
-  float* out_words = reinterpret_cast<float*>(out);  // moved as bits, never computed on
+  const int64_t chunks = (H + W - 1) / W;
   at::parallel_for(0, chunks, std::max<int64_t>(1, (int64_t{1} << 16) / (pairs * 8 * W)),
                    [&](int64_t j0, int64_t j1) {
-    std::vector<float> words(W * pairs);  // [unit][pair]
+    std::vector<float> words(W * pairs);  // moved as bits, never computed on
     for (int64_t j = j0; j < j1; ++j) {
       for (int64_t q = 0; q < 4; ++q) {
-        for (int64_t u = 0; u < W; ++u) {
-          float* row = words.data() + u * pairs;
-          if (j * W + u >= H) {
-            std::fill(row, row + pairs, 0.f);
-            continue;
-          }
-          c10::BFloat16* row16 = reinterpret_cast<c10::BFloat16*>(row);
-          std::memcpy(row16, w + (q * H + j * W + u) * K, K * sizeof(c10::BFloat16));
-          if (K % 2 != 0) row16[K] = c10::BFloat16(0.f);
+        std::fill(words.begin(), words.end(), 0.f);
+        for (int64_t u = 0; u < W && j * W + u < H; ++u) {
+          std::memcpy(words.data() + u * pairs, w + (q * H + j * W + u) * K,
+                      K * sizeof(c10::BFloat16));
         }
-        transpose(words.data(), W, pairs, pairs, out_words + (j * pairs * 4 + q) * W, 4 * W);
+        place(j, q, words.data());
       }
     }
+  });
+}
+
+// CpuKernels::bf16_dot.pack_weights: w [4H, K] to out[j][k / 2][q][u][k % 2] = w[q * H + j
+// * 16 + u][k], 0 past unit H and, for odd K, at k = K: each chunk and gate's [16, K / 2]
+// words transposed into place.
+void pack_fused_weights_bf16(const c10::BFloat16* w, int64_t H, int64_t K, c10::BFloat16* out) {
+  constexpr int64_t W = 16;
+  const int64_t pairs = (K + 1) / 2;
+  float* out_words = reinterpret_cast<float*>(out);
+  pack_bf16_words(w, H, K, pairs, [&](int64_t j, int64_t q, const float* words) {
+    transpose(words, W, pairs, pairs, out_words + (j * pairs * 4 + q) * W, 4 * W);
   });
 }
 
@@ -1412,29 +1421,16 @@ C10_ALWAYS_INLINE std::pair<const c10::BFloat16*, int64_t> amx_rows(
 }
 
 // Bf16PackedKernels::amx.pack_weights: w [4H, K] to out[j][kb][q][p][u][e] = w[q * H +
-// j * 16 + u][kb * 32 + 2 p + e], 0 past unit H and past K: per chunk and gate, the 16
-// units' rows as pairs of k (32-bit words, as stored), then each block's [16 units, 16
-// pairs] of words transposed into place.
+// j * 16 + u][kb * 32 + 2 p + e], 0 past unit H and past K: each chunk and gate's words
+// (pack_bf16_words), each block's [16 units, 16 pairs] transposed into place.
 void pack_weights_amx(const c10::BFloat16* w, int64_t H, int64_t K, c10::BFloat16* out) {
   constexpr int64_t W = kAmxRows, kPairs = kAmxK / 2;
-  const int64_t chunks = (H + W - 1) / W, kblocks = (K + kAmxK - 1) / kAmxK;
-  const int64_t pairs = kblocks * kPairs;
-  float* out_words = reinterpret_cast<float*>(out);  // moved as bits, never computed on
-  at::parallel_for(0, chunks, std::max<int64_t>(1, (int64_t{1} << 16) / (pairs * 8 * W)),
-                   [&](int64_t j0, int64_t j1) {
-    std::vector<float> words(W * pairs);  // [unit][pair]
-    for (int64_t j = j0; j < j1; ++j) {
-      for (int64_t q = 0; q < 4; ++q) {
-        std::fill(words.begin(), words.end(), 0.f);
-        for (int64_t u = 0; u < W && j * W + u < H; ++u) {
-          std::memcpy(words.data() + u * pairs, w + (q * H + j * W + u) * K,
-                      K * sizeof(c10::BFloat16));
-        }
-        for (int64_t kb = 0; kb < kblocks; ++kb) {
-          transpose(words.data() + kb * kPairs, W, kPairs, pairs,
-                    out_words + ((j * kblocks + kb) * 4 + q) * (kAmxTile / 2), W);
-        }
-      }
+  const int64_t kblocks = (K + kAmxK - 1) / kAmxK;
+  float* out_words = reinterpret_cast<float*>(out);
+  pack_bf16_words(w, H, K, kblocks * kPairs, [&](int64_t j, int64_t q, const float* words) {
+    for (int64_t kb = 0; kb < kblocks; ++kb) {
+      transpose(words + kb * kPairs, W, kPairs, kblocks * kPairs,
+                out_words + ((j * kblocks + kb) * 4 + q) * (kAmxTile / 2), W);
     }
   });
 }
