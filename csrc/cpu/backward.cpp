@@ -167,8 +167,8 @@ namespace {
 // nn.LSTM's 16-bit backward rounds them) over the gates where the op may overwrite them,
 // then dh = dgates W_hh by bfloat16 products into float32 sums (Bf16PackedKernels'
 // gemm_columns, on AMX tiles where the forward's are; threads sharing the loop as the
-// float32 one); dh and dc stay float32. Then the weight
-// gradients, single GEMMs of 16-bit operands, float32 sums, rounded once: at::mm for
+// float32 one); dh and dc stay float32. Then the weight gradients, single GEMMs of 16-bit
+// operands, float32 sums, rounded once: at::mm for
 // bfloat16 with AVX512_BF16, else StoredKernels::small_gemm (each load widened; torch's
 // bfloat16 GEMM is emulated there, 2-100x slower than its float32 one on an AMD Zen 3).
 // Other calls: nullopt.

@@ -156,8 +156,8 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   // gates [M, 4H] = a [M, K] w^T + bias (bias [4H] or null), or with accumulate +=, a and
   // w [4H, K] (W_ih or W_hh) in half_t as stored, float32 sums: where stored_dot as dot
   // products on w in place (StoredKernels::small_gemm_trans_b), else (bfloat16 on
-  // AVX512_BF16 CPUs) through w packed and the packed kernels' input GEMM (bf16_packed_kernels:
-  // K even, the caller pads a), there with `stream` by non-temporal stores.
+  // AVX512_BF16 CPUs) through w packed and the packed kernels' input GEMM
+  // (bf16_packed_kernels: K even, the caller pads a), with `stream` by non-temporal stores.
   template <typename half_t>
   void gemm_stored_operands(int64_t M, int64_t K, const half_t* a, const at::Tensor& w,
                             const scalar_t* bias, bool accumulate, scalar_t* gates,
@@ -247,9 +247,8 @@ struct CpuForward : CpuLayerBase<scalar_t> {
   // The fused loop's steps, shared between threads (run_fused_loop; `weight_bytes` of
   // packed W_hh, rows split from min_rows a thread, -1 tuning.h's rule): step_fn(step,
   // row0, rows, own_split, j0, j1) runs a thread's rows [row0, row0 + rows) and unit
-  // chunks [j0, j1) of a step, whose h_prev comes from the
-  // step before for its first own_split rows and from h0 for the rest (rows that start
-  // later, in reverse). Then h_n.
+  // chunks [j0, j1) of a step, whose h_prev comes from the step before for its first
+  // own_split rows and from h0 for the rest (rows that start later, in reverse). Then h_n.
   template <typename StepFn>
   void run_steps(const ForwardBuffers<scalar_t>& buf, int64_t weight_bytes, int64_t min_rows,
                  const StepFn& step_fn) const {

@@ -56,7 +56,8 @@ c10::Dict<std::string, std::string> cpu_info() {
               bf16_kernels ? "AVX512_BF16: fused loops and one-step calls, forward (h rounded "
                              "each step) and backward (dgates rounded each step), the weights "
                              "and workspace read as stored; other layers' backward large GEMMs" +
-                             (amx ? std::string("; the forward's GEMMs on AMX tiles from ") +
+                             (amx ? std::string("; the fused loops' GEMMs (forward, backward dh) and the "
+                                                    "input GEMM on AMX tiles from ") +
                                         std::to_string(t.amx_min_rows) + " rows"
                                   : std::string())
                            : "none: " + widening(t.bf16_widening_max_rows));

@@ -97,7 +97,7 @@ CpuTuning make_tuning(int capability) {
   // Measured on the AVX-512 kind (Intel, Sapphire Rapids class, AMX; session 33): AMX
   // ran the bfloat16 forward 1.1-1.7x faster than vdpbf16ps at 2 rows (H 128-512), 1.3-2.5x
   // at 4, 2.2-3.6x at 8-16; its row split at 16 rows a thread 1.18x the unit split (B32
-  // H256; cpu/forward.cpp's fused_bf16 adds a rule on W_hh's size).
+  // H256; fused_loop.h's bf16_loop_split adds a rule on W_hh's size).
   t.amx_min_rows = 2;
   t.amx_row_split_min_rows = 16;
   // Both SIMD builds (measured on each); the portable build keeps W_hh in place (not measured).
