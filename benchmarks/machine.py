@@ -9,7 +9,7 @@ import torch
 # (an AVX2 run on an AVX-512 CPU, say): recorded where set, so a result says so.
 KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
               "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", "OMP_NUM_THREADS",
-              "FUSED_LSTM_CUDA_PERSISTENT")
+              "FUSED_LSTM_CPU_AMX", "FUSED_LSTM_CPU_AVX512_BF16", "FUSED_LSTM_CUDA_PERSISTENT")
 
 
 def cpu_model():

@@ -135,6 +135,25 @@ def matmul_peak(dtype, device, threads, min_run_time):
     return rate(dtype)
 
 
+def thread_scaling(threads, min_run_time):
+    """How many times as fast a large float32 torch.mm runs on `threads` CPU threads as on
+    one: near `threads` where each thread has a core of its own, near 1 where they share
+    one (a VM whose vCPUs at times give one core's worth: sessions 12, 19, 28 and 34 saw
+    it), which slows every timing that uses them all."""
+    one = matmul_peak(torch.float32, "cpu", 1, min_run_time)
+    return matmul_peak(torch.float32, "cpu", threads, min_run_time) / one
+
+
+def few_cores_warning(scaling, threads):
+    """A warning where `threads` threads ran the matmul less than halfway from one
+    thread's speed to `threads` times it (thread_scaling), else None."""
+    if threads < 2 or scaling >= (1 + threads) / 2:
+        return None
+    return (f"warning: {threads} threads ran a 2048^3 torch.mm only {scaling:.2f}x as fast as "
+            f"one: this machine gave them fewer cores than threads (shared vCPUs or other "
+            f"load), and its timings do not stand for this CPU")
+
+
 def implementation_names(device):
     """The implementations a case is measured on: fused_lstm, then each nn.LSTM baseline."""
     return ["fused"] + [f"nn-{name}" for name in baselines(device)]

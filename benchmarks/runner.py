@@ -15,8 +15,8 @@ import torch
 from torch.utils import benchmark
 
 from .machine import machine
-from .measure import (DTYPES, combine_processes, implementation_names, matmul_peak,
-                      measure_memory, run_case)
+from .measure import (DTYPES, combine_processes, few_cores_warning, implementation_names,
+                      matmul_peak, measure_memory, run_case, thread_scaling)
 from .memory import fix_malloc_for_rss
 from .report import log, plot, print_table
 from .suites import CASES_BY_NAME, MODES, SUITE_PROCESSES, SUITES
@@ -131,6 +131,17 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
 
     started = time.perf_counter()
+    # Whether the threads had cores of their own, before the cases and after them.
+    scaling = {}
+
+    def check_scaling(when):
+        if args.device == "cpu" and threads > 1:
+            scaling[when] = thread_scaling(threads, min(1.0, min_run_time * 2))
+            warning = few_cores_warning(scaling[when], threads)
+            if warning:
+                log(f"{warning} ({when} of the run)")
+
+    check_scaling("start")
     peak = {}
     for name in dtype_names:
         log(f"measuring the {name} matmul peak ...")
@@ -181,6 +192,7 @@ def run(args):
             if record["mode"] == "train":
                 record["peak_memory_bytes"] = by_key[(record["case"], record["dtype"])]
 
+    check_scaling("end")
     compare = benchmark.Compare(measurements)
     compare.trim_significant_figures()
     compare.print()
@@ -190,10 +202,18 @@ def run(args):
     print(f"machine: {fl['cpu_model']} [{fl['cpu_flags']}], {info['threads']} threads; fused_lstm "
           f"kernels {fl['cpu_capability']}, large GEMMs {fl['gemm_large']}, torch BLAS "
           f"{fl['torch_blas']}")
+    if scaling:
+        print(f"thread scaling: {threads} threads ran a 2048^3 torch.mm "
+              + " and ".join(f"{v:.2f}x as fast as one at the {k}" for k, v in scaling.items()))
+        for when, value in scaling.items():
+            warning = few_cores_warning(value, threads)
+            if warning:
+                print(f"{warning} ({when} of the run)")
     if info["env"]:
         print("environment: " + " ".join(f"{k}={v}" for k, v in info["env"].items()))
     result = {"machine": info, "suite": args.suite, "device": args.device,
               "matmul_peak_gflops": {k: v / 1e9 for k, v in peak.items()},
+              "matmul_thread_scaling": scaling or None,
               "cudnn_tf32": torch.backends.cudnn.allow_tf32 if args.device == "cuda" else None,
               "memory_measure": ("CUDA: torch.cuda.max_memory_allocated over the start"
                                  if args.device == "cuda" else

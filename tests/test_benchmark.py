@@ -23,6 +23,13 @@ def test_benchmark_tiny_cases_write_json_and_png(tmp_path, capsys):
     assert result["machine"]["fused_lstm"] == fused_lstm.backend_info()
     assert "machine: " in printed and result["machine"]["fused_lstm"]["cpu_model"] in printed
     assert result["matmul_peak_gflops"]["float32"] > 0
+    # Whether the threads had cores of their own, before and after the cases.
+    if result["machine"]["threads"] > 1:
+        scaling = result["matmul_thread_scaling"]
+        assert set(scaling) == {"start", "end"} and all(v > 0 for v in scaling.values())
+        assert "thread scaling: " in printed
+    else:
+        assert result["matmul_thread_scaling"] is None
     records = result["results"]
     assert [(r["case"], r["mode"]) for r in records] == [
         ("tiny", "forward"), ("tiny", "train"), ("tiny-packed", "forward"), ("tiny-packed", "train")]
@@ -93,6 +100,18 @@ def test_machine_records_the_kernel_environment(monkeypatch):
     info = machine("cpu")
     assert info["env"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
     assert "MKL_ENABLE_INSTRUCTIONS" not in info["env"]
+
+
+def test_few_cores_are_warned_of():
+    # Two threads at one core's speed (a VM whose vCPUs share a core) read as a warning;
+    # at twice it, or with one thread, nothing.
+    from fused_lstm.bench.measure import few_cores_warning
+
+    assert "fewer cores than threads" in few_cores_warning(1.02, 2)
+    assert "fewer cores than threads" in few_cores_warning(6.0, 16)
+    assert few_cores_warning(1.95, 2) is None
+    assert few_cores_warning(12.0, 16) is None
+    assert few_cores_warning(1.0, 1) is None
 
 
 def test_bfloat16_agreement_is_checked_against_float64():
