@@ -226,6 +226,20 @@ def test_small_batch_threads(threads):
                               seed=threads + 10)
 
 
+@pytest.mark.parametrize("threads", [2, 8])
+def test_fused_loop_barrier_sleeps_and_is_woken(threads, request):
+    # The fused loops' barrier (fused_loop.h's Progress) without its spin: a wait not over
+    # within 64 pauses sleeps and must be woken by the last thread to arrive; a lost
+    # wake-up hangs here. 8 threads on this machine's cores, as a container's CPU quota
+    # or several CPU DDP ranks give them: the units split with a barrier a step, forward
+    # and backward; then B3 H24, whose backward loop's second thread waits for its steps.
+    request.addfinalizer(lambda: torch.ops.fused_lstm.set_cpu_tuning("barrier_spin_us", -1))
+    torch.ops.fused_lstm.set_cpu_tuning("barrier_spin_us", 0)
+    lengths = torch.tensor([12, 12, 9, 7, 7, 4, 2, 1])
+    _bidirectional_matches_nn(5, 128, 12, 8, [None, lengths], threads, seed=threads)
+    _bidirectional_matches_nn(5, 24, 16, 3, [None], threads, seed=threads + 1)
+
+
 @pytest.mark.parametrize("batch", [10, 13, 64])
 @on_each_cpu_path
 def test_fused_step_larger_batches(batch):

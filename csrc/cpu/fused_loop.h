@@ -1,5 +1,5 @@
 // The CPU's fused time loops: how their work is shared between threads for the whole
-// loop (one parallel region, a spin barrier where threads own hidden units), and the
+// loop (one parallel region, a barrier where threads own hidden units), and the
 // weight gradients computed beside a one-thread backward loop.
 #pragma once
 
@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <atomic>
-#include <thread>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <vector>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -23,18 +25,51 @@ namespace fused_lstm::cpu {
 // Whether every task of a parallel_for runs concurrently (run_fused_loop's barrier).
 constexpr bool kPersistentRegion = AT_PARALLEL_OPENMP;
 
-// Waits for count >= target: spins, then yields (threads may outnumber cores).
-inline void spin_until(const std::atomic<int64_t>& count, int64_t target) {
-  for (int spins = 0; count.load(std::memory_order_acquire) < target; ++spins) {
-#if defined(__x86_64__) || defined(_M_X64)
-    if (spins < (1 << 14)) {
-      _mm_pause();
-      continue;
+// A count that only grows, and waits for it to reach a target (the fused loops'
+// barriers). A wait spins while it is short (threads on cores of their own finish a
+// step within microseconds of each other), then sleeps on a condition variable. Threads
+// may outnumber cores: a container's CPU quota below the cores torch sees, several
+// processes each using every core (CPU DDP), set_num_threads above the core count. A
+// spinning thread then holds the core that the thread it waits for needs: spinning then
+// yielding made a loop 30-100x slower there (PERF_LOG.md row 72).
+class Progress {
+ public:
+  explicit Progress(int64_t spin_us) : spin_(spin_us) {}
+
+  void add(int64_t k) {
+    count_.fetch_add(k, std::memory_order_seq_cst);
+    // Seen by a waiter that reads the count after announcing itself, or it sees this add.
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      { const std::lock_guard<std::mutex> lock(mutex_); }
+      woken_.notify_all();
     }
-#endif
-    std::this_thread::yield();
   }
-}
+
+  void wait_for(int64_t target) {
+    const auto start = std::chrono::steady_clock::now();
+    for (int spins = 1; count_.load(std::memory_order_acquire) < target; ++spins) {
+      if (spins % 64 == 0 && std::chrono::steady_clock::now() - start > spin_) {
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        {
+          std::unique_lock<std::mutex> lock(mutex_);
+          woken_.wait(lock, [&] { return count_.load(std::memory_order_seq_cst) >= target; });
+        }
+        sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+        return;
+      }
+#if defined(__x86_64__) || defined(_M_X64)
+      _mm_pause();
+#endif
+    }
+  }
+
+ private:
+  const std::chrono::microseconds spin_;
+  std::atomic<int64_t> count_{0};
+  std::atomic<int> sleepers_{0};
+  std::mutex mutex_;
+  std::condition_variable woken_;
+};
 
 // Whether a fused loop's step, B * 4H * H multiply-adds, is too little work to share
 // between threads: run_fused_loop then runs it on the calling thread.
@@ -51,7 +86,7 @@ inline bool fused_step_too_small_to_share(int64_t B, int64_t H) {
 //    threads own blocks of rows, balanced by the rows' lengths, and sync does nothing:
 //    no barrier, no h crossing between cores.
 //  - Else threads own unit chunks, each reading only its part of W_hh per step, and
-//    sync(n) is a spin barrier: each step reads every unit of the step before. That
+//    sync(n) is a barrier (Progress): each step reads every unit of the step before. That
 //    needs every task to run concurrently: true of ATen's OpenMP backend (one task per
 //    team thread), not promised by its native pool, which gets the calling thread instead.
 //  - A step too small to share (fused_step_too_small_to_share): the calling thread.
@@ -95,13 +130,13 @@ void run_fused_loop(const std::vector<Step>& steps, int64_t B, int64_t H, int64_
     body(0, B, 0, chunks, [](size_t) {});
     return;
   }
-  std::atomic<int64_t> chunks_done{0};
+  Progress chunks_done(tuning.barrier_spin_us);
   at::parallel_for(0, chunks, 1, [&](int64_t j0, int64_t j1) {
     body(0, B, j0, j1, [&, mine = j1 - j0](size_t n) {
       // Every chunk belongs to exactly one of the concurrently running OpenMP
       // threads, so the count reaches (n + 1) * chunks once all finished step n.
-      chunks_done.fetch_add(mine, std::memory_order_acq_rel);
-      spin_until(chunks_done, static_cast<int64_t>(n + 1) * chunks);
+      chunks_done.add(mine);
+      chunks_done.wait_for(static_cast<int64_t>(n + 1) * chunks);
     });
   });
 }
@@ -175,7 +210,8 @@ void weight_gradients_beside_loop(const LayerSizes& s, const std::vector<Step>& 
   const int64_t num_steps = static_cast<int64_t>(steps.size());
   const int64_t chunk_steps = (num_steps + 7) / 8;
   const int64_t chunks = (num_steps + chunk_steps - 1) / chunk_steps;
-  std::atomic<int64_t> steps_done{0}, next_chunk{0};
+  Progress steps_done(cpu_tuning().barrier_spin_us);  // steps the loop has finished
+  std::atomic<int64_t> next_chunk{0};
   at::Tensor own_w_ih, own_w_hh;  // the loop's thread's dW_ih [4H, I], dW_hh [4H, P]
   bool used[2] = {false, false};  // by task: wrote its dW
   at::parallel_for(0, 2, 1, [&](int64_t task0, int64_t task1) {
@@ -183,7 +219,7 @@ void weight_gradients_beside_loop(const LayerSizes& s, const std::vector<Step>& 
       WeightGradientArgs<scalar_t> a = args;
       if (task == 0) {
         loop(0, s.B, 0, unit_chunks,
-             [&](size_t n) { steps_done.store(int64_t(n) + 1, std::memory_order_release); });
+             [&](size_t) { steps_done.add(1); });
         // Chunks for this thread only while task 1 runs on another (not after it, here).
         if (task1 != 1 || chunks - next_chunk.load() < 2) continue;
         const auto dtype = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
@@ -195,7 +231,7 @@ void weight_gradients_beside_loop(const LayerSizes& s, const std::vector<Step>& 
       for (int64_t c = next_chunk.fetch_add(1); c < chunks; c = next_chunk.fetch_add(1)) {
         // The loop's steps [begin, end) are the schedule's [num_steps - end, num_steps - begin).
         const int64_t begin = c * chunk_steps, end = std::min(num_steps, begin + chunk_steps);
-        spin_until(steps_done, end);
+        steps_done.wait_for(end);
         weight_gradients_of_steps(s, steps.data() + (num_steps - end),
                                   steps.data() + (num_steps - begin), used[task], a, gemm,
                                   copy_rows);

@@ -73,6 +73,12 @@ CpuTuning make_tuning(int capability) {
   t.row_split_min_rows = capability == kCapabilityAvx2 ? 8 : 4;
   t.row_split_max_weight_bytes = l2;
   t.beside_loop_min_steps = 16;
+  // Measured on the AVX-512 kind (AMD Zen 5, 2 cores, session 34; PERF_LOG row 72): at
+  // 2 threads 2-50 us alike (B8 H128, B32 H256, B16 H1024, forward and train); at 4 and 8
+  // threads on those 2 cores B8 H128 T256 forward 284 / 575 ms spinning 1 ms, 24 / 52 at
+  // 50 us, 15 / 36 at 20, 10 / 36 at 10 (nn.LSTM 26 / 31); 10 us read slower in training
+  // at 2 threads in one of two runs.
+  t.barrier_spin_us = 20;
   t.own_gemm_max_macs = int64_t{1} << 20;
   t.own_small_gemm_max_outputs = int64_t{1} << 18;
   t.bf16_gemm_min_macs = int64_t{1} << 24;
@@ -141,6 +147,7 @@ void for_each_rule(CpuTuning& t, const F& f) {
   f("row_split_min_rows", t.row_split_min_rows);
   f("row_split_max_weight_bytes", t.row_split_max_weight_bytes);
   f("beside_loop_min_steps", t.beside_loop_min_steps);
+  f("barrier_spin_us", t.barrier_spin_us);
   f("own_gemm_max_macs", t.own_gemm_max_macs);
   f("own_small_gemm_max_outputs", t.own_small_gemm_max_outputs);
   f("own_large_gemm", t.own_large_gemm);

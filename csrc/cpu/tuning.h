@@ -65,6 +65,9 @@ struct CpuTuning {
   int64_t row_split_max_weight_bytes;
   // The weight gradients go beside a one-thread backward loop from this many steps.
   int64_t beside_loop_min_steps;
+  // A fused loop's thread waiting at a step's barrier spins this many microseconds, then
+  // sleeps until woken (fused_loop.h's Progress: threads may outnumber cores).
+  int64_t barrier_spin_us;
   // GEMMs outside the time loop run our register-blocked kernel up to this many
   // multiply-adds, torch's BLAS (at::addmm) above: below it ATen's fixed cost per call
   // (and BLAS's fork/join) is more than the math.
